@@ -1,0 +1,1 @@
+"""MM-Adapter backends: modules with the same `forward`/`backward` (see mlan_kernels.dispatch)."""

@@ -1,0 +1,47 @@
+"""Reference backend: the oracle's forward and the design doc's backward formulas in plain torch.
+
+The backward here is checked against autograd of `reference.mm_adapter_reference` in the tests,
+so it doubles as a readable statement of the gradients every fused backend must reproduce.
+"""
+import torch
+
+from ..reference import compact_up_weight, dense_up_weight, dropout_keep_mask, mm_adapter_reference
+
+
+def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
+            seed, groups, single_modality):
+    """x: [B, L, D]; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] (fp32/fp64)."""
+    y, h, _ = mm_adapter_reference(x, down_weight, down_bias, up_weight, up_bias,
+                                   weights=routing_weights, scale=scale, dropout_p=dropout_p,
+                                   seed=seed, groups=groups)
+    return y, h
+
+
+def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
+             dropout_p, seed, groups):
+    """Gradients of <grad_y, y>: (grad_x [B, L, D] without the router term, grad_down_weight,
+    grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights [B, E])."""
+    batch, length, dim = x.shape
+    rank = down_weight.shape[0]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    g, xc, w = grad_y.to(compute), x.to(compute), routing_weights.to(compute)
+    hc = h.to(compute)                                                      # post-dropout H
+    dense_up = dense_up_weight(up_weight.to(compute), groups)               # [E, D, r]
+
+    per_expert = torch.einsum("bld,edr->bler", g, dense_up)                 # P_e = G M_e
+    grad_h = torch.einsum("be,bler->blr", scale * w, per_expert)            # ∂H
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, batch * length, rank, dropout_p, x.device).view_as(grad_h)
+        grad_h = grad_h * keep / (1.0 - dropout_p)                          # ∂H_pre
+    grad_x = g + grad_h @ down_weight.to(compute)
+    grad_down_weight = grad_h.reshape(-1, rank).t() @ xc.reshape(-1, dim)
+    grad_down_bias = grad_h.sum((0, 1))
+
+    g_sum = g.sum(1)                                                        # Σ_l G  [B, D]
+    grad_dense = scale * torch.einsum("be,bld,blr->edr", w, g, hc)
+    grad_up_bias = scale * w.t() @ g_sum
+    grad_w = scale * (torch.einsum("bler,blr->be", per_expert, hc) + g_sum @ up_bias.to(compute).t())
+    return (grad_x.to(x.dtype), grad_down_weight.to(down_weight.dtype),
+            grad_down_bias.to(down_bias.dtype),
+            compact_up_weight(grad_dense, groups).to(up_weight.dtype),
+            grad_up_bias.to(up_bias.dtype), grad_w.to(routing_weights.dtype))

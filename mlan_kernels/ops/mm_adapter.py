@@ -1,0 +1,164 @@
+"""The `mlan::mm_adapter` op: one schema, autograd, fake (meta) kernels, backend dispatch.
+
+    torch.ops.mlan.mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight,
+                              router_bias, weights, scale, temperature, dropout_p, seed, groups,
+                              single_modality, backend) -> (y, h, routing_weights)
+
+x [B, L, D] is routed per sample by x[:, 0]. The router (a [B, E] softmax) and its backward
+run here in fp32 for every backend; the backends do the fused token-wise work.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from ..reference import routing_weights as _router_softmax
+from .validation import validate_mm_adapter_args
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _routing(x, router_weight, router_bias, weights, temperature, experts):
+    """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]."""
+    batch, length, _ = x.shape
+    if weights is not None:
+        return weights.to(_compute_dtype(x)).clone()
+    if length == 0:
+        return x.new_full((batch, experts), 1.0 / experts, dtype=_compute_dtype(x))
+    return _router_softmax(x[:, 0], router_weight, router_bias, temperature)
+
+
+def _is_single_modality(routing_weights: Tensor, single_modality: Optional[bool]) -> bool:
+    """True when every sample has the same routing weights (one combined up-matrix suffices).
+
+    `single_modality=None` detects it (a [B, E] comparison; one device sync on GPU),
+    `False` always uses the general per-sample path (no sync).
+    """
+    if routing_weights.shape[0] <= 1:
+        return True
+    if single_modality is False:
+        return False
+    return bool((routing_weights == routing_weights[:1]).all())
+
+
+@torch.library.custom_op("mlan::mm_adapter", mutates_args=())
+def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                  up_bias: Tensor, router_weight: Optional[Tensor], router_bias: Optional[Tensor],
+                  weights: Optional[Tensor], scale: float, temperature: float, dropout_p: float,
+                  seed: Tensor, groups: int, single_modality: Optional[bool] = None,
+                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    experts = up_weight.shape[0]
+    rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
+    if x.numel() == 0:
+        h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=_compute_dtype(x))
+        return x.clone(), h, rw
+    name = dispatch.select_backend(x.device, x.dtype, backend)
+    y, h = dispatch.get_backend(name).forward(
+        x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale, dropout_p,
+        int(seed), groups, _is_single_modality(rw, single_modality))
+    return y, h, rw
+
+
+@mm_adapter_op.register_fake
+def _(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
+      temperature, dropout_p, seed, groups, single_modality=None, backend="auto"):
+    batch, length, _ = x.shape
+    compute = _compute_dtype(x)
+    h = x.new_empty(batch, length, down_weight.shape[0], dtype=compute)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), h, \
+        x.new_empty(batch, up_weight.shape[0], dtype=compute)
+
+
+@torch.library.custom_op("mlan::mm_adapter_backward", mutates_args=())
+def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights: Tensor,
+                           down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                           up_bias: Tensor, scale: float, dropout_p: float, seed: Tensor,
+                           groups: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Token-wise gradients: (grad_x, grad_down_weight, grad_down_bias, grad_up_weight,
+    grad_up_bias, grad_routing_weights [B, E] fp32); grad_x has no router term yet."""
+    if x.numel() == 0:
+        return (torch.zeros_like(x), torch.zeros_like(down_weight), torch.zeros_like(down_bias),
+                torch.zeros_like(up_weight), torch.zeros_like(up_bias), torch.zeros_like(routing_weights))
+    name = dispatch.select_backend(x.device, x.dtype, backend)
+    return tuple(dispatch.get_backend(name).backward(
+        grad_y.contiguous(), x.contiguous(), h, routing_weights, down_weight, down_bias,
+        up_weight, up_bias, scale, dropout_p, int(seed), groups))
+
+
+@mm_adapter_backward_op.register_fake
+def _(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
+      dropout_p, seed, groups, backend="auto"):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(down_weight),
+            torch.empty_like(down_bias), torch.empty_like(up_weight), torch.empty_like(up_bias),
+            torch.empty_like(routing_weights))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
+     temperature, dropout_p, seed, groups, _single_modality, backend) = inputs
+    _, h, rw = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
+    ctx.hyper = (scale, temperature, dropout_p, groups, backend)
+    ctx.weights_given = weights is not None
+    ctx.dtypes = (weights.dtype if weights is not None else None,
+                  router_weight.dtype if router_weight is not None else None)
+
+
+def _backward(ctx, grad_y, _grad_h, grad_rw):
+    x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed = ctx.saved_tensors
+    scale, temperature, dropout_p, groups, backend = ctx.hyper
+    grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+    grad_x, g_dw, g_db, g_uw, g_ub, grad_w = mm_adapter_backward_op(
+        grad_y, x, h, rw, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed,
+        groups, backend)
+    if grad_rw is not None:
+        grad_w = grad_w + grad_rw
+    weights_dtype, router_dtype = ctx.dtypes
+    if ctx.weights_given:
+        return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype),
+                None, None, None, None, None, None, None)
+    # Softmax + router backward, fp32: dz = w ⊙ (dw − <w, dw>) / t ; dW_R = dzᵀ x0 ; dx0 += dz W_R.
+    grad_logits = rw * (grad_w - (rw * grad_w).sum(-1, keepdim=True)) / temperature   # [B, E]
+    x0 = x[:, 0].to(rw.dtype)
+    grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
+    grad_router_bias = grad_logits.sum(0).to(router_dtype)
+    routed = (grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype)               # [B, D]
+    grad_x = torch.cat([grad_x[:, :1] + routed[:, None], grad_x[:, 1:]], dim=1)
+    return (grad_x, g_dw, g_db, g_uw, g_ub, grad_router_weight, grad_router_bias, None,
+            None, None, None, None, None, None, None)
+
+
+mm_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def new_dropout_seed() -> Tensor:
+    """A fresh dropout seed drawn from torch's default CPU generator (follows torch.manual_seed)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None, router_bias=None,
+               weights=None, *, scale=1.0, temperature=10.0, dropout_p=0.0, seed=None, groups=1,
+               single_modality=None, backend="auto", return_routing_weights=False):
+    """Fused MM-Adapter: y = x + s Σ_e w_{b,e} (dropout(x W_Aᵀ + b_A) M_eᵀ + b_U[e]).
+
+    x: [B, L, D] (fp32/fp16/bf16; fp64 on the reference backend); down_weight [r, D];
+    down_bias [r]; up_weight [E, D, r/groups]; up_bias [E, D]; router_weight [E, D];
+    router_bias [E]; weights: optional [B, E] routing weights replacing the router.
+    seed: int or int64 tensor for the dropout mask (drawn from torch's RNG when None).
+    single_modality: None = detect equal routing weights and take the fast path;
+    False = never (no device sync). backend: "auto" | "reference" | "triton" | "cuda" | "cpu".
+    Returns y [B, L, D] in x.dtype (and the [B, E] fp32 routing weights if asked).
+    """
+    validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, router_weight,
+                             router_bias, weights, scale, temperature, dropout_p, groups)
+    if seed is None:
+        seed = new_dropout_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    elif not isinstance(seed, Tensor):
+        seed = torch.tensor(int(seed), dtype=torch.int64)
+    y, _, rw = mm_adapter_op(x, down_weight, down_bias, up_weight, up_bias, router_weight,
+                             router_bias, weights, float(scale), float(temperature),
+                             float(dropout_p), seed, groups, single_modality, backend)
+    return (y, rw) if return_routing_weights else y
