@@ -1,0 +1,117 @@
+"""Triton backend: launches the fused kernels of mlan_kernels/triton/mm_adapter_kernels.py.
+
+Same `forward`/`backward` contract as backends/reference.py. Runs on CUDA tensors, and on CPU
+tensors under TRITON_INTERPRET=1 (tests), where small fixed tile sizes keep programs cheap.
+"""
+import os
+
+import torch
+import triton
+
+from ..reference import compact_up_weight, dropout_threshold
+from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
+                                         mm_adapter_fwd_kernel)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(name, device, dtype):
+    """None when tensors of this device/dtype can run here, else the reason."""
+    return None if dtype in _DTYPES else f"triton backend supports {_DTYPES}, got {dtype}"
+
+
+def _interpreted(device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _layout(rank, experts):
+    """(R_PAD, E_PAD): rank slots incl. the bias slot (>= 16 for tl.dot), experts padded to 2^k."""
+    return max(16, triton.next_power_of_2(rank + 1)), triton.next_power_of_2(experts)
+
+
+def _tiles(dim, device):
+    """(BLOCK_N, BLOCK_D, num_warps) for a hidden size; small fixed tiles in the interpreter."""
+    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    if _interpreted(device):
+        return 16, min(64, block_d), 4
+    return 32, block_d, 4
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dropout_args(dropout_p):
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dropout_p > 0.0
+
+
+def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
+            seed, groups, single_modality):
+    """x: [B, L, D] contiguous; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] fp32."""
+    batch, length, dim = x.shape
+    tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
+    r_pad, e_pad = _layout(rank, experts)
+    block_n, block_d, warps = _tiles(dim, x.device)
+    threshold, drop_scale, dropout = _dropout_args(dropout_p)
+    y = torch.empty_like(x)
+    h = torch.empty(batch, length, rank, device=x.device, dtype=torch.float32)
+    coef = (routing_weights.float() * scale).contiguous()
+    mm_adapter_fwd_kernel[(triton.cdiv(tokens, block_n),)](
+        x, y, h, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
+        up_bias.contiguous(), coef, tokens, dim, length, seed, threshold, drop_scale,
+        R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_N=block_n,
+        BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
+        PRECISION=_precision(x.dtype), num_warps=warps)
+    return y, h
+
+
+def _row_splits(tokens, dim, block_n, block_d, device):
+    """Rows per program of pass B: enough programs to fill the GPU, few partial buffers."""
+    if _interpreted(device):
+        splits = 1
+    else:
+        programs_per_split = triton.cdiv(dim, block_d)
+        splits = max(1, triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count,
+                                    programs_per_split))
+    rows = triton.cdiv(triton.cdiv(tokens, splits), block_n) * block_n
+    return triton.cdiv(tokens, rows), rows
+
+
+def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
+             dropout_p, seed, groups):
+    """Returns (grad_x [B, L, D] without router term, grad_down_weight, grad_down_bias,
+    grad_up_weight, grad_up_bias, grad_routing_weights [B, E] fp32)."""
+    batch, length, dim = x.shape
+    tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
+    r_pad, e_pad = _layout(rank, experts)
+    block_n, block_d, warps = _tiles(dim, x.device)
+    threshold, drop_scale, dropout = _dropout_args(dropout_p)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    coef = (routing_weights.float() * scale).contiguous()
+    h = h.contiguous()
+    up_weight, up_bias = up_weight.contiguous(), up_bias.contiguous()
+
+    grad_hidden = torch.empty(tokens, rank, **f32)
+    grad_coef_rows = torch.empty(tokens, experts, **f32)
+    mm_adapter_bwd_rows_kernel[(triton.cdiv(tokens, block_n),)](
+        grad_y, h, up_weight, up_bias, coef, grad_hidden, grad_coef_rows, tokens, dim, length,
+        seed, threshold, drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
+        BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, PRECISION=_precision(x.dtype),
+        num_warps=warps)
+
+    splits, rows_per_split = _row_splits(tokens, dim, block_n, block_d, x.device)
+    grad_x = torch.empty_like(x)
+    partial_down = torch.empty(splits, r_pad, dim, **f32)
+    partial_up = torch.empty(splits, e_pad * r_pad, dim, **f32)
+    mm_adapter_bwd_cols_kernel[(splits, triton.cdiv(dim, block_d))](
+        grad_y, x, grad_x, h, grad_hidden, down_weight.contiguous(), coef, partial_down,
+        partial_up, tokens, dim, length, rows_per_split, R=rank, E=experts, R_PAD=r_pad,
+        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(x.dtype),
+        num_warps=warps)
+
+    up_sum = partial_up.sum(0).view(e_pad, r_pad, dim)
+    grad_up_weight = compact_up_weight(up_sum[:experts, :rank].transpose(1, 2).contiguous(), groups)
+    grad_routing = scale * grad_coef_rows.view(batch, length, experts).sum(1)
+    return (grad_x, partial_down.sum(0)[:rank].to(down_weight.dtype),
+            grad_hidden.sum(0).to(down_bias.dtype), grad_up_weight.to(up_weight.dtype),
+            up_sum[:experts, rank].to(up_bias.dtype), grad_routing)

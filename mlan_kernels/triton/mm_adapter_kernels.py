@@ -1,0 +1,203 @@
+"""Triton kernels of the fused MM-Adapter (forward, and backward in two passes).
+
+Layout. Tokens are rows n of x [N, D] (N = B*L, sample b(n) = n // L). The rank is padded to
+R_PAD >= r + 1 and each expert e owns the R_PAD "slots" e*R_PAD .. e*R_PAD+R_PAD-1 of a
+K = E_PAD*R_PAD wide axis:
+    slot e*R_PAD + i (i < r)  : hidden unit i of expert e   (up row = M_e[:, i]ᵀ)
+    slot e*R_PAD + r          : a constant 1                 (up row = b_U[e])
+so y = x + H_cat · UPᵀ with H_cat[n, e*R_PAD+i] = s·w[b(n), e] · h_aug[n, i] carries the
+expert mixture and the up biases in ONE tl.dot, and the backward gets ∂b_U and the bias part
+of ∂w from the same products as ∂M and ∂w. The [K, BLOCK_D] UP tile is gathered straight from
+the compact grouped weight [E, D, r/g] (block-diagonal: zero outside the group's block).
+
+Forward   (one program per BLOCK_N rows): pass 1 over D: H = dropout(x W_Aᵀ + b_A), store H;
+          pass 2 over D: y = x + H_cat UP (x is re-read while still in L2).
+Backward  pass A (per BLOCK_N rows): P = G UPᵀ over D -> ∂H_pre (dropout mask regenerated)
+          and per-row ∂w terms;  pass B (per row split x D block): ∂x = G + ∂H_pre W_A,
+          partial sums of ∂W_A = ∂H_preᵀ x and ∂UP = H_catᵀ G, reduced on the host.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def keep_mask(seed, rows, slots, R: tl.constexpr, threshold):
+    """Dropout keep mask [BLOCK_N, R_PAD]: Philox bits of counter n*r + i (see reference.py)."""
+    bits = tl.randint(seed, rows[:, None] * R + slots[None, :])
+    return (bits >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def load_rows(ptr, rows64, row_ok, cols, col_ok, stride):
+    """A [BLOCK_N, BLOCK_D] tile of a row-major [N, stride] tensor (zeros outside)."""
+    return tl.load(ptr + rows64[:, None] * stride + cols[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def load_hidden(h_ptr, rows64, row_ok, slots, R: tl.constexpr):
+    """h_aug [BLOCK_N, R_PAD] fp32: stored H in slots < r, the constant 1 in slot r, 0 above."""
+    h = tl.load(h_ptr + rows64[:, None] * R + slots[None, :],
+                mask=row_ok[:, None] & (slots[None, :] < R), other=0.0)
+    return tl.where(slots[None, :] == R, 1.0, h)
+
+
+@triton.jit
+def load_coef(coef_ptr, rows, row_ok, L, E: tl.constexpr, E_PAD: tl.constexpr):
+    """s·w[b(n), e] for each row: [BLOCK_N, E_PAD] fp32 (0 for padded experts)."""
+    experts = tl.arange(0, E_PAD)
+    return tl.load(coef_ptr + (rows // L)[:, None] * E + experts[None, :],
+                   mask=row_ok[:, None] & (experts[None, :] < E), other=0.0)
+
+
+@triton.jit
+def mix_experts(h, coef, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr, R_PAD: tl.constexpr):
+    """H_cat [BLOCK_N, E_PAD*R_PAD] = coef[:, e] * h for every expert block e."""
+    return tl.reshape(coef[:, :, None] * h[:, None, :], (BLOCK_N, E_PAD * R_PAD))
+
+
+@triton.jit
+def load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R: tl.constexpr, E: tl.constexpr,
+                  R_PAD: tl.constexpr, E_PAD: tl.constexpr, GROUPS: tl.constexpr):
+    """UP tile [E_PAD*R_PAD, BLOCK_D] fp32 gathered from up_weight [E, D, r/g] and up_bias [E, D]."""
+    k = tl.arange(0, E_PAD * R_PAD)
+    expert, unit = k // R_PAD, k % R_PAD
+    per_group: tl.constexpr = R // GROUPS
+    in_block = (unit[:, None] // per_group) == (cols[None, :] // (D // GROUPS))
+    weight_ok = (expert[:, None] < E) & (unit[:, None] < R) & in_block & col_ok[None, :]
+    weight = tl.load(up_w_ptr + (expert[:, None] * D + cols[None, :]) * per_group
+                     + unit[:, None] % per_group, mask=weight_ok, other=0.0)
+    bias_ok = (expert[:, None] < E) & (unit[:, None] == R) & col_ok[None, :]
+    bias = tl.load(up_b_ptr + expert[:, None] * D + cols[None, :], mask=bias_ok, other=0.0)
+    return weight.to(tl.float32) + bias.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def mm_adapter_fwd_kernel(
+        x_ptr, y_ptr, h_ptr, down_w_ptr, down_b_ptr, up_w_ptr, up_b_ptr, coef_ptr,
+        N, D, L, seed, drop_threshold, drop_scale,
+        R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DROPOUT: tl.constexpr, SINGLE_MODALITY: tl.constexpr, PRECISION: tl.constexpr):
+    """x, y: [N, D]; h (out): [N, r] fp32; coef: [B, E] fp32 = scale * routing weights."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, R_PAD)
+    dtype = x_ptr.dtype.element_ty
+
+    hidden = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
+        w = tl.load(down_w_ptr + slots[:, None] * D + cols[None, :],
+                    mask=(slots[:, None] < R) & col_ok[None, :], other=0.0)
+        hidden = tl.dot(x, tl.trans(w.to(dtype)), hidden, input_precision=PRECISION)
+    hidden += tl.load(down_b_ptr + slots, mask=slots < R, other=0.0).to(tl.float32)[None, :]
+    if DROPOUT:
+        hidden = tl.where(keep_mask(seed, rows, slots, R, drop_threshold), hidden * drop_scale, 0.0)
+    tl.store(h_ptr + rows64[:, None] * R + slots[None, :], hidden,
+             mask=row_ok[:, None] & (slots[None, :] < R))
+    hidden = tl.where(slots[None, :] == R, 1.0, hidden)
+
+    if SINGLE_MODALITY:  # every sample has the routing weights of sample 0: one combined U
+        experts = tl.arange(0, E_PAD)
+        coef0 = tl.load(coef_ptr + experts, mask=experts < E, other=0.0)
+        mixed = hidden.to(dtype)
+    else:
+        mixed = mix_experts(hidden, load_coef(coef_ptr, rows, row_ok, L, E, E_PAD),
+                            BLOCK_N, E_PAD, R_PAD).to(dtype)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
+        if SINGLE_MODALITY:
+            up = tl.sum(tl.reshape(up, (E_PAD, R_PAD, BLOCK_D)) * coef0[:, None, None], axis=0)
+        x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
+        y = x.to(tl.float32) + tl.dot(mixed, up.to(dtype), input_precision=PRECISION)
+        tl.store(y_ptr + rows64[:, None] * D + cols[None, :], y.to(dtype),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def mm_adapter_bwd_rows_kernel(
+        gy_ptr, h_ptr, up_w_ptr, up_b_ptr, coef_ptr, grad_hidden_ptr, grad_coef_ptr,
+        N, D, L, seed, drop_threshold, drop_scale,
+        R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass A. gy: [N, D]; h: [N, r]. Out: ∂H_pre [N, r] fp32 and per-row
+    Σ_i P[n, e, i]·h_aug[n, i] [N, E] fp32 (summed over a sample and times s it is ∂w)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, R_PAD)
+    dtype = gy_ptr.dtype.element_ty
+
+    projected = tl.zeros((BLOCK_N, E_PAD * R_PAD), dtype=tl.float32)      # P = G UPᵀ
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        g = load_rows(gy_ptr, rows64, row_ok, cols, col_ok, D)
+        up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
+        projected = tl.dot(g, tl.trans(up.to(dtype)), projected, input_precision=PRECISION)
+    projected = tl.reshape(projected, (BLOCK_N, E_PAD, R_PAD))
+
+    hidden = load_hidden(h_ptr, rows64, row_ok, slots, R)
+    experts = tl.arange(0, E_PAD)
+    grad_coef = tl.sum(projected * hidden[:, None, :], axis=2)             # [BLOCK_N, E_PAD]
+    tl.store(grad_coef_ptr + rows64[:, None] * E + experts[None, :], grad_coef,
+             mask=row_ok[:, None] & (experts[None, :] < E))
+
+    coef = load_coef(coef_ptr, rows, row_ok, L, E, E_PAD)
+    grad_hidden = tl.sum(projected * coef[:, :, None], axis=1)              # ∂H [BLOCK_N, R_PAD]
+    if DROPOUT:
+        grad_hidden = tl.where(keep_mask(seed, rows, slots, R, drop_threshold),
+                               grad_hidden * drop_scale, 0.0)
+    tl.store(grad_hidden_ptr + rows64[:, None] * R + slots[None, :], grad_hidden,
+             mask=row_ok[:, None] & (slots[None, :] < R))
+
+
+@triton.jit
+def mm_adapter_bwd_cols_kernel(
+        gy_ptr, x_ptr, gx_ptr, h_ptr, grad_hidden_ptr, down_w_ptr, coef_ptr,
+        partial_down_ptr, partial_up_ptr, N, D, L, rows_per_split,
+        R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass B over rows [split*rows_per_split, ...) and one BLOCK_D column block:
+    ∂x = G + ∂H_pre W_A (stored), partial ∂W_A [R_PAD, D] and ∂UP [E_PAD*R_PAD, D] per split."""
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    slots = tl.arange(0, R_PAD)
+    dtype = x_ptr.dtype.element_ty
+    down = tl.load(down_w_ptr + slots[:, None] * D + cols[None, :],
+                   mask=(slots[:, None] < R) & col_ok[None, :], other=0.0).to(dtype)
+
+    grad_down = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    grad_up = tl.zeros((E_PAD * R_PAD, BLOCK_D), dtype=tl.float32)
+    row_begin = split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, N)
+    for r0 in range(row_begin, row_end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        g = load_rows(gy_ptr, rows64, row_ok, cols, col_ok, D)
+        x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
+        grad_hidden = tl.load(grad_hidden_ptr + rows64[:, None] * R + slots[None, :],
+                              mask=row_ok[:, None] & (slots[None, :] < R), other=0.0).to(dtype)
+        grad_x = g.to(tl.float32) + tl.dot(grad_hidden, down, input_precision=PRECISION)
+        tl.store(gx_ptr + rows64[:, None] * D + cols[None, :], grad_x.to(dtype),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        grad_down = tl.dot(tl.trans(grad_hidden), x, grad_down, input_precision=PRECISION)
+        mixed = mix_experts(load_hidden(h_ptr, rows64, row_ok, slots, R),
+                            load_coef(coef_ptr, rows, row_ok, L, E, E_PAD), BLOCK_N, E_PAD, R_PAD)
+        grad_up = tl.dot(tl.trans(mixed.to(dtype)), g, grad_up, input_precision=PRECISION)
+
+    k = tl.arange(0, E_PAD * R_PAD)
+    base = split.to(tl.int64) * D
+    tl.store(partial_down_ptr + (base * R_PAD + slots[:, None] * D) + cols[None, :], grad_down,
+             mask=col_ok[None, :])
+    tl.store(partial_up_ptr + (base * (E_PAD * R_PAD) + k[:, None] * D) + cols[None, :], grad_up,
+             mask=col_ok[None, :])
