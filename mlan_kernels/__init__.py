@@ -1,9 +1,6 @@
 """mlan-kernels: fused MM-Adapter (LaVIN) kernels and mixed-modality training utilities."""
 from . import dispatch, reference
-try:
-    from .modules import MMAdapter
-except ImportError:  # TEMP until modules.py lands
-    MMAdapter = None
+from .modules import MMAdapter
 from .ops import mm_adapter
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import triton
 
 from ..reference import compact_up_weight, dropout_threshold
 from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
-                                         mm_adapter_fwd_kernel)
+                                         mm_adapter_fwd_kernel, up_slots_kernel)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -37,8 +37,29 @@ def _tiles(dim, device):
     return 32, block_d, 4
 
 
-def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype, device):
+    """fp32 activations keep fp32 accuracy (3xTF32 on GPU); 16-bit ones use their tensor cores."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if _interpreted(device) else "tf32x3"
+
+
+def _split(dtype):
+    """Split fp32 weights into hi+lo 16-bit parts in the dots that feed ∂w (see dot_weight)."""
+    return dtype != torch.float32
+
+
+def _up_slots(up_weight, up_bias, coef, groups, r_pad, e_pad, combine):
+    """Dense fp32 UP slots [E_PAD*R_PAD, D] (or combined [R_PAD, D]) in one launch."""
+    experts, dim, _ = up_weight.shape
+    rank = up_weight.shape[2] * groups
+    out = torch.empty((r_pad if combine else e_pad * r_pad), dim, device=up_weight.device,
+                      dtype=torch.float32)
+    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    up_slots_kernel[(triton.cdiv(dim, block_d),)](
+        up_weight.contiguous(), up_bias.contiguous(), coef, out, dim, R=rank, E=experts,
+        R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_D=block_d, COMBINE=combine)
+    return out
 
 
 def _dropout_args(dropout_p):
@@ -56,12 +77,13 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scal
     y = torch.empty_like(x)
     h = torch.empty(batch, length, rank, device=x.device, dtype=torch.float32)
     coef = (routing_weights.float() * scale).contiguous()
+    up = _up_slots(up_weight, up_bias, coef, groups, r_pad, e_pad, combine=single_modality)
     mm_adapter_fwd_kernel[(triton.cdiv(tokens, block_n),)](
-        x, y, h, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
-        up_bias.contiguous(), coef, tokens, dim, length, seed, threshold, drop_scale,
-        R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_N=block_n,
-        BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
-        PRECISION=_precision(x.dtype), num_warps=warps)
+        x, y, h, down_weight.contiguous(), down_bias.contiguous(), up, coef, tokens, dim, length,
+        seed, threshold, drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
+        BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
+        UP_SLOTS=up.shape[0], SPLIT=_split(x.dtype), PRECISION=_precision(x.dtype, x.device),
+        num_warps=warps)
     return y, h
 
 
@@ -89,14 +111,15 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     f32 = dict(device=x.device, dtype=torch.float32)
     coef = (routing_weights.float() * scale).contiguous()
     h = h.contiguous()
-    up_weight, up_bias = up_weight.contiguous(), up_bias.contiguous()
+    up = _up_slots(up_weight, up_bias, coef, groups, r_pad, e_pad, combine=False)
+    precision = _precision(x.dtype, x.device)
 
     grad_hidden = torch.empty(tokens, rank, **f32)
     grad_coef_rows = torch.empty(tokens, experts, **f32)
     mm_adapter_bwd_rows_kernel[(triton.cdiv(tokens, block_n),)](
-        grad_y, h, up_weight, up_bias, coef, grad_hidden, grad_coef_rows, tokens, dim, length,
-        seed, threshold, drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
-        BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, PRECISION=_precision(x.dtype),
+        grad_y, h, up, coef, grad_hidden, grad_coef_rows, tokens, dim, length, seed, threshold,
+        drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, BLOCK_N=block_n,
+        BLOCK_D=block_d, DROPOUT=dropout, SPLIT=_split(x.dtype), PRECISION=precision,
         num_warps=warps)
 
     splits, rows_per_split = _row_splits(tokens, dim, block_n, block_d, x.device)
@@ -106,8 +129,7 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     mm_adapter_bwd_cols_kernel[(splits, triton.cdiv(dim, block_d))](
         grad_y, x, grad_x, h, grad_hidden, down_weight.contiguous(), coef, partial_down,
         partial_up, tokens, dim, length, rows_per_split, R=rank, E=experts, R_PAD=r_pad,
-        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(x.dtype),
-        num_warps=warps)
+        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=warps)
 
     up_sum = partial_up.sum(0).view(e_pad, r_pad, dim)
     grad_up_weight = compact_up_weight(up_sum[:experts, :rank].transpose(1, 2).contiguous(), groups)

@@ -21,6 +21,19 @@ import triton.language as tl
 
 
 @triton.jit
+def dot_weight(a, w, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a · w for a 16-bit (or fp32) tile a and an fp32 weight tile w. With SPLIT the
+    weight is split into two parts of a's dtype (hi + lo), so the product keeps the weight's
+    fp32 accuracy: rounding weights to bf16 would bias ∂w, and the router's softmax backward
+    (a difference of nearly equal ∂w's) amplifies that bias."""
+    hi = w.to(a.dtype)
+    acc = tl.dot(a, hi, acc, input_precision=PRECISION)
+    if SPLIT:
+        acc = tl.dot(a, (w - hi.to(tl.float32)).to(a.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def keep_mask(seed, rows, slots, R: tl.constexpr, threshold):
     """Dropout keep mask [BLOCK_N, R_PAD]: Philox bits of counter n*r + i (see reference.py)."""
     bits = tl.randint(seed, rows[:, None] * R + slots[None, :])
@@ -72,14 +85,43 @@ def load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R: tl.constexpr, E: tl.co
     return weight.to(tl.float32) + bias.to(tl.float32)
 
 
+@triton.jit
+def up_slots_kernel(up_w_ptr, up_b_ptr, coef_ptr, out_ptr, D, R: tl.constexpr, E: tl.constexpr,
+                    R_PAD: tl.constexpr, E_PAD: tl.constexpr, GROUPS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, COMBINE: tl.constexpr):
+    """Dense UP [E_PAD*R_PAD, D] fp32 (or, with COMBINE, the single-modality matrix
+    Σ_e coef[0, e] UP_e [R_PAD, D]) built once per call, so the token kernels load plain tiles."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
+    if COMBINE:
+        experts = tl.arange(0, E_PAD)
+        coef0 = tl.load(coef_ptr + experts, mask=experts < E, other=0.0)
+        up = tl.sum(tl.reshape(up, (E_PAD, R_PAD, BLOCK_D)) * coef0[:, None, None], axis=0)
+        slots = tl.arange(0, R_PAD)
+    else:
+        slots = tl.arange(0, E_PAD * R_PAD)
+    tl.store(out_ptr + slots[:, None] * D + cols[None, :], up, mask=col_ok[None, :])
+
+
+@triton.jit
+def load_slot_rows(ptr, cols, col_ok, D, SLOTS: tl.constexpr):
+    """[SLOTS, BLOCK_D] tile of a dense slot matrix [SLOTS, D] (fp32)."""
+    slots = tl.arange(0, SLOTS)
+    return tl.load(ptr + slots[:, None] * D + cols[None, :], mask=col_ok[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def mm_adapter_fwd_kernel(
-        x_ptr, y_ptr, h_ptr, down_w_ptr, down_b_ptr, up_w_ptr, up_b_ptr, coef_ptr,
+        x_ptr, y_ptr, h_ptr, down_w_ptr, down_b_ptr, up_ptr, coef_ptr,
         N, D, L, seed, drop_threshold, drop_scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
-        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DROPOUT: tl.constexpr, SINGLE_MODALITY: tl.constexpr, PRECISION: tl.constexpr):
-    """x, y: [N, D]; h (out): [N, r] fp32; coef: [B, E] fp32 = scale * routing weights."""
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
+        SINGLE_MODALITY: tl.constexpr, UP_SLOTS: tl.constexpr, SPLIT: tl.constexpr,
+        PRECISION: tl.constexpr):
+    """x, y: [N, D]; h (out): [N, r] fp32; up: dense slots [UP_SLOTS, D] fp32, i.e.
+    [E_PAD*R_PAD, D], or with SINGLE_MODALITY the combined [R_PAD, D] with the routing
+    coefficients folded in; coef: [B, E] fp32."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -92,8 +134,8 @@ def mm_adapter_fwd_kernel(
         col_ok = cols < D
         x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
         w = tl.load(down_w_ptr + slots[:, None] * D + cols[None, :],
-                    mask=(slots[:, None] < R) & col_ok[None, :], other=0.0)
-        hidden = tl.dot(x, tl.trans(w.to(dtype)), hidden, input_precision=PRECISION)
+                    mask=(slots[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
+        hidden = dot_weight(x, tl.trans(w), hidden, SPLIT, PRECISION)
     hidden += tl.load(down_b_ptr + slots, mask=slots < R, other=0.0).to(tl.float32)[None, :]
     if DROPOUT:
         hidden = tl.where(keep_mask(seed, rows, slots, R, drop_threshold), hidden * drop_scale, 0.0)
@@ -101,19 +143,16 @@ def mm_adapter_fwd_kernel(
              mask=row_ok[:, None] & (slots[None, :] < R))
     hidden = tl.where(slots[None, :] == R, 1.0, hidden)
 
-    if SINGLE_MODALITY:  # every sample has the routing weights of sample 0: one combined U
-        experts = tl.arange(0, E_PAD)
-        coef0 = tl.load(coef_ptr + experts, mask=experts < E, other=0.0)
+    if SINGLE_MODALITY:
         mixed = hidden.to(dtype)
     else:
         mixed = mix_experts(hidden, load_coef(coef_ptr, rows, row_ok, L, E, E_PAD),
                             BLOCK_N, E_PAD, R_PAD).to(dtype)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+    chunks = tl.cdiv(D, BLOCK_D)
+    for chunk in range(0, chunks):  # backwards: the x chunks read last in pass 1 are still in L2
+        cols = (chunks - 1 - chunk) * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
-        if SINGLE_MODALITY:
-            up = tl.sum(tl.reshape(up, (E_PAD, R_PAD, BLOCK_D)) * coef0[:, None, None], axis=0)
+        up = load_slot_rows(up_ptr, cols, col_ok, D, UP_SLOTS)
         x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
         y = x.to(tl.float32) + tl.dot(mixed, up.to(dtype), input_precision=PRECISION)
         tl.store(y_ptr + rows64[:, None] * D + cols[None, :], y.to(dtype),
@@ -122,26 +161,25 @@ def mm_adapter_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def mm_adapter_bwd_rows_kernel(
-        gy_ptr, h_ptr, up_w_ptr, up_b_ptr, coef_ptr, grad_hidden_ptr, grad_coef_ptr,
+        gy_ptr, h_ptr, up_ptr, coef_ptr, grad_hidden_ptr, grad_coef_ptr,
         N, D, L, seed, drop_threshold, drop_scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
-        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass A. gy: [N, D]; h: [N, r]. Out: ∂H_pre [N, r] fp32 and per-row
-    Σ_i P[n, e, i]·h_aug[n, i] [N, E] fp32 (summed over a sample and times s it is ∂w)."""
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
+        SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass A. gy: [N, D]; h: [N, r]; up: dense slots [E_PAD*R_PAD, D] fp32. Out: ∂H_pre [N, r]
+    fp32 and per-row Σ_i P[n, e, i]·h_aug[n, i] [N, E] fp32 (summed per sample, times s: ∂w)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     slots = tl.arange(0, R_PAD)
-    dtype = gy_ptr.dtype.element_ty
 
     projected = tl.zeros((BLOCK_N, E_PAD * R_PAD), dtype=tl.float32)      # P = G UPᵀ
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         g = load_rows(gy_ptr, rows64, row_ok, cols, col_ok, D)
-        up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
-        projected = tl.dot(g, tl.trans(up.to(dtype)), projected, input_precision=PRECISION)
+        up = load_slot_rows(up_ptr, cols, col_ok, D, E_PAD * R_PAD)
+        projected = dot_weight(g, tl.trans(up), projected, SPLIT, PRECISION)
     projected = tl.reshape(projected, (BLOCK_N, E_PAD, R_PAD))
 
     hidden = load_hidden(h_ptr, rows64, row_ok, slots, R)
