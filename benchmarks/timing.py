@@ -1,7 +1,7 @@
 """Timing helpers shared by the benchmark programs: median/IQR of repeated runs.
 
-CUDA: CUDA events around each call after warm-up (L2 flushed between calls is NOT done:
-inputs of the paper shapes are far larger than L2). CPU: time.perf_counter.
+CUDA: CUDA events around each of back-to-back calls after warm-up (no L2 flush between calls:
+the paper shapes are far larger than L2). CPU: time.perf_counter.
 """
 import statistics
 import time
@@ -15,14 +15,17 @@ def measure(fn, device, warmup=5, iters=20):
         fn()
     times = []
     if device.type == "cuda":
+        # Back to back, one event pair per call, one sync at the end: the host may run ahead
+        # as in a training step, so a call costs max(GPU time, host time).
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
         torch.cuda.synchronize(device)
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
     else:
         for _ in range(iters):
             begin = time.perf_counter()

@@ -1,7 +1,8 @@
-"""Sweep the Triton backend's tile sizes (BLOCK_N, BLOCK_D, num_warps) on a GPU.
+"""Sweep the Triton backend's tile sizes (BLOCK_N, BLOCK_D, num_warps) per kernel on a GPU.
 
-    python -m benchmarks.tune_triton --dim 4096 --tokens 16384 --dtype bfloat16
-Prints fwd / bwd times and % of copy bandwidth per config (used to pick backends/triton._tiles).
+    python -m benchmarks.tune_triton --kernel rows --dim 4096 --tokens 16384
+Holds the other kernels at backends/triton.GPU_TILES and prints fwd and bwd (= fwd+bwd − fwd)
+times with % of copy bandwidth; the winners go into GPU_TILES.
 """
 import argparse
 import itertools
@@ -15,30 +16,33 @@ from benchmarks.timing import measure
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
+    parser.add_argument("--kernel", nargs="+", default=["fwd", "rows", "cols"])
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--block-n", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--block-d", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     x, params, grad_y = make_inputs(args.tokens, args.dim, getattr(torch, args.dtype), device)
     copy_ms = measure(copy_case(x)["copy"], device)["median_ms"]
-    print(f"copy {copy_ms:.3f} ms  ({2 * x.numel() * x.element_size() / copy_ms / 1e6:.0f} GB/s)")
-    original = triton_backend._tiles
-    for block_n, block_d, warps in itertools.product(args.block_n, args.block_d, args.warps):
-        triton_backend._tiles = lambda dim, device, c=(block_n, block_d, warps): c
-        case = adapter_case("triton", x, params, grad_y)
-        try:
-            fwd = measure(case["fwd"], device)["median_ms"]
-            both = measure(case["fwd+bwd"], device)["median_ms"]
-        except Exception as error:  # e.g. out of shared memory for a config
-            print(f"BLOCK_N={block_n:<3} BLOCK_D={block_d:<4} warps={warps}: failed ({type(error).__name__})")
-            continue
-        print(f"BLOCK_N={block_n:<3} BLOCK_D={block_d:<4} warps={warps}: fwd {fwd:.3f} ms "
-              f"({100 * 2 * copy_ms / 2 / fwd:.0f}% copy)  fwd+bwd {both:.3f} ms ({100 * 2.5 * copy_ms / both:.0f}% copy)")
-    triton_backend._tiles = original
+    print(f"copy {copy_ms:.3f} ms ({2 * x.numel() * x.element_size() / copy_ms / 1e6:.0f} GB/s); "
+          f"defaults {triton_backend.GPU_TILES}")
+    defaults = dict(triton_backend.GPU_TILES)
+    for kernel in args.kernel:
+        for config in itertools.product(args.block_n, args.block_d, args.warps):
+            triton_backend.GPU_TILES = {**defaults, kernel: config}
+            case = adapter_case("triton", x, params, grad_y)
+            try:
+                fwd = measure(case["fwd"], device)["median_ms"]
+                bwd = measure(case["fwd+bwd"], device)["median_ms"] - fwd
+            except Exception as error:  # e.g. out of shared memory for a config
+                print(f"{kernel} {config}: failed ({type(error).__name__})")
+                continue
+            print(f"{kernel:<5}{str(config):<16} fwd {fwd:.3f} ms ({100 * copy_ms / fwd:3.0f}% copy)  "
+                  f"bwd {bwd:.3f} ms ({100 * 1.5 * copy_ms / bwd:3.0f}% copy)")
+    triton_backend.GPU_TILES = defaults
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from mlan_kernels.reference import mm_adapter_reference
 pytestmark = pytest.mark.gpu
 
 # Relative (to the largest reference magnitude) tolerance per activation dtype.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _inputs(batch, length, dim, rank, experts, groups, dtype, same_routing=False):

@@ -10,7 +10,7 @@ import triton
 
 from ..reference import compact_up_weight, dropout_threshold
 from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
-                                         mm_adapter_fwd_kernel, up_slots_kernel)
+                                         mm_adapter_fwd_kernel, weight_slots_kernel)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -29,12 +29,17 @@ def _layout(rank, experts):
     return max(16, triton.next_power_of_2(rank + 1)), triton.next_power_of_2(experts)
 
 
-def _tiles(dim, device):
-    """(BLOCK_N, BLOCK_D, num_warps) for a hidden size; small fixed tiles in the interpreter."""
-    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+# (BLOCK_N, BLOCK_D, num_warps) per kernel on GPU, from benchmarks/tune_triton.py on an H100.
+GPU_TILES = {"fwd": (64, 64, 4), "rows": (64, 128, 4), "cols": (32, 128, 4)}
+
+
+def _tiles(kind, dim, device):
+    """Tile sizes of kernel `kind` ("fwd" | "rows" | "cols"); small fixed tiles in the interpreter."""
+    cap = max(16, triton.next_power_of_2(dim))
     if _interpreted(device):
-        return 16, min(64, block_d), 4
-    return 32, block_d, 4
+        return 16, min(64, cap), 4
+    block_n, block_d, warps = GPU_TILES[kind]
+    return block_n, min(block_d, cap), warps
 
 
 def _precision(dtype, device):
@@ -49,21 +54,26 @@ def _split(dtype):
     return dtype != torch.float32
 
 
-def _up_slots(up_weight, up_bias, coef, groups, r_pad, e_pad, combine):
-    """Dense fp32 UP slots [E_PAD*R_PAD, D] (or combined [R_PAD, D]) in one launch."""
-    experts, dim, _ = up_weight.shape
-    rank = up_weight.shape[2] * groups
-    out = torch.empty((r_pad if combine else e_pad * r_pad), dim, device=up_weight.device,
-                      dtype=torch.float32)
-    block_d = min(128, max(16, triton.next_power_of_2(dim)))
-    up_slots_kernel[(triton.cdiv(dim, block_d),)](
-        up_weight.contiguous(), up_bias.contiguous(), coef, out, dim, R=rank, E=experts,
-        R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_D=block_d, COMBINE=combine)
-    return out
-
-
 def _dropout_args(dropout_p):
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dropout_p > 0.0
+
+
+def _weight_slots(x, down_weight, up_weight, up_bias, coef, groups, r_pad, e_pad, combine):
+    """(down_hi, down_lo, up_hi, up_lo) slot matrices in x's dtype, one launch (see
+    weight_slots_kernel). For fp32 x there is no split: lo aliases hi and is never read."""
+    experts, dim, _ = up_weight.shape
+    rank, split = down_weight.shape[0], _split(x.dtype)
+    up_slots = r_pad if combine else e_pad * r_pad
+    down_hi = torch.empty(r_pad, dim, device=x.device, dtype=x.dtype)
+    up_hi = torch.empty(up_slots, dim, device=x.device, dtype=x.dtype)
+    down_lo = torch.empty_like(down_hi) if split else down_hi
+    up_lo = torch.empty_like(up_hi) if split else up_hi
+    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    weight_slots_kernel[(triton.cdiv(dim, block_d),)](
+        down_weight.contiguous(), up_weight.contiguous(), up_bias.contiguous(), coef, down_hi,
+        down_lo, up_hi, up_lo, dim, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
+        BLOCK_D=block_d, COMBINE=combine, SPLIT=split)
+    return down_hi, down_lo, up_hi, up_lo
 
 
 def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
@@ -72,14 +82,15 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scal
     batch, length, dim = x.shape
     tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
     r_pad, e_pad = _layout(rank, experts)
-    block_n, block_d, warps = _tiles(dim, x.device)
+    block_n, block_d, warps = _tiles("fwd", dim, x.device)
     threshold, drop_scale, dropout = _dropout_args(dropout_p)
     y = torch.empty_like(x)
     h = torch.empty(batch, length, rank, device=x.device, dtype=torch.float32)
     coef = (routing_weights.float() * scale).contiguous()
-    up = _up_slots(up_weight, up_bias, coef, groups, r_pad, e_pad, combine=single_modality)
+    down_hi, down_lo, up, _ = _weight_slots(x, down_weight, up_weight, up_bias, coef, groups,
+                                            r_pad, e_pad, combine=single_modality)
     mm_adapter_fwd_kernel[(triton.cdiv(tokens, block_n),)](
-        x, y, h, down_weight.contiguous(), down_bias.contiguous(), up, coef, tokens, dim, length,
+        x, y, h, down_hi, down_lo, down_bias.contiguous(), up, coef, tokens, dim, length,
         seed, threshold, drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
         BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
         UP_SLOTS=up.shape[0], SPLIT=_split(x.dtype), PRECISION=_precision(x.dtype, x.device),
@@ -106,28 +117,30 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     batch, length, dim = x.shape
     tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
     r_pad, e_pad = _layout(rank, experts)
-    block_n, block_d, warps = _tiles(dim, x.device)
+    block_n, block_d, warps = _tiles("rows", dim, x.device)
     threshold, drop_scale, dropout = _dropout_args(dropout_p)
     f32 = dict(device=x.device, dtype=torch.float32)
     coef = (routing_weights.float() * scale).contiguous()
     h = h.contiguous()
-    up = _up_slots(up_weight, up_bias, coef, groups, r_pad, e_pad, combine=False)
+    down_hi, _, up_hi, up_lo = _weight_slots(x, down_weight, up_weight, up_bias, coef, groups,
+                                             r_pad, e_pad, combine=False)
     precision = _precision(x.dtype, x.device)
 
     grad_hidden = torch.empty(tokens, rank, **f32)
     grad_coef_rows = torch.empty(tokens, experts, **f32)
     mm_adapter_bwd_rows_kernel[(triton.cdiv(tokens, block_n),)](
-        grad_y, h, up, coef, grad_hidden, grad_coef_rows, tokens, dim, length, seed, threshold,
+        grad_y, h, up_hi, up_lo, coef, grad_hidden, grad_coef_rows, tokens, dim, length, seed, threshold,
         drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, BLOCK_N=block_n,
         BLOCK_D=block_d, DROPOUT=dropout, SPLIT=_split(x.dtype), PRECISION=precision,
         num_warps=warps)
 
+    block_n, block_d, warps = _tiles("cols", dim, x.device)
     splits, rows_per_split = _row_splits(tokens, dim, block_n, block_d, x.device)
     grad_x = torch.empty_like(x)
     partial_down = torch.empty(splits, r_pad, dim, **f32)
     partial_up = torch.empty(splits, e_pad * r_pad, dim, **f32)
     mm_adapter_bwd_cols_kernel[(splits, triton.cdiv(dim, block_d))](
-        grad_y, x, grad_x, h, grad_hidden, down_weight.contiguous(), coef, partial_down,
+        grad_y, x, grad_x, h, grad_hidden, down_hi, coef, partial_down,
         partial_up, tokens, dim, length, rows_per_split, R=rank, E=experts, R_PAD=r_pad,
         E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=warps)
 

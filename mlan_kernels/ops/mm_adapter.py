@@ -16,6 +16,10 @@ from .. import dispatch
 from ..reference import routing_weights as _router_softmax
 from .validation import validate_mm_adapter_args
 
+def _seed(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -31,15 +35,14 @@ def _routing(x, router_weight, router_bias, weights, temperature, experts):
 
 
 def _is_single_modality(routing_weights: Tensor, single_modality: Optional[bool]) -> bool:
-    """True when every sample has the same routing weights (one combined up-matrix suffices).
+    """Whether to use the single-modality fast path (one combined up-matrix for the batch).
 
-    `single_modality=None` detects it (a [B, E] comparison; one device sync on GPU),
-    `False` always uses the general per-sample path (no sync).
+    None detects it: all samples have equal routing weights ([B, E] comparison, one device
+    sync on GPU). True is the caller's promise (MLAN batches are single-modality by
+    construction) and skips the check; False always takes the general per-sample path.
     """
-    if routing_weights.shape[0] <= 1:
-        return True
-    if single_modality is False:
-        return False
+    if routing_weights.shape[0] <= 1 or single_modality is not None:
+        return routing_weights.shape[0] <= 1 or bool(single_modality)
     return bool((routing_weights == routing_weights[:1]).all())
 
 
@@ -47,7 +50,7 @@ def _is_single_modality(routing_weights: Tensor, single_modality: Optional[bool]
 def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
                   up_bias: Tensor, router_weight: Optional[Tensor], router_bias: Optional[Tensor],
                   weights: Optional[Tensor], scale: float, temperature: float, dropout_p: float,
-                  seed: Tensor, groups: int, single_modality: Optional[bool] = None,
+                  seed: Optional[Tensor], groups: int, single_modality: Optional[bool] = None,
                   backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     experts = up_weight.shape[0]
     rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
@@ -57,7 +60,7 @@ def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: 
     name = dispatch.select_backend(x.device, x.dtype, backend)
     y, h = dispatch.get_backend(name).forward(
         x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale, dropout_p,
-        int(seed), groups, _is_single_modality(rw, single_modality))
+        _seed(seed), groups, _is_single_modality(rw, single_modality))
     return y, h, rw
 
 
@@ -74,7 +77,7 @@ def _(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
 @torch.library.custom_op("mlan::mm_adapter_backward", mutates_args=())
 def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights: Tensor,
                            down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-                           up_bias: Tensor, scale: float, dropout_p: float, seed: Tensor,
+                           up_bias: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
                            groups: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Token-wise gradients: (grad_x, grad_down_weight, grad_down_bias, grad_up_weight,
     grad_up_bias, grad_routing_weights [B, E] fp32); grad_x has no router term yet."""
@@ -84,7 +87,7 @@ def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights
     name = dispatch.select_backend(x.device, x.dtype, backend)
     return tuple(dispatch.get_backend(name).backward(
         grad_y.contiguous(), x.contiguous(), h, routing_weights, down_weight, down_bias,
-        up_weight, up_bias, scale, dropout_p, int(seed), groups))
+        up_weight, up_bias, scale, dropout_p, _seed(seed), groups))
 
 
 @mm_adapter_backward_op.register_fake
@@ -117,7 +120,11 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     if grad_rw is not None:
         grad_w = grad_w + grad_rw
     weights_dtype, router_dtype = ctx.dtypes
-    if ctx.weights_given:
+    if ctx.weights_given or x.shape[1] == 0:  # no router, or no routing token (L = 0)
+        if not ctx.weights_given:
+            return (grad_x, g_dw, g_db, g_uw, g_ub, torch.zeros_like(router_weight),
+                    torch.zeros(router_weight.shape[0], dtype=router_dtype, device=x.device),
+                    None, None, None, None, None, None, None, None)
         return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype),
                 None, None, None, None, None, None, None)
     # Softmax + router backward, fp32: dz = w ⊙ (dw − <w, dw>) / t ; dW_R = dzᵀ x0 ; dx0 += dz W_R.
@@ -125,8 +132,7 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     x0 = x[:, 0].to(rw.dtype)
     grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
     grad_router_bias = grad_logits.sum(0).to(router_dtype)
-    routed = (grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype)               # [B, D]
-    grad_x = torch.cat([grad_x[:, :1] + routed[:, None], grad_x[:, 1:]], dim=1)
+    grad_x[:, 0] += (grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype)       # [B, D]
     return (grad_x, g_dw, g_db, g_uw, g_ub, grad_router_weight, grad_router_bias, None,
             None, None, None, None, None, None, None)
 
@@ -147,15 +153,20 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     x: [B, L, D] (fp32/fp16/bf16; fp64 on the reference backend); down_weight [r, D];
     down_bias [r]; up_weight [E, D, r/groups]; up_bias [E, D]; router_weight [E, D];
     router_bias [E]; weights: optional [B, E] routing weights replacing the router.
-    seed: int or int64 tensor for the dropout mask (drawn from torch's RNG when None).
-    single_modality: None = detect equal routing weights and take the fast path;
-    False = never (no device sync). backend: "auto" | "reference" | "triton" | "cuda" | "cpu".
+    seed: int or int64 tensor for the dropout mask (drawn from torch's default CPU generator
+    when None and dropout_p > 0; under torch.compile the draw comes from the compiled RNG, so
+    masks differ from eager ones for the same torch.manual_seed, while staying reproducible).
+    single_modality: None = detect equal routing weights (one device sync) and take the fast
+    path; True = the caller guarantees a single-modality batch (no check); False = never.
+    backend: "auto" | "reference" | "triton" | "cuda" | "cpu".
     Returns y [B, L, D] in x.dtype (and the [B, E] fp32 routing weights if asked).
     """
     validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, router_weight,
                              router_bias, weights, scale, temperature, dropout_p, groups)
-    if seed is None:
-        seed = new_dropout_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    if dropout_p == 0:
+        seed = None
+    elif seed is None:
+        seed = new_dropout_seed()
     elif not isinstance(seed, Tensor):
         seed = torch.tensor(int(seed), dtype=torch.int64)
     y, _, rw = mm_adapter_op(x, down_weight, down_bias, up_weight, up_bias, router_weight,

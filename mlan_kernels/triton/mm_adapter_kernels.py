@@ -21,15 +21,13 @@ import triton.language as tl
 
 
 @triton.jit
-def dot_weight(a, w, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a · w for a 16-bit (or fp32) tile a and an fp32 weight tile w. With SPLIT the
-    weight is split into two parts of a's dtype (hi + lo), so the product keeps the weight's
-    fp32 accuracy: rounding weights to bf16 would bias ∂w, and the router's softmax backward
-    (a difference of nearly equal ∂w's) amplifies that bias."""
-    hi = w.to(a.dtype)
+def dot_split(a, hi, lo, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a · (hi + lo): fp32 weights stored as two parts of a's 16-bit dtype, so the product
+    keeps their fp32 accuracy. Rounding weights to bf16 would bias ∂w, and the router's softmax
+    backward (a difference of nearly equal ∂w's) amplifies that bias."""
     acc = tl.dot(a, hi, acc, input_precision=PRECISION)
     if SPLIT:
-        acc = tl.dot(a, (w - hi.to(tl.float32)).to(a.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(a, lo, acc, input_precision=PRECISION)
     return acc
 
 
@@ -86,42 +84,58 @@ def load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R: tl.constexpr, E: tl.co
 
 
 @triton.jit
-def up_slots_kernel(up_w_ptr, up_b_ptr, coef_ptr, out_ptr, D, R: tl.constexpr, E: tl.constexpr,
-                    R_PAD: tl.constexpr, E_PAD: tl.constexpr, GROUPS: tl.constexpr,
-                    BLOCK_D: tl.constexpr, COMBINE: tl.constexpr):
-    """Dense UP [E_PAD*R_PAD, D] fp32 (or, with COMBINE, the single-modality matrix
-    Σ_e coef[0, e] UP_e [R_PAD, D]) built once per call, so the token kernels load plain tiles."""
+def store_split(hi_ptr, lo_ptr, value, rows, cols, col_ok, D, SPLIT: tl.constexpr):
+    """Store fp32 value [ROWS, BLOCK_D] as hi (= value in hi's dtype) and, with SPLIT, lo (the rest)."""
+    offsets = rows[:, None] * D + cols[None, :]
+    hi = value.to(hi_ptr.dtype.element_ty)
+    tl.store(hi_ptr + offsets, hi, mask=col_ok[None, :])
+    if SPLIT:
+        tl.store(lo_ptr + offsets, (value - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty),
+                 mask=col_ok[None, :])
+
+
+@triton.jit
+def weight_slots_kernel(down_w_ptr, up_w_ptr, up_b_ptr, coef_ptr, down_hi_ptr, down_lo_ptr,
+                        up_hi_ptr, up_lo_ptr, D, R: tl.constexpr, E: tl.constexpr,
+                        R_PAD: tl.constexpr, E_PAD: tl.constexpr, GROUPS: tl.constexpr,
+                        BLOCK_D: tl.constexpr, COMBINE: tl.constexpr, SPLIT: tl.constexpr):
+    """Once per call, in the activations' dtype (hi, and with SPLIT the lo remainder):
+    DOWN [R_PAD, D] = W_A zero-padded; UP [E_PAD*R_PAD, D] dense slots, or with COMBINE the
+    single-modality matrix Σ_e coef[0, e] UP_e [R_PAD, D]. Token kernels then load plain tiles."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
+    slots = tl.arange(0, R_PAD)
+    down = tl.load(down_w_ptr + slots[:, None] * D + cols[None, :],
+                   mask=(slots[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
+    store_split(down_hi_ptr, down_lo_ptr, down, slots, cols, col_ok, D, SPLIT)
     up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
     if COMBINE:
         experts = tl.arange(0, E_PAD)
         coef0 = tl.load(coef_ptr + experts, mask=experts < E, other=0.0)
         up = tl.sum(tl.reshape(up, (E_PAD, R_PAD, BLOCK_D)) * coef0[:, None, None], axis=0)
-        slots = tl.arange(0, R_PAD)
+        store_split(up_hi_ptr, up_lo_ptr, up, slots, cols, col_ok, D, SPLIT)
     else:
-        slots = tl.arange(0, E_PAD * R_PAD)
-    tl.store(out_ptr + slots[:, None] * D + cols[None, :], up, mask=col_ok[None, :])
+        store_split(up_hi_ptr, up_lo_ptr, up, tl.arange(0, E_PAD * R_PAD), cols, col_ok, D, SPLIT)
 
 
 @triton.jit
 def load_slot_rows(ptr, cols, col_ok, D, SLOTS: tl.constexpr):
-    """[SLOTS, BLOCK_D] tile of a dense slot matrix [SLOTS, D] (fp32)."""
+    """[SLOTS, BLOCK_D] tile of a dense slot matrix [SLOTS, D]."""
     slots = tl.arange(0, SLOTS)
     return tl.load(ptr + slots[:, None] * D + cols[None, :], mask=col_ok[None, :], other=0.0)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def mm_adapter_fwd_kernel(
-        x_ptr, y_ptr, h_ptr, down_w_ptr, down_b_ptr, up_ptr, coef_ptr,
+        x_ptr, y_ptr, h_ptr, down_hi_ptr, down_lo_ptr, down_b_ptr, up_ptr, coef_ptr,
         N, D, L, seed, drop_threshold, drop_scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
         SINGLE_MODALITY: tl.constexpr, UP_SLOTS: tl.constexpr, SPLIT: tl.constexpr,
         PRECISION: tl.constexpr):
-    """x, y: [N, D]; h (out): [N, r] fp32; up: dense slots [UP_SLOTS, D] fp32, i.e.
-    [E_PAD*R_PAD, D], or with SINGLE_MODALITY the combined [R_PAD, D] with the routing
-    coefficients folded in; coef: [B, E] fp32."""
+    """x, y: [N, D]; h (out): [N, r] fp32; down hi/lo: [R_PAD, D]; up: [UP_SLOTS, D] (dense
+    slots [E_PAD*R_PAD, D], or with SINGLE_MODALITY the combined [R_PAD, D] with the routing
+    coefficients folded in), all in x's dtype (weight_slots_kernel); coef: [B, E] fp32."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -133,9 +147,9 @@ def mm_adapter_fwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
-        w = tl.load(down_w_ptr + slots[:, None] * D + cols[None, :],
-                    mask=(slots[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
-        hidden = dot_weight(x, tl.trans(w), hidden, SPLIT, PRECISION)
+        hi = tl.trans(load_slot_rows(down_hi_ptr, cols, col_ok, D, R_PAD))
+        lo = tl.trans(load_slot_rows(down_lo_ptr, cols, col_ok, D, R_PAD))
+        hidden = dot_split(x, hi, lo, hidden, SPLIT, PRECISION)
     hidden += tl.load(down_b_ptr + slots, mask=slots < R, other=0.0).to(tl.float32)[None, :]
     if DROPOUT:
         hidden = tl.where(keep_mask(seed, rows, slots, R, drop_threshold), hidden * drop_scale, 0.0)
@@ -154,19 +168,19 @@ def mm_adapter_fwd_kernel(
         col_ok = cols < D
         up = load_slot_rows(up_ptr, cols, col_ok, D, UP_SLOTS)
         x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
-        y = x.to(tl.float32) + tl.dot(mixed, up.to(dtype), input_precision=PRECISION)
+        y = x.to(tl.float32) + tl.dot(mixed, up, input_precision=PRECISION)
         tl.store(y_ptr + rows64[:, None] * D + cols[None, :], y.to(dtype),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])
 def mm_adapter_bwd_rows_kernel(
-        gy_ptr, h_ptr, up_ptr, coef_ptr, grad_hidden_ptr, grad_coef_ptr,
+        gy_ptr, h_ptr, up_hi_ptr, up_lo_ptr, coef_ptr, grad_hidden_ptr, grad_coef_ptr,
         N, D, L, seed, drop_threshold, drop_scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
         SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass A. gy: [N, D]; h: [N, r]; up: dense slots [E_PAD*R_PAD, D] fp32. Out: ∂H_pre [N, r]
+    """Pass A. gy: [N, D]; h: [N, r]; up hi/lo: dense slots [E_PAD*R_PAD, D] in gy's dtype. Out: ∂H_pre [N, r]
     fp32 and per-row Σ_i P[n, e, i]·h_aug[n, i] [N, E] fp32 (summed per sample, times s: ∂w)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -178,8 +192,9 @@ def mm_adapter_bwd_rows_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         g = load_rows(gy_ptr, rows64, row_ok, cols, col_ok, D)
-        up = load_slot_rows(up_ptr, cols, col_ok, D, E_PAD * R_PAD)
-        projected = dot_weight(g, tl.trans(up), projected, SPLIT, PRECISION)
+        hi = tl.trans(load_slot_rows(up_hi_ptr, cols, col_ok, D, E_PAD * R_PAD))
+        lo = tl.trans(load_slot_rows(up_lo_ptr, cols, col_ok, D, E_PAD * R_PAD))
+        projected = dot_split(g, hi, lo, projected, SPLIT, PRECISION)
     projected = tl.reshape(projected, (BLOCK_N, E_PAD, R_PAD))
 
     hidden = load_hidden(h_ptr, rows64, row_ok, slots, R)
@@ -199,7 +214,7 @@ def mm_adapter_bwd_rows_kernel(
 
 @triton.jit
 def mm_adapter_bwd_cols_kernel(
-        gy_ptr, x_ptr, gx_ptr, h_ptr, grad_hidden_ptr, down_w_ptr, coef_ptr,
+        gy_ptr, x_ptr, gx_ptr, h_ptr, grad_hidden_ptr, down_hi_ptr, coef_ptr,
         partial_down_ptr, partial_up_ptr, N, D, L, rows_per_split,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -210,8 +225,7 @@ def mm_adapter_bwd_cols_kernel(
     col_ok = cols < D
     slots = tl.arange(0, R_PAD)
     dtype = x_ptr.dtype.element_ty
-    down = tl.load(down_w_ptr + slots[:, None] * D + cols[None, :],
-                   mask=(slots[:, None] < R) & col_ok[None, :], other=0.0).to(dtype)
+    down = load_slot_rows(down_hi_ptr, cols, col_ok, D, R_PAD)
 
     grad_down = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
     grad_up = tl.zeros((E_PAD * R_PAD, BLOCK_D), dtype=tl.float32)

@@ -1,0 +1,87 @@
+"""Build script for mlan-kernels: the metadata lives in pyproject.toml; this file only decides
+whether to compile the C++/CUDA extension in csrc/.
+
+Install torch first, then this package without build isolation, so the extension is built
+against the torch you will run it with:
+
+    pip install torch==2.13.0
+    pip install --no-build-isolation .
+
+Environment switches:
+    MLAN_SKIP_EXT=1   build a pure-Python package even when csrc/ has sources
+    MAX_JOBS=N        parallel compile jobs (read by torch's BuildExtension; default here: CPUs)
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EXTENSION_NAME = "mlan_kernels._C"
+
+TORCH_MISSING = """
+mlan-kernels compiles its extension against the torch you already have, and no torch was found
+in this build environment ({python}).
+Install torch first, then build without isolation (pip's isolated build env has no torch):
+
+    pip install torch==2.13.0
+    pip install --no-build-isolation .
+
+or set MLAN_SKIP_EXT=1 for a pure-Python install.
+"""
+
+
+def _sources(pattern):
+    """Sources under csrc/ matching `pattern` (recursive glob), relative to ROOT, sorted."""
+    return sorted(os.path.relpath(path, ROOT)
+                  for path in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+
+
+def _import_torch():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit(TORCH_MISSING.format(python=sys.executable))
+    return torch, cpp_extension
+
+
+def get_extensions():
+    """The compiled extension `mlan_kernels._C`, or [] for a pure-Python build.
+
+    Builds csrc/**/*.cpp (C++17, OpenMP) into one extension, adding csrc/**/*.cu when the
+    installed torch is a CUDA build and a CUDA toolkit is found. Returns [] when MLAN_SKIP_EXT=1
+    or csrc/ has no .cpp sources; torch is imported only when something is to be compiled.
+    """
+    if os.environ.get("MLAN_SKIP_EXT", "0") == "1":
+        return []
+    cpp_sources = _sources("**/*.cpp")
+    if not cpp_sources:
+        return []
+    torch, cpp_extension = _import_torch()
+    cuda_sources = _sources("**/*.cu")
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None \
+        and cpp_extension.CUDA_HOME is not None
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    extra_compile_args = {"cxx": ["-O3", "-std=c++17", *openmp]}
+    if with_cuda:
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        extension = cpp_extension.CUDAExtension
+    else:
+        cuda_sources = []
+        extension = cpp_extension.CppExtension
+    return [extension(name=EXTENSION_NAME, sources=cpp_sources + cuda_sources,
+                      include_dirs=[os.path.join(ROOT, "csrc")],
+                      extra_compile_args=extra_compile_args, extra_link_args=openmp)]
+
+
+def _build_command_class():
+    """torch's BuildExtension (ninja, honours MAX_JOBS); MAX_JOBS defaults to the CPU count."""
+    _, cpp_extension = _import_torch()
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    return {"build_ext": cpp_extension.BuildExtension}
+
+
+extensions = get_extensions()
+setup(ext_modules=extensions, cmdclass=_build_command_class() if extensions else {})
