@@ -5,6 +5,7 @@ Baselines (../shared/design/performance.md): eager reference, torch.compile(refe
 PEFT-style LoRA r=8 eager delta, and y.copy_(x) as the bandwidth ceiling.
 """
 import torch
+import torch._functorch.config
 
 from mlan_kernels.ops.mm_adapter import mm_adapter
 from mlan_kernels.reference import mm_adapter_reference
@@ -63,6 +64,9 @@ def adapter_case(backend, x, params, grad_y, groups=2, temperature=10.0, single_
 
 
 def reference_case(x, params, grad_y, groups=2, temperature=10.0, compiled=False):
+    if compiled:  # the "bwd" phase replays one graph with retain_graph=True
+        torch._functorch.config.donated_buffer = False
+
     def forward(xx, p):
         return mm_adapter_reference(xx, **p, temperature=temperature, groups=groups)[0]
     return _autograd_case(torch.compile(forward) if compiled else forward, x, params, grad_y)

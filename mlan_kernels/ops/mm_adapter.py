@@ -46,12 +46,9 @@ def _is_single_modality(routing_weights: Tensor, single_modality: Optional[bool]
     return bool((routing_weights == routing_weights[:1]).all())
 
 
-@torch.library.custom_op("mlan::mm_adapter", mutates_args=())
-def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-                  up_bias: Tensor, router_weight: Optional[Tensor], router_bias: Optional[Tensor],
-                  weights: Optional[Tensor], scale: float, temperature: float, dropout_p: float,
-                  seed: Optional[Tensor], groups: int, single_modality: Optional[bool] = None,
-                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
+                  weights, scale, temperature, dropout_p, seed, groups, single_modality, backend):
+    """Routing (fp32, per sample) + the chosen backend's fused forward -> (y, h, routing_weights)."""
     experts = up_weight.shape[0]
     rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
     if x.numel() == 0:
@@ -64,6 +61,17 @@ def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: 
     return y, h, rw
 
 
+@torch.library.custom_op("mlan::mm_adapter", mutates_args=())
+def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                  up_bias: Tensor, router_weight: Optional[Tensor], router_bias: Optional[Tensor],
+                  weights: Optional[Tensor], scale: float, temperature: float, dropout_p: float,
+                  seed: Optional[Tensor], groups: int, single_modality: Optional[bool] = None,
+                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    return _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
+                         weights, scale, temperature, dropout_p, seed, groups, single_modality,
+                         backend)
+
+
 @mm_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
       temperature, dropout_p, seed, groups, single_modality=None, backend="auto"):
@@ -74,13 +82,9 @@ def _(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
         x.new_empty(batch, up_weight.shape[0], dtype=compute)
 
 
-@torch.library.custom_op("mlan::mm_adapter_backward", mutates_args=())
-def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights: Tensor,
-                           down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-                           up_bias: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
-                           groups: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Token-wise gradients: (grad_x, grad_down_weight, grad_down_bias, grad_up_weight,
-    grad_up_bias, grad_routing_weights [B, E] fp32); grad_x has no router term yet."""
+def _backward_impl(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias,
+                   scale, dropout_p, seed, groups, backend):
+    """Token-wise gradients from the chosen backend (see mm_adapter_backward_op)."""
     if x.numel() == 0:
         return (torch.zeros_like(x), torch.zeros_like(down_weight), torch.zeros_like(down_bias),
                 torch.zeros_like(up_weight), torch.zeros_like(up_bias), torch.zeros_like(routing_weights))
@@ -88,6 +92,17 @@ def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights
     return tuple(dispatch.get_backend(name).backward(
         grad_y.contiguous(), x.contiguous(), h, routing_weights, down_weight, down_bias,
         up_weight, up_bias, scale, dropout_p, _seed(seed), groups))
+
+
+@torch.library.custom_op("mlan::mm_adapter_backward", mutates_args=())
+def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights: Tensor,
+                           down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                           up_bias: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+                           groups: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Token-wise gradients: (grad_x, grad_down_weight, grad_down_bias, grad_up_weight,
+    grad_up_bias, grad_routing_weights [B, E] fp32); grad_x has no router term yet."""
+    return _backward_impl(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight,
+                          up_bias, scale, dropout_p, seed, groups, backend)
 
 
 @mm_adapter_backward_op.register_fake
@@ -105,6 +120,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
     ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
     ctx.hyper = (scale, temperature, dropout_p, groups, backend)
+    ctx.traced = True  # set by the custom op's autograd: the backward must stay an opaque op
     ctx.weights_given = weights is not None
     ctx.dtypes = (weights.dtype if weights is not None else None,
                   router_weight.dtype if router_weight is not None else None)
@@ -114,7 +130,8 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed = ctx.saved_tensors
     scale, temperature, dropout_p, groups, backend = ctx.hyper
     grad_y = torch.zeros_like(x) if grad_y is None else grad_y
-    grad_x, g_dw, g_db, g_uw, g_ub, grad_w = mm_adapter_backward_op(
+    token_backward = mm_adapter_backward_op if ctx.traced else _backward_impl
+    grad_x, g_dw, g_db, g_uw, g_ub, grad_w = token_backward(
         grad_y, x, h, rw, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed,
         groups, backend)
     if grad_rw is not None:
@@ -138,6 +155,25 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
 
 
 mm_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMMAdapter(torch.autograd.Function):
+    """Eager path: the same forward/backward as the custom op without its Python dispatch
+    overhead (hundreds of µs per call, measured on an H100 host). torch.compile traces the
+    registered custom op instead (see mm_adapter)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.traced = False
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h, grad_rw):
+        return _backward(ctx, grad_y, grad_h, grad_rw)
 
 
 def new_dropout_seed() -> Tensor:
@@ -169,7 +205,8 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
         seed = new_dropout_seed()
     elif not isinstance(seed, Tensor):
         seed = torch.tensor(int(seed), dtype=torch.int64)
-    y, _, rw = mm_adapter_op(x, down_weight, down_bias, up_weight, up_bias, router_weight,
-                             router_bias, weights, float(scale), float(temperature),
-                             float(dropout_p), seed, groups, single_modality, backend)
+    apply = mm_adapter_op if torch.compiler.is_compiling() else _EagerMMAdapter.apply
+    y, _, rw = apply(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
+                     weights, float(scale), float(temperature), float(dropout_p), seed, groups,
+                     single_modality, backend)
     return (y, rw) if return_routing_weights else y
