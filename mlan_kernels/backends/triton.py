@@ -142,7 +142,8 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     mm_adapter_bwd_cols_kernel[(splits, triton.cdiv(dim, block_d))](
         grad_y, x, grad_x, h, grad_hidden, down_hi, coef, partial_down,
         partial_up, tokens, dim, length, rows_per_split, R=rank, E=experts, R_PAD=r_pad,
-        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=warps)
+        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=_split(x.dtype), PRECISION=precision,
+        num_warps=warps)
 
     up_sum = partial_up.sum(0).view(e_pad, r_pad, dim)
     grad_up_weight = compact_up_weight(up_sum[:experts, :rank].transpose(1, 2).contiguous(), groups)

@@ -32,6 +32,15 @@ def dot_split(a, hi, lo, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def dot_split_left(hi, lo, b, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + (hi + lo) · b: an fp32 left operand split like in dot_split, for fp32 gradients."""
+    acc = tl.dot(hi, b, acc, input_precision=PRECISION)
+    if SPLIT:
+        acc = tl.dot(lo, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def keep_mask(seed, rows, slots, R: tl.constexpr, threshold):
     """Dropout keep mask [BLOCK_N, R_PAD]: Philox bits of counter n*r + i (see reference.py)."""
     bits = tl.randint(seed, rows[:, None] * R + slots[None, :])
@@ -217,7 +226,7 @@ def mm_adapter_bwd_cols_kernel(
         gy_ptr, x_ptr, gx_ptr, h_ptr, grad_hidden_ptr, down_hi_ptr, coef_ptr,
         partial_down_ptr, partial_up_ptr, N, D, L, rows_per_split,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     """Pass B over rows [split*rows_per_split, ...) and one BLOCK_D column block:
     ∂x = G + ∂H_pre W_A (stored), partial ∂W_A [R_PAD, D] and ∂UP [E_PAD*R_PAD, D] per split."""
     split = tl.program_id(0)
@@ -238,14 +247,19 @@ def mm_adapter_bwd_cols_kernel(
         g = load_rows(gy_ptr, rows64, row_ok, cols, col_ok, D)
         x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
         grad_hidden = tl.load(grad_hidden_ptr + rows64[:, None] * R + slots[None, :],
-                              mask=row_ok[:, None] & (slots[None, :] < R), other=0.0).to(dtype)
-        grad_x = g.to(tl.float32) + tl.dot(grad_hidden, down, input_precision=PRECISION)
+                              mask=row_ok[:, None] & (slots[None, :] < R), other=0.0)
+        hidden_hi = grad_hidden.to(dtype)
+        grad_x = g.to(tl.float32) + tl.dot(hidden_hi, down, input_precision=PRECISION)
         tl.store(gx_ptr + rows64[:, None] * D + cols[None, :], grad_x.to(dtype),
                  mask=row_ok[:, None] & col_ok[None, :])
-        grad_down = tl.dot(tl.trans(grad_hidden), x, grad_down, input_precision=PRECISION)
+        hidden_lo = (grad_hidden - hidden_hi.to(tl.float32)).to(dtype)
+        grad_down = dot_split_left(tl.trans(hidden_hi), tl.trans(hidden_lo), x, grad_down,
+                                   SPLIT, PRECISION)
         mixed = mix_experts(load_hidden(h_ptr, rows64, row_ok, slots, R),
                             load_coef(coef_ptr, rows, row_ok, L, E, E_PAD), BLOCK_N, E_PAD, R_PAD)
-        grad_up = tl.dot(tl.trans(mixed.to(dtype)), g, grad_up, input_precision=PRECISION)
+        mixed_hi = mixed.to(dtype)
+        mixed_lo = (mixed - mixed_hi.to(tl.float32)).to(dtype)
+        grad_up = dot_split_left(tl.trans(mixed_hi), tl.trans(mixed_lo), g, grad_up, SPLIT, PRECISION)
 
     k = tl.arange(0, E_PAD * R_PAD)
     base = split.to(tl.int64) * D
