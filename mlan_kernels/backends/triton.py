@@ -3,6 +3,7 @@
 Same `forward`/`backward` contract as backends/reference.py. Runs on CUDA tensors, and on CPU
 tensors under TRITON_INTERPRET=1 (tests), where small fixed tile sizes keep programs cheap.
 """
+import functools
 import os
 
 import torch
@@ -98,14 +99,19 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scal
     return y, h
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _row_splits(tokens, dim, block_n, block_d, device):
     """Rows per program of pass B: enough programs to fill the GPU, few partial buffers."""
     if _interpreted(device):
         splits = 1
     else:
         programs_per_split = triton.cdiv(dim, block_d)
-        splits = max(1, triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count,
-                                    programs_per_split))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        splits = max(1, triton.cdiv(4 * _multiprocessors(index), programs_per_split))
     rows = triton.cdiv(triton.cdiv(tokens, splits), block_n) * block_n
     return triton.cdiv(tokens, rows), rows
 
