@@ -1,8 +1,9 @@
 """Sweep the Triton backend's tile sizes (BLOCK_N, BLOCK_D, num_warps) per kernel on a GPU.
 
     python -m benchmarks.tune_triton --kernel rows --dim 4096 --tokens 16384
-Holds the other kernels at backends/triton.GPU_TILES and prints fwd and bwd (= fwd+bwd − fwd)
-times with % of copy bandwidth; the winners go into GPU_TILES.
+Holds the other kernels at backends/triton.GPU_TILES and prints, per config, the GPU time of the
+kernel being tuned (torch.profiler, immune to host overhead) with % of copy bandwidth for its
+minimum traffic; the winners go into GPU_TILES.
 """
 import argparse
 import itertools
@@ -12,6 +13,23 @@ import torch
 import mlan_kernels.backends.triton as triton_backend
 from benchmarks.mm_adapter_cases import adapter_case, copy_case, make_inputs
 from benchmarks.timing import measure
+
+KERNEL_NAMES = {"fwd": "mm_adapter_fwd_kernel", "rows": "mm_adapter_bwd_rows_kernel",
+                "cols": "mm_adapter_bwd_cols_kernel"}
+TRAFFIC = {"fwd": 2, "rows": 1, "cols": 3}     # minimum N·D elements moved by each kernel
+
+
+def kernel_ms(fn, name, calls=10):
+    """Mean GPU time (ms) of the kernel called `name` per fn() call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(event.device_time_total for event in prof.key_averages() if event.key == name)
+    return total_us / calls / 1e3
 
 
 def main(argv=None):
@@ -35,13 +53,12 @@ def main(argv=None):
             triton_backend.GPU_TILES = {**defaults, kernel: config}
             case = adapter_case("triton", x, params, grad_y)
             try:
-                fwd = measure(case["fwd"], device)["median_ms"]
-                bwd = measure(case["fwd+bwd"], device)["median_ms"] - fwd
+                ms = kernel_ms(case["fwd+bwd"], KERNEL_NAMES[kernel])
             except Exception as error:  # e.g. out of shared memory for a config
                 print(f"{kernel} {config}: failed ({type(error).__name__})")
                 continue
-            print(f"{kernel:<5}{str(config):<16} fwd {fwd:.3f} ms ({100 * copy_ms / fwd:3.0f}% copy)  "
-                  f"bwd {bwd:.3f} ms ({100 * 1.5 * copy_ms / bwd:3.0f}% copy)")
+            print(f"{kernel:<5}{str(config):<16} {ms * 1e3:7.1f} us  "
+                  f"({100 * TRAFFIC[kernel] / 2 * copy_ms / ms:3.0f}% copy)")
     triton_backend.GPU_TILES = defaults
 
 

@@ -31,7 +31,7 @@ def _layout(rank, experts):
 
 
 # (BLOCK_N, BLOCK_D, num_warps) per kernel on GPU, from benchmarks/tune_triton.py on an H100.
-GPU_TILES = {"fwd": (64, 64, 4), "rows": (64, 128, 4), "cols": (32, 128, 4)}
+GPU_TILES = {"fwd": (32, 128, 4), "rows": (64, 128, 4), "cols": (16, 256, 4)}
 
 
 def _tiles(kind, dim, device):
