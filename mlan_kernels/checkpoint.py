@@ -1,0 +1,166 @@
+"""Adapter-only checkpoints (safetensors + JSON) and import of LaVIN adapter checkpoints.
+
+    save_adapters(model, "out/")  ->  out/adapter_model.safetensors, out/adapter_config.json
+    load_adapters(model, "out/")      # into a patched (or unpatched: patched here) model
+    load_lavin_adapters(model, "lavin_checkpoint.pth")
+
+Tensor names are the adapters' stable keys ("llama.layers.3.attn.down.weight"), plus
+"neck.*" and "modality_embedding.weight" for a LavinModel, so wrapping the model (PEFT,
+torch.compile, another container) does not change them. No pickle is loaded unless asked:
+safetensors for our format, `torch.load(weights_only=True)` for LaVIN .pth files.
+"""
+import json
+import os
+import re
+
+import torch
+
+from .integrations.clip import patch_clip_vision
+from .integrations.lavin import LavinModel
+from .integrations.llama import patch_llama
+from .integrations.patching import adapters, patch_state
+from .modules import MMAdapter
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PATCHERS = {"llama": patch_llama, "clip": patch_clip_vision}
+# LaVIN parameter names (lavin/model.py, lavin/mm_adapter.py) -> ours.
+LAVIN_ADAPTER_PATTERNS = (
+    (re.compile(r"^(?:module\.)?layers\.(\d+)\.adapter_(attn|mlp)\.$"), "llama"),
+    (re.compile(r"^(?:module\.)?backbone\.(?:visual\.)?transformer\.resblocks\.(\d+)\.adapter_(attn|mlp)\.$"), "clip"),
+)
+LAVIN_ADAPTER_PREFIX = re.compile(r"^(.*\.adapter_(?:attn|mlp)\.)")
+LAVIN_EXTRA_NAMES = {"adapter_proj.conv_A.weight": "neck.down.weight",
+                     "adapter_proj.conv_A.bias": "neck.down.bias",
+                     "adapter_proj.conv_B.weight": "neck.up.weight",
+                     "adapter_proj.conv_B.bias": "neck.up.bias",
+                     "adapter_modality_embedding.weight": "modality_embedding.weight"}
+
+
+def _lavin_module(model):
+    return next((module for module in model.modules() if isinstance(module, LavinModel)), None)
+
+
+def trainable_modules(model):
+    """{name prefix: module} of everything an adapter checkpoint holds."""
+    modules = dict(adapters(model))
+    lavin = _lavin_module(model)
+    if lavin is not None:
+        modules.update(neck=lavin.neck, modality_embedding=lavin.modality_embedding)
+    return modules
+
+
+def adapter_state_dict(model):
+    """{"llama.layers.0.attn.down.weight": tensor, ...}: adapters (+ neck, modality embedding)."""
+    return {f"{prefix}.{name}": tensor for prefix, module in trainable_modules(model).items()
+            for name, tensor in module.state_dict().items()}
+
+
+def adapter_config(model):
+    """The JSON-able description save_adapters writes (hyperparameters and model shapes)."""
+    import mlan_kernels
+    state = patch_state(model) or {}
+    config = {"mlan_kernels_version": mlan_kernels.__version__,
+              "components": {name: {**record["config"].to_dict(), **record["info"]}
+                             for name, record in state.items()}}
+    lavin = _lavin_module(model)
+    if lavin is not None:
+        config["lavin"] = {"neck_hidden": lavin.neck.down.out_features, "clip_every": lavin.clip_every}
+    return config
+
+
+def save_adapters(model, directory):
+    """Write adapter_model.safetensors + adapter_config.json to `directory` (created)."""
+    from safetensors.torch import save_file
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter_state_dict(model).items()}
+    if not state:
+        raise ValueError("model has no adapters to save (patch it first)")
+    os.makedirs(directory, exist_ok=True)
+    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
+        json.dump(adapter_config(model), handle, indent=2, sort_keys=True)
+
+
+def _component_root(model, name):
+    """The module to patch for component `name` (the LaVIN sub-model, or the model itself)."""
+    lavin = _lavin_module(model)
+    if lavin is None:
+        return model
+    return lavin.llama if name == "llama" else lavin.clip
+
+
+def load_adapters(model, directory, patch=True):
+    """Load a save_adapters directory into `model` (bit-exact). A component that is not patched
+    yet is patched with the saved hyperparameters when patch=True; one patched with other
+    hyperparameters, a hidden-size mismatch, or missing/unexpected tensors raise ValueError."""
+    from safetensors.torch import load_file
+    with open(os.path.join(directory, CONFIG_NAME)) as handle:
+        saved = json.load(handle)
+    for name, record in saved["components"].items():
+        current = patch_state(model, name)
+        hyper = {key: record[key] for key in ("rank", "experts", "groups", "scale", "temperature",
+                                              "dropout", "placement")}
+        if current is None and patch:
+            PATCHERS[name](_component_root(model, name), **hyper)
+            current = patch_state(model, name)
+        if current is None or current["config"].to_dict() != hyper:
+            raise ValueError(f"{name}: checkpoint adapters {hyper} do not match the model's "
+                             f"{None if current is None else current['config']}")
+        if current["info"]["hidden_size"] != record["hidden_size"]:
+            raise ValueError(f"{name}: checkpoint hidden size {record['hidden_size']} != model "
+                             f"hidden size {current['info']['hidden_size']}")
+    _copy_into(model, load_file(os.path.join(directory, WEIGHTS_NAME)))
+    return model
+
+
+def _copy_into(model, tensors, strict=True):
+    """Copy {checkpoint name: tensor} into the model's adapter tensors (dtype of the model)."""
+    targets = adapter_state_dict(model)
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    if strict and (missing or unexpected):
+        raise ValueError(f"adapter checkpoint mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name in set(targets) & set(tensors):
+        if tuple(targets[name].shape) != tuple(tensors[name].shape):
+            raise ValueError(f"{name}: checkpoint shape {list(tensors[name].shape)} != model "
+                             f"shape {list(targets[name].shape)}")
+        with torch.no_grad():
+            targets[name].copy_(tensors[name])
+    return missing, unexpected
+
+
+def from_lavin_state_dict(state_dict):
+    """LaVIN names -> ours: {"llama.layers.3.attn.down.weight": ..., "neck.up.bias": ...}.
+
+    LaVIN keys: `layers.{i}.adapter_attn.*` (LLaMA), `backbone.visual.transformer.resblocks.{i}.
+    adapter_attn.*` (CLIP; `backbone.transformer...` too), `adapter_mlp` for "block",
+    `adapter_proj.conv_A/conv_B` (neck), `adapter_modality_embedding.weight`. Other keys are
+    ignored. Conversion of each adapter goes through MMAdapter.from_lavin_state_dict.
+    """
+    ours, prefixes = {}, set()
+    for key, value in state_dict.items():
+        if key in LAVIN_EXTRA_NAMES:
+            ours[LAVIN_EXTRA_NAMES[key]] = value
+        match = LAVIN_ADAPTER_PREFIX.match(key)
+        if match:
+            prefixes.add(match.group(1))
+    for prefix in sorted(prefixes):
+        for pattern, component in LAVIN_ADAPTER_PATTERNS:
+            match = pattern.match(prefix)
+            if match:
+                adapter = MMAdapter.from_lavin_state_dict(state_dict, prefix=prefix)
+                site = f"{component}.layers.{match.group(1)}.{match.group(2)}"
+                ours.update({f"{site}.{name}": tensor for name, tensor in adapter.state_dict().items()})
+    return ours
+
+
+def load_lavin_adapters(model, checkpoint, weights_only=True, strict=True):
+    """Load LaVIN adapter weights (a state dict, or a .pth path read with torch.load(
+    weights_only=True); a {"model": state_dict} wrapper is unwrapped) into a patched model.
+    Temperature/scale/dropout stay the model's (LaVIN checkpoints do not store them).
+    Returns (missing, unexpected) names in our naming; strict raises on either."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
+    if isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    return _copy_into(model, from_lavin_state_dict(checkpoint), strict=strict)

@@ -1,0 +1,15 @@
+"""HuggingFace integrations: MM-Adapters in LLaMA / CLIP, merging, the LaVIN assembly.
+
+Layering: this package imports `mlan_kernels.modules` / `ops` / `reference`, never the reverse.
+"""
+from .clip import patch_clip_vision
+from .llama import patch_llama
+from .merge import is_merged, merge_adapters, unmerge_adapters
+from .patching import (AdaptedNorm, AdapterConfig, adapters, freeze_all_but_adapters,
+                       patch_state, record_routing_weights, reset_routing_cache, set_backend,
+                       unpatch)
+
+__all__ = ["AdaptedNorm", "AdapterConfig", "adapters", "freeze_all_but_adapters", "is_merged",
+           "merge_adapters", "patch_clip_vision", "patch_llama", "patch_state",
+           "record_routing_weights", "reset_routing_cache", "set_backend", "unmerge_adapters",
+           "unpatch"]

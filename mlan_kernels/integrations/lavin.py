@@ -1,0 +1,226 @@
+"""The LaVIN assembly: a patched CLIP vision tower + visual neck + a patched LLaMA.
+
+Sequence of sample b (D = LLaMA hidden size, K = CLIP blocks / 4 image tokens):
+    [ modality token | K image tokens (image samples only) | text tokens | right padding ]
+    modality token = modality_embedding[has_image_b]          [D]   (fp32 parameter)
+    image tokens   = neck(CLS after CLIP blocks 4, 8, ...)     [K, D]
+    neck           = Linear(C, 128) -> SiLU -> Linear(128, D)       (LaVIN code's AdapterMLP)
+Attention: causal, padding masked, and no token other than itself attends to position 0, so
+the modality token's hidden state (the routing token of every LLaMA adapter) depends only on
+the modality. Labels: -100 on the modality token, image tokens and padding.
+Text-only samples never go through CLIP (LaVIN fed them a zero image).
+"""
+import torch
+from torch import nn
+
+from .clip import patch_clip_vision
+from .llama import patch_llama
+from .merge import merge_adapters, unmerge_adapters
+from .patching import freeze_all_but_adapters, record_routing_weights
+
+IGNORE_INDEX = -100
+MODALITIES = {"text": 0, "image": 1}
+
+
+class VisualNeck(nn.Module):
+    """CLS features [N, K, C] -> LLM tokens [N, K, D]: down (C->hidden), SiLU, up (hidden->D).
+
+    LaVIN's code uses SiLU between the two linears (the paper says SwiGLU); Xavier-uniform
+    weights, zero biases, as in LaVIN's AdapterMLP (conv_A = down, conv_B = up).
+    """
+
+    def __init__(self, in_features, hidden_features, out_features, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(in_features, hidden_features, device=device, dtype=dtype)
+        self.up = nn.Linear(hidden_features, out_features, device=device, dtype=dtype)
+        for linear in (self.down, self.up):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, features):
+        return self.up(nn.functional.silu(self.down(features.to(self.down.weight.dtype))))
+
+
+class LavinModel(nn.Module):
+    """LaVIN on HuggingFace modules. llama: a patched LlamaForCausalLM; clip: a patched
+    CLIPVisionModel. Build it with `build_lavin` (patches and freezes)."""
+
+    def __init__(self, llama, clip, neck_hidden=128, clip_every=4, device=None):
+        super().__init__()
+        self.llama, self.clip, self.clip_every = llama, clip, clip_every
+        dim = llama.config.hidden_size
+        if clip.config.num_hidden_layers % clip_every != 0:
+            raise ValueError(f"clip_every={clip_every} must divide the CLIP depth "
+                             f"{clip.config.num_hidden_layers}")
+        device = device or llama.get_input_embeddings().weight.device
+        self.neck = VisualNeck(clip.config.hidden_size, neck_hidden, dim, device=device,
+                               dtype=torch.float32)
+        self.modality_embedding = nn.Embedding(2, dim, device=device, dtype=torch.float32)
+
+    @property
+    def image_token_count(self):
+        return self.clip.config.num_hidden_layers // self.clip_every
+
+    def image_tokens(self, pixel_values):
+        """pixel_values [N, 3, H, W] -> [N, K, D] (CLS after every clip_every-th block, necked)."""
+        hidden = self.clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        cls = torch.stack([hidden[i][:, 0] for i in range(self.clip_every, len(hidden), self.clip_every)], 1)
+        return self.neck(cls)
+
+    def _image_tokens_per_sample(self, has_image, pixel_values):
+        """[num image samples, K, D], or None when the batch has no image (CLIP skipped)."""
+        count = int(has_image.sum())
+        if count == 0:
+            return None
+        if pixel_values is None:
+            raise ValueError("has_image marks samples with images but pixel_values is None")
+        if pixel_values.shape[0] == has_image.shape[0] and count != has_image.shape[0]:
+            pixel_values = pixel_values[has_image]          # rows of text-only samples ignored
+        if pixel_values.shape[0] != count:
+            raise ValueError(f"pixel_values must have one row per sample or per image sample "
+                             f"({has_image.shape[0]} or {count}), got {pixel_values.shape[0]}")
+        return self.image_tokens(pixel_values)
+
+    def build_inputs(self, input_ids, pixel_values=None, has_image=None, attention_mask=None,
+                     labels=None, image_tokens=None):
+        """Assemble the LLaMA inputs.
+
+        input_ids [B, T] (right padded, attention_mask [B, T] of 0/1); has_image [B] bool
+        (default: all True when pixel_values is given); pixel_values [B or #images, 3, H, W];
+        labels [B, T] or None; image_tokens: precomputed [#images, K, D] (skips CLIP).
+        Returns dict(inputs_embeds [B, S, D], attention_mask [B, 1, S, S] additive,
+        labels [B, S] or None, lengths [B]) with S = max_b (1 + K·has_image_b + T_b).
+        """
+        batch = input_ids.shape[0]
+        if has_image is None:
+            has_image = torch.full((batch,), pixel_values is not None or image_tokens is not None)
+        has_image = torch.as_tensor(has_image, dtype=torch.bool, device=input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_tokens is None:
+            image_tokens = self._image_tokens_per_sample(has_image, pixel_values)
+        embed = self.llama.get_input_embeddings()
+        dtype = embed.weight.dtype
+        text = embed(input_ids)
+        modality = self.modality_embedding(has_image.long()).to(dtype)
+        sequences, label_rows, image_index = [], [], 0
+        for b in range(batch):
+            n = int(attention_mask[b].sum())
+            parts = [modality[b:b + 1]]
+            if has_image[b]:
+                parts.append(image_tokens[image_index].to(dtype))
+                image_index += 1
+            prefix = sum(part.shape[0] for part in parts)
+            sequences.append(torch.cat(parts + [text[b, :n]]))
+            if labels is not None:
+                label_rows.append(torch.cat([labels.new_full((prefix,), IGNORE_INDEX), labels[b, :n]]))
+        lengths = torch.tensor([s.shape[0] for s in sequences], device=input_ids.device)
+        inputs_embeds = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+        out = {"inputs_embeds": inputs_embeds, "lengths": lengths,
+               "attention_mask": lavin_attention_mask(lengths, inputs_embeds.shape[1], dtype),
+               "labels": None}
+        if labels is not None:
+            out["labels"] = nn.utils.rnn.pad_sequence(label_rows, batch_first=True,
+                                                      padding_value=IGNORE_INDEX)
+        return out
+
+    def forward(self, input_ids, pixel_values=None, has_image=None, attention_mask=None,
+                labels=None, **llama_kwargs):
+        """LLaMA output (logits [B, S, vocab], loss when labels are given) on the assembled
+        sequence; logits position p belongs to assembled position p (see build_inputs)."""
+        inputs = self.build_inputs(input_ids, pixel_values, has_image, attention_mask, labels)
+        llama_kwargs.setdefault("use_cache", False)
+        return self.llama(inputs_embeds=inputs["inputs_embeds"], labels=inputs["labels"],
+                          attention_mask=inputs["attention_mask"], **llama_kwargs)
+
+    @torch.no_grad()
+    def modality_routing_weights(self, modality):
+        """{adapter key: [1, E]} of every LLaMA adapter for "text" or "image": the modality
+        token alone gives the same hidden state as inside any sequence (mask rule)."""
+        index = torch.tensor([[MODALITIES[modality]]], device=self.modality_embedding.weight.device)
+        embeds = self.modality_embedding(index).to(self.llama.get_input_embeddings().weight.dtype)
+        with record_routing_weights(self.llama) as recorder:
+            self.llama(inputs_embeds=embeds, use_cache=False)
+        return recorder.weights
+
+    def merge_adapters(self, modality):
+        """Fold the LLaMA adapters for one modality ("text" | "image") into q/k/v (and MLP for
+        "block"); CLIP adapters stay (they route per image). Undo with unmerge_adapters()."""
+        merge_adapters(self.llama, self.modality_routing_weights(modality))
+        return self
+
+    def unmerge_adapters(self):
+        unmerge_adapters(self.llama)
+        return self
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, has_image=None, max_new_tokens=16,
+                 use_cache=True, eos_token_id=None):
+        """Greedy decoding -> new tokens [B, max_new_tokens] (eos_token_id pads finished rows).
+
+        All samples must have the same assembled length (no padding): batch by modality and
+        prompt length. With use_cache the LLaMA adapters use routing weights cached at prefill;
+        without it every step recomputes the whole sequence (the same tokens).
+        """
+        from transformers import DynamicCache
+        if has_image is None:
+            has_image = torch.full((input_ids.shape[0],), pixel_values is not None)
+        has_image = torch.as_tensor(has_image, dtype=torch.bool, device=input_ids.device)
+        image_tokens = self._image_tokens_per_sample(has_image, pixel_values)
+        inputs = self.build_inputs(input_ids, has_image=has_image, image_tokens=image_tokens)
+        if bool((inputs["lengths"] != inputs["lengths"][0]).any()):
+            raise ValueError("generate needs equal assembled lengths in the batch (group samples "
+                             "by modality and prompt length, or generate one at a time)")
+        cache = DynamicCache(config=self.llama.config) if use_cache else None
+        tokens, finished = [], torch.zeros_like(has_image)
+        logits = self.llama(inputs_embeds=inputs["inputs_embeds"], past_key_values=cache,
+                            attention_mask=inputs["attention_mask"], use_cache=use_cache).logits
+        for step in range(max_new_tokens):
+            next_token = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            tokens.append(next_token)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            if use_cache:
+                length = cache.get_seq_length() + 1
+                mask = lavin_attention_mask(torch.full_like(inputs["lengths"], length), length,
+                                            logits.dtype)[:, :, -1:]
+                logits = self.llama(input_ids=next_token[:, None], past_key_values=cache,
+                                    attention_mask=mask, use_cache=True).logits
+            else:
+                ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+                full = self.build_inputs(ids, has_image=has_image, image_tokens=image_tokens)
+                logits = self.llama(inputs_embeds=full["inputs_embeds"], use_cache=False,
+                                    attention_mask=full["attention_mask"]).logits
+        return torch.stack(tokens, 1)
+
+
+def lavin_attention_mask(lengths, total, dtype):
+    """Additive mask [B, 1, total, total]: key j visible to query i iff j ≤ i, j < lengths[b],
+    and (j > 0 or i == 0) — nothing but itself attends to the modality token; padded queries
+    see themselves (no empty softmax rows)."""
+    positions = torch.arange(total, device=lengths.device)
+    query, key = positions[:, None], positions[None, :]
+    allowed = (key <= query) & ((key > 0) | (query == 0))
+    allowed = allowed[None] & (key[None] < lengths[:, None, None])
+    allowed = allowed | (query == key)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=lengths.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def build_lavin(llama, clip, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0,
+                clip_temperature=None, dropout=0.1, placement="attn", neck_hidden=128,
+                clip_every=4, freeze_base=True):
+    """Patch `llama` (LlamaForCausalLM) and `clip` (CLIPVisionModel) with MM-Adapters and
+    assemble a LavinModel. freeze_base: only adapters, neck and modality embedding train.
+    clip_temperature defaults to temperature."""
+    common = dict(rank=rank, experts=experts, groups=groups, scale=scale, dropout=dropout,
+                  placement=placement, freeze_base=False)
+    patch_llama(llama, temperature=temperature, **common)
+    patch_clip_vision(clip, temperature=clip_temperature or temperature, **common)
+    model = LavinModel(llama, clip, neck_hidden=neck_hidden, clip_every=clip_every)
+    if freeze_base:
+        freeze_all_but_adapters(model, extra=(model.neck, model.modality_embedding))
+    return model

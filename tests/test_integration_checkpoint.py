@@ -1,0 +1,108 @@
+"""Adapter checkpoints: safetensors round trip (bit-exact), config JSON, mismatches, LaVIN-format
+import (no pickle by default), and PEFT interop (skipped without peft)."""
+import json
+import os
+
+import pytest
+import torch
+
+from mlan_kernels.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict,
+                                     load_adapters, load_lavin_adapters, save_adapters)
+from mlan_kernels.integrations import adapters, patch_llama
+from mlan_kernels.integrations.tiny import tiny_llama
+
+from test_integration_lavin import PIXELS, HAS_IMAGE, tiny_lavin
+from test_integration_llama import loss_and_grads, randomize_adapters, token_ids
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = randomize_adapters(patch_llama(tiny_llama(), placement="block", temperature=5.0))
+    save_adapters(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    llama = config["components"]["llama"]
+    assert llama["rank"] == 8 and llama["placement"] == "block" and llama["temperature"] == 5.0
+    assert llama["model_class"] == "LlamaForCausalLM" and llama["hidden_size"] == 32
+    assert "mlan_kernels_version" in config
+    for fresh in (patch_llama(tiny_llama(), placement="block", temperature=5.0), tiny_llama()):
+        load_adapters(fresh, tmp_path)             # the unpatched one is patched from the config
+        saved, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+        assert saved.keys() == loaded.keys()
+        assert all(torch.equal(saved[name], loaded[name]) for name in saved)
+        ids = token_ids()
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_load_rejects_mismatched_models(tmp_path):
+    save_adapters(patch_llama(tiny_llama()), tmp_path)
+    with pytest.raises(ValueError, match="do not match"):
+        load_adapters(patch_llama(tiny_llama(), rank=4), tmp_path)
+    with pytest.raises(ValueError, match="hidden size"):
+        load_adapters(tiny_llama(hidden_size=64), tmp_path)
+    with pytest.raises(ValueError, match="no adapters"):
+        save_adapters(tiny_llama(), tmp_path / "empty")
+
+
+def test_lavin_assembly_round_trip_includes_neck_and_embedding(tmp_path):
+    model = tiny_lavin()
+    save_adapters(model, tmp_path)
+    names = adapter_state_dict(model).keys()
+    assert {"neck.down.weight", "modality_embedding.weight", "clip.layers.7.attn.up.weight"} <= set(names)
+    fresh = tiny_lavin()
+    with torch.no_grad():
+        fresh.neck.up.weight.zero_()
+    load_adapters(fresh, tmp_path)
+    ids = token_ids(batch=3, length=5)
+    assert torch.equal(fresh(ids, PIXELS, HAS_IMAGE).logits, model(ids, PIXELS, HAS_IMAGE).logits)
+
+
+def lavin_format_state_dict(model):
+    """Our LaVIN assembly's trainable weights under LaVIN's parameter names."""
+    state = {}
+    for key, adapter in adapters(model).items():
+        component, _, index, site = key.split(".")
+        prefix = (f"layers.{index}." if component == "llama"
+                  else f"backbone.visual.transformer.resblocks.{index}.") + f"adapter_{site}."
+        state.update(adapter.to_lavin_state_dict(prefix))
+    for ours, theirs in (("down", "conv_A"), ("up", "conv_B")):
+        state[f"adapter_proj.{theirs}.weight"] = getattr(model.neck, ours).weight.detach().clone()
+        state[f"adapter_proj.{theirs}.bias"] = getattr(model.neck, ours).bias.detach().clone()
+    state["adapter_modality_embedding.weight"] = model.modality_embedding.weight.detach().clone()
+    return state
+
+
+def test_import_lavin_checkpoint(tmp_path):
+    source = tiny_lavin()
+    path = tmp_path / "lavin.pth"
+    torch.save({"model": lavin_format_state_dict(source)}, path)
+    target = tiny_lavin()
+    with torch.no_grad():
+        for parameter in adapter_state_dict(target).values():
+            parameter.zero_()
+    assert load_lavin_adapters(target, path) == ([], [])       # torch.load(weights_only=True)
+    expected, loaded = adapter_state_dict(source), adapter_state_dict(target)
+    assert all(torch.equal(expected[name], loaded[name]) for name in expected)
+    partial = {k: v for k, v in lavin_format_state_dict(source).items() if "adapter_proj" not in k}
+    with pytest.raises(ValueError, match="missing"):
+        load_lavin_adapters(target, partial)
+    missing, _ = load_lavin_adapters(target, partial, strict=False)
+    assert missing == ["neck.down.bias", "neck.down.weight", "neck.up.bias", "neck.up.weight"]
+
+
+def test_peft_lora_and_mm_adapters_train_together_and_save_separately(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+    patch_llama(model)
+    randomize_adapters(model)
+    model.train()
+    _, grads = loss_and_grads(model, token_ids())
+    assert any("lora_" in name for name in grads) and any(".adapter." in name for name in grads)
+    assert all("lora_" in name or ".adapter." in name for name in grads)
+    save_adapters(model, tmp_path / "mlan")
+    model.save_pretrained(tmp_path / "lora")
+    ours = adapter_state_dict(model)
+    assert ours and not any("lora" in name for name in ours)
+    from safetensors.torch import load_file
+    lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert lora and not any(".adapter." in name for name in lora)
