@@ -1,0 +1,387 @@
+"""The `mlan::kl_div_logits` op: fused row-wise KL(p‖q) between two logit matrices.
+
+    torch.ops.mlan.kl_div_logits(logits_p [T, V], logits_q [T, V], mask [T] bool | None,
+                                 backend) -> (kl [T], lse_p [T], lse_q [T])      (compute dtype)
+    torch.ops.mlan.kl_div_logits_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl,
+                                          backend) -> (grad_logits_p, grad_logits_q)
+
+Backends: "triton" (CUDA; CPU only under TRITON_INTERPRET=1, for tests) and "chunked" (plain
+torch over blocks of rows, never more than `CHUNK_ROWS`·V fp32 temporaries; the CPU default and
+the only fp64 path). `kl_div_logits` (the user API) applies the reduction and the eager /
+torch.compile split of ops/mm_adapter.py: a plain autograd.Function eagerly, the registered
+custom op (fake + autograd) while compiling.
+
+    torch.ops.mlan.fused_linear_kl(hidden_p [T, H], hidden_q [T, H], weight [V, H], chunk_size,
+                                   backend) -> (kl [T], lse_p [T], lse_q [T])
+computes the same KL of logits hidden·weightᵀ without ever holding more than chunk_size rows
+of logits (the backward recomputes them chunk by chunk), like Liger's fused linear CE.
+"""
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference_kl import REDUCTIONS, compute_dtype, reduce_rows
+
+BACKENDS = ("auto", "triton", "chunked")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK_ROWS = 64          # rows per block of the chunked path (measured: see README "fused KL")
+_warned = set()
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): small chunks in the interpreter (tests), wide ones on GPU."""
+    import triton
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return min(128, triton.next_power_of_2(vocab)), 1
+    return min(4096, triton.next_power_of_2(vocab)), 8
+
+
+def select_kl_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+    """"triton" or "chunked" for logits on `device` with `dtype` (warns once when a requested
+    triton cannot run and the chunked torch path is used instead)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "chunked" or (requested == "auto" and device.type != "cuda"):
+        return "chunked"
+    reason = None
+    if dtype not in TRITON_DTYPES:
+        reason = f"triton KL supports {TRITON_DTYPES}, got {dtype}"
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        reason = "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
+    elif not _triton_importable():
+        reason = "triton is not installed"
+    if reason is None:
+        return "triton"
+    _warn_once(f"mlan_kernels: KL backend 'triton' unavailable: {reason}; using 'chunked'")
+    return "chunked"
+
+
+def _row_blocks(total: int, mask: Optional[Tensor], block: int):
+    """Index tensors (or slices) of the selected rows, `block` at a time."""
+    if mask is None:
+        return [slice(start, min(start + block, total)) for start in range(0, total, block)]
+    selected = mask.nonzero().flatten()
+    return [selected[start:start + block] for start in range(0, selected.numel(), block)]
+
+
+def _log_probs(logits: Tensor, dtype: torch.dtype):
+    """(log_softmax, lse) of a block of rows [n, V] in `dtype`."""
+    values = logits.to(dtype)
+    lse = torch.logsumexp(values, dim=-1, keepdim=True)
+    return values - lse, lse.squeeze(-1)
+
+
+def _chunked_forward(logits_p, logits_q, mask):
+    dtype = compute_dtype(logits_p.dtype)
+    total = logits_p.shape[0]
+    kl, lse_p, lse_q = (logits_p.new_zeros(total, dtype=dtype) for _ in range(3))
+    for rows in _row_blocks(total, mask, CHUNK_ROWS):
+        log_p, block_lse_p = _log_probs(logits_p[rows], dtype)
+        log_q, block_lse_q = _log_probs(logits_q[rows], dtype)
+        prob_p = log_p.exp()
+        kl[rows] = torch.where(prob_p > 0, prob_p * (log_p - log_q), 0.0).sum(-1)
+        lse_p[rows], lse_q[rows] = block_lse_p, block_lse_q
+    return kl, lse_p, lse_q
+
+
+def _chunked_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl):
+    dtype = compute_dtype(logits_p.dtype)
+    grad_p, grad_q = torch.zeros_like(logits_p), torch.zeros_like(logits_q)
+    for rows in _row_blocks(logits_p.shape[0], mask, CHUNK_ROWS):
+        log_p = logits_p[rows].to(dtype) - lse_p[rows, None]
+        log_q = logits_q[rows].to(dtype) - lse_q[rows, None]
+        prob_p, prob_q = log_p.exp(), log_q.exp()
+        diff = torch.where(prob_p > 0, log_p - log_q, 0.0)
+        grad = grad_kl[rows, None].to(dtype)
+        grad_p[rows] = (grad * prob_p * (diff - kl[rows, None])).to(grad_p.dtype)
+        grad_q[rows] = (grad * (prob_q - prob_p)).to(grad_q.dtype)
+    return grad_p, grad_q
+
+
+def _triton_forward(logits_p, logits_q, mask):
+    from ..triton.kl_kernels import kl_forward_kernel
+    total, vocab = logits_p.shape
+    kl, lse_p, lse_q = (logits_p.new_empty(total, dtype=torch.float32) for _ in range(3))
+    block, warps = _triton_block(vocab, logits_p.device)
+    mask_u8 = None if mask is None else mask.to(torch.uint8)
+    kl_forward_kernel[(total,)](logits_p, logits_q, mask_u8, kl, lse_p, lse_q, vocab,
+                                logits_p.stride(0), logits_q.stride(0), HAS_MASK=mask is not None,
+                                BLOCK_V=block, num_warps=warps)
+    return kl, lse_p, lse_q
+
+
+def _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl):
+    from ..triton.kl_kernels import kl_backward_kernel
+    total, vocab = logits_p.shape
+    grad_p = torch.empty(total, vocab, dtype=logits_p.dtype, device=logits_p.device)
+    grad_q = torch.empty(total, vocab, dtype=logits_q.dtype, device=logits_q.device)
+    block, warps = _triton_block(vocab, logits_p.device)
+    mask_u8 = None if mask is None else mask.to(torch.uint8)
+    kl_backward_kernel[(total,)](grad_kl.contiguous(), logits_p, logits_q, mask_u8, lse_p, lse_q,
+                                 kl, grad_p, grad_q, vocab, logits_p.stride(0), logits_q.stride(0),
+                                 HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps)
+    return grad_p, grad_q
+
+
+def _rows_contiguous(logits: Tensor) -> Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def kl_rows_forward(logits_p, logits_q, mask, backend="auto"):
+    """(kl, lse_p, lse_q) [T] in the compute dtype of logits [T, V]; 0 on unselected rows."""
+    if logits_p.shape[0] == 0 or logits_p.shape[1] == 0:
+        zeros = logits_p.new_zeros(logits_p.shape[0], dtype=compute_dtype(logits_p.dtype))
+        return zeros, zeros.clone(), zeros.clone()
+    logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
+    if select_kl_backend(logits_p.device, logits_p.dtype, backend) == "triton":
+        return _triton_forward(logits_p, logits_q, mask)
+    return _chunked_forward(logits_p, logits_q, mask)
+
+
+def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto"):
+    """(∂logits_p, ∂logits_q) [T, V] in the logits' dtypes of Σ_t grad_kl[t]·KL_t."""
+    if logits_p.numel() == 0:
+        return torch.zeros_like(logits_p), torch.zeros_like(logits_q)
+    logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
+    if select_kl_backend(logits_p.device, logits_p.dtype, backend) == "triton":
+        return _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl)
+    return _chunked_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl)
+
+
+@torch.library.custom_op("mlan::kl_div_logits", mutates_args=())
+def kl_div_logits_op(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor],
+                     backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    return kl_rows_forward(logits_p, logits_q, mask, backend)
+
+
+@kl_div_logits_op.register_fake
+def _(logits_p, logits_q, mask, backend="auto"):
+    rows = logits_p.new_empty(logits_p.shape[0], dtype=compute_dtype(logits_p.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op("mlan::kl_div_logits_backward", mutates_args=())
+def kl_div_logits_backward_op(grad_kl: Tensor, logits_p: Tensor, logits_q: Tensor,
+                              mask: Optional[Tensor], lse_p: Tensor, lse_q: Tensor, kl: Tensor,
+                              backend: str = "auto") -> tuple[Tensor, Tensor]:
+    return kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend)
+
+
+@kl_div_logits_backward_op.register_fake
+def _(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto"):
+    return (torch.empty_like(logits_p, memory_format=torch.contiguous_format),
+            torch.empty_like(logits_q, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    logits_p, logits_q, mask, backend = inputs
+    kl, lse_p, lse_q = output
+    ctx.mark_non_differentiable(lse_p, lse_q)
+    ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
+    ctx.backend = backend
+    ctx.traced = True
+
+
+def _backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+    logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
+    backward = kl_div_logits_backward_op if ctx.traced else kl_rows_backward
+    grad_p, grad_q = backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
+    return grad_p, grad_q, None, None
+
+
+kl_div_logits_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def eager_function(name: str, forward_impl, setup_context, backward):
+    """The eager path of a custom op: a torch.autograd.Function with the op's forward, context
+    and backward, minus the custom op's Python dispatch overhead (see ops/mm_adapter.py).
+    setup_context must set ctx.traced = True; here it becomes False so the backward calls the
+    plain implementation instead of the registered backward op."""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.traced = False
+    return type(name, (torch.autograd.Function,), dict(
+        __doc__=f"Eager path of {name} (see eager_function).",
+        forward=staticmethod(lambda *inputs: forward_impl(*inputs)),
+        setup_context=staticmethod(setup), backward=staticmethod(backward)))
+
+
+_EagerKL = eager_function("_EagerKL", kl_rows_forward, _setup_context, _backward)
+
+
+def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=("logits_p", "logits_q")):
+    """Raise TypeError/ValueError naming the bad argument (`names`: how the caller calls p, q)."""
+    name_p, name_q = names
+    for name, value in ((name_p, logits_p), (name_q, logits_q)):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor [..., V], got "
+                            f"{type(value).__name__ if not isinstance(value, Tensor) else value.dtype}")
+        if value.dim() < 1:
+            raise ValueError(f"{name} must have a last (vocabulary or hidden) dim, got a 0-d tensor")
+    if logits_q.shape != logits_p.shape:
+        raise ValueError(f"{name_q} must have {name_p}'s shape {list(logits_p.shape)}, "
+                         f"got {list(logits_q.shape)}")
+    if logits_q.dtype != logits_p.dtype or logits_q.device != logits_p.device:
+        raise TypeError(f"{name_q} must match {name_p}'s dtype/device ({logits_p.dtype}, "
+                        f"{logits_p.device}), got ({logits_q.dtype}, {logits_q.device})")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != logits_p.shape[:-1]):
+        raise ValueError(f"mask must be a tensor of shape {list(logits_p.shape[:-1])} "
+                         f"({name_p} without its last dim), got "
+                         f"{list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r} "
+                         f"('mean' is not accepted: F.kl_div's 'mean' divides by T·V)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def kl_rows(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
+    """Differentiable per-row KL of flat logits [T, V] (mask [T] bool or None) -> [T]."""
+    apply = kl_div_logits_op if torch.compiler.is_compiling() else _EagerKL.apply
+    return apply(logits_p, logits_q, mask, backend)[0]
+
+
+def kl_div_logits(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = None,
+                  reduction: str = "batchmean", backend: str = "auto") -> Tensor:
+    """KL(softmax(logits_p) ‖ softmax(logits_q)) per row of the last dim, fused.
+
+    logits_p, logits_q: [..., V] fp32/fp16/bf16 (fp64: chunked backend), same shape/dtype;
+    mask: [...] bool, rows to include (e.g. answer tokens), None = all. Accumulation is fp32.
+    reduction: "batchmean" (mean over selected rows) | "sum" | "none" ([...], 0 where masked).
+    Equals F.kl_div(log_softmax(logits_q), log_softmax(logits_p), log_target=True) summed over
+    V; differentiable w.r.t. both logits (gradients in the logits' dtype). −inf logits are
+    allowed (p = 0 entries contribute 0; q = 0 where p > 0 gives +inf, as the math says).
+    Returns a scalar (or [...] for "none") in the compute dtype (fp32, fp64 for fp64 logits).
+    """
+    validate_kl_args(logits_p, logits_q, mask, reduction, backend)
+    vocab = logits_p.shape[-1]
+    flat_mask = None if mask is None else mask.reshape(-1).to(device=logits_p.device, dtype=torch.bool)
+    rows = kl_rows(logits_p.reshape(-1, vocab), logits_q.reshape(-1, vocab), flat_mask, backend)
+    out = reduce_rows(rows, flat_mask, reduction)
+    return out.reshape(logits_p.shape[:-1]) if reduction == "none" else out
+
+
+def _token_chunks(total: int, chunk_size: int):
+    return [slice(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
+
+
+def fused_linear_kl_forward(hidden_p, hidden_q, weight, chunk_size, backend="auto"):
+    """(kl, lse_p, lse_q) [T] of logits hidden_{p,q} [T, H] · weight [V, H]ᵀ, chunk by chunk."""
+    dtype = compute_dtype(hidden_p.dtype)
+    outputs = [hidden_p.new_zeros(hidden_p.shape[0], dtype=dtype) for _ in range(3)]
+    for rows in _token_chunks(hidden_p.shape[0], chunk_size):
+        chunk = kl_rows_forward(hidden_p[rows] @ weight.t(), hidden_q[rows] @ weight.t(), None, backend)
+        for out, value in zip(outputs, chunk):
+            out[rows] = value
+    return tuple(outputs)
+
+
+def fused_linear_kl_backward(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size,
+                             backend="auto"):
+    """(∂hidden_p, ∂hidden_q, ∂weight): logits recomputed per chunk, ∂weight accumulated in fp32."""
+    grad_hidden_p, grad_hidden_q = torch.empty_like(hidden_p), torch.empty_like(hidden_q)
+    grad_weight = torch.zeros_like(weight, dtype=compute_dtype(weight.dtype))
+    for rows in _token_chunks(hidden_p.shape[0], chunk_size):
+        grad_logits_p, grad_logits_q = kl_rows_backward(
+            grad_kl[rows], hidden_p[rows] @ weight.t(), hidden_q[rows] @ weight.t(), None,
+            lse_p[rows], lse_q[rows], kl[rows], backend)
+        grad_hidden_p[rows] = grad_logits_p @ weight
+        grad_hidden_q[rows] = grad_logits_q @ weight
+        grad_weight += (grad_logits_p.t() @ hidden_p[rows] + grad_logits_q.t() @ hidden_q[rows]).to(grad_weight.dtype)
+    return grad_hidden_p, grad_hidden_q, grad_weight.to(weight.dtype)
+
+
+@torch.library.custom_op("mlan::fused_linear_kl", mutates_args=())
+def fused_linear_kl_op(hidden_p: Tensor, hidden_q: Tensor, weight: Tensor, chunk_size: int,
+                       backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    return fused_linear_kl_forward(hidden_p, hidden_q, weight, chunk_size, backend)
+
+
+@fused_linear_kl_op.register_fake
+def _(hidden_p, hidden_q, weight, chunk_size, backend="auto"):
+    rows = hidden_p.new_empty(hidden_p.shape[0], dtype=compute_dtype(hidden_p.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op("mlan::fused_linear_kl_backward", mutates_args=())
+def fused_linear_kl_backward_op(grad_kl: Tensor, hidden_p: Tensor, hidden_q: Tensor, weight: Tensor,
+                                lse_p: Tensor, lse_q: Tensor, kl: Tensor, chunk_size: int,
+                                backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    return fused_linear_kl_backward(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl,
+                                    chunk_size, backend)
+
+
+@fused_linear_kl_backward_op.register_fake
+def _(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size, backend="auto"):
+    return torch.empty_like(hidden_p), torch.empty_like(hidden_q), torch.empty_like(weight)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden_p, hidden_q, weight, chunk_size, backend = inputs
+    kl, lse_p, lse_q = output
+    ctx.mark_non_differentiable(lse_p, lse_q)
+    ctx.save_for_backward(hidden_p, hidden_q, weight, lse_p, lse_q, kl)
+    ctx.hyper = (chunk_size, backend)
+    ctx.traced = True
+
+
+def _linear_backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+    backward = fused_linear_kl_backward_op if ctx.traced else fused_linear_kl_backward
+    return (*backward(grad_kl.contiguous(), *ctx.saved_tensors, *ctx.hyper), None, None)
+
+
+fused_linear_kl_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+_EagerFusedLinearKL = eager_function("_EagerFusedLinearKL", fused_linear_kl_forward,
+                                     _linear_setup_context, _linear_backward)
+
+
+def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
+                    mask: Optional[Tensor] = None, reduction: str = "batchmean",
+                    chunk_size: int = 1024, backend: str = "auto") -> Tensor:
+    """KL(softmax(hidden_p Wᵀ) ‖ softmax(hidden_q Wᵀ)) per token without full [T, V] logits.
+
+    hidden_p, hidden_q: [..., H] (same shape/dtype); lm_head_weight W: [V, H] in their dtype;
+    mask: [...] bool (tokens to include; the others are dropped before any GEMM);
+    chunk_size: tokens per chunk: peak extra memory is O(chunk_size·V) in forward and backward
+    (the backward recomputes each chunk's logits). Differentiable w.r.t. all three tensors.
+    Returns what kl_div_logits(hidden_p Wᵀ, hidden_q Wᵀ, mask, reduction) returns.
+    """
+    validate_kl_args(hidden_p, hidden_q, mask, reduction, backend, names=("hidden_p", "hidden_q"))
+    if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2:
+        raise ValueError("lm_head_weight must be a [V, H] tensor")
+    if hidden_p.shape[-1:] != lm_head_weight.shape[1:]:
+        raise ValueError(f"hidden_p must be [..., H] with H = lm_head_weight.shape[1] = "
+                         f"{lm_head_weight.shape[1]}")
+    if lm_head_weight.dtype != hidden_p.dtype:
+        raise TypeError(f"lm_head_weight must have hidden_p's dtype {hidden_p.dtype}, got {lm_head_weight.dtype}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    width = hidden_p.shape[-1]
+    flat_p, flat_q = hidden_p.reshape(-1, width), hidden_q.reshape(-1, width)
+    flat_mask = None if mask is None else mask.reshape(-1).to(device=hidden_p.device, dtype=torch.bool)
+    if flat_mask is not None:
+        flat_p, flat_q = flat_p[flat_mask], flat_q[flat_mask]
+    apply = fused_linear_kl_op if torch.compiler.is_compiling() else _EagerFusedLinearKL.apply
+    rows = apply(flat_p, flat_q, lm_head_weight, chunk_size, backend)[0]
+    if flat_mask is not None:
+        rows = rows.new_zeros(flat_mask.shape[0]).masked_scatter(flat_mask, rows)
+    out = reduce_rows(rows, flat_mask, reduction)
+    return out.reshape(hidden_p.shape[:-1]) if reduction == "none" else out

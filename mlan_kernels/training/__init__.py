@@ -1,0 +1,14 @@
+"""Training utilities: CoMMIT balance coefficient, dynamic LR scheduler, auxiliary loss.
+
+Everything CoMMIT-specific here is OUR INTERPRETATION of the paper (no public code); see
+../shared/design/commit_balance.md and the README section "Balancing vision and language
+learning (CoMMIT)". Layering: imports ops / integrations, never the reverse.
+"""
+from .auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
+from .balance import FEATURE, LANGUAGE, BalanceMonitor, balance_groups
+from .scheduler import (BalanceScheduler, CosineWithWarmup, balance_multipliers,
+                        balance_param_groups)
+
+__all__ = ["BalanceMonitor", "BalanceScheduler", "CosineWithWarmup", "FEATURE", "LANGUAGE",
+           "auxiliary_kl_loss", "backward_auxiliary", "balance_groups", "balance_multipliers",
+           "balance_param_groups", "lagging_side"]

@@ -1,0 +1,214 @@
+"""Fused KL(p‖q) between logit rows: reference, chunked torch and Triton (interpreter on CPU)
+against torch.nn.functional.kl_div, gradients, gradcheck, custom-op registration."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlan_kernels.ops.kl_div import kl_div_logits, kl_div_logits_backward_op, kl_div_logits_op
+from mlan_kernels.reference_kl import kl_div_logits_reference, kl_rows_grad_reference
+
+from helpers import HAS_TRITON
+
+NEG_INF = float("-inf")
+# The Triton interpreter evaluates both branches of tl.where in numpy (−inf arithmetic).
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
+BACKENDS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+# |ours − F.kl_div| / (1 + |F.kl_div|): fp16 logits are upcast exactly, so only fp32 order of
+# summation differs from the fp32 torch result computed from the same fp16 values.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def make_logits(rows=6, vocab=300, dtype=torch.float32, seed=0):
+    """logits_p, logits_q [rows, vocab]: random, very peaked, uniform, −inf entries, and q = p."""
+    generator = torch.Generator().manual_seed(seed)
+    p = 3 * torch.randn(rows, vocab, generator=generator)
+    q = 3 * torch.randn(rows, vocab, generator=generator)
+    p[1] *= 20                                   # very peaked p
+    q[2] = 0.0                                   # uniform q
+    p[2] = 0.0                                   # uniform p: KL(uniform‖uniform) = 0
+    p[3, : vocab // 2] = NEG_INF                 # half of p's vocabulary masked out
+    q[3, vocab - 7:] = NEG_INF                   # q = 0 only where p = 0 too: KL finite
+    p[3, vocab - 7:] = NEG_INF
+    q[4] = p[4]                                  # identical rows: KL = 0
+    return p.to(dtype), q.to(dtype)
+
+
+def torch_kl_rows(logits_p, logits_q):
+    """Σ_v of F.kl_div(log q, log p, log_target=True) in fp32 (its 0·(−inf) nans set to 0)."""
+    log_p = torch.log_softmax(logits_p.float(), -1)
+    log_q = torch.log_softmax(logits_q.float(), -1)
+    terms = F.kl_div(log_q, log_p, log_target=True, reduction="none")
+    return torch.where(log_p == NEG_INF, 0.0, terms).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_rows_match_torch_kl_div(backend, dtype):
+    p, q = make_logits(dtype=dtype)
+    expected = torch_kl_rows(p, q)
+    if backend == "reference":
+        got = kl_div_logits_reference(p, q, reduction="none")
+    else:
+        got = kl_div_logits(p, q, reduction="none", backend=backend)
+    assert got.dtype == torch.float32
+    error = ((got - expected).abs() / (1 + expected.abs())).max()
+    assert error < TOLERANCE[dtype], error
+    assert got[2].abs() < 1e-6 and got[4] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_and_mask(backend):
+    p, q = make_logits()
+    mask = torch.tensor([True, False, True, True, False, True])
+    p[1] = NEG_INF                                # a fully −inf row, masked out: no nan anywhere
+    rows = torch_kl_rows(p, q)
+    rows = torch.where(mask, rows, 0.0)
+    none = kl_div_logits(p, q, mask, "none", backend)
+    torch.testing.assert_close(none, rows, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(kl_div_logits(p, q, mask, "sum", backend), rows.sum(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(kl_div_logits(p, q, mask, "batchmean", backend), rows.sum() / 4,
+                               rtol=2e-5, atol=2e-5)
+    unmasked = kl_div_logits(p[[0, 2]], q[[0, 2]], backend=backend)
+    expected = F.kl_div(torch.log_softmax(q[[0, 2]], -1), torch.log_softmax(p[[0, 2]], -1),
+                        log_target=True, reduction="batchmean")
+    torch.testing.assert_close(unmasked, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_infinite_when_q_excludes_support_of_p():
+    p, q = make_logits()
+    q[0, 5] = NEG_INF
+    assert torch.isinf(kl_div_logits(p, q, reduction="none", backend="chunked")[0])
+    assert torch.isinf(kl_div_logits_reference(p, q, reduction="none")[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_reference(backend, dtype):
+    p, q = make_logits(dtype=dtype)
+    mask = torch.tensor([True, True, True, True, False, True])
+    weights = torch.randn(6)
+    p_leaf, q_leaf = p.clone().requires_grad_(), q.clone().requires_grad_()
+    (kl_div_logits(p_leaf, q_leaf, mask, "none", backend) * weights).sum().backward()
+    assert p_leaf.grad.dtype == dtype and q_leaf.grad.dtype == dtype
+    expected_p, expected_q = kl_rows_grad_reference(p.double(), q.double(), weights.double() * mask)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(p_leaf.grad.double(), expected_p, atol=atol, rtol=1e-3)
+    torch.testing.assert_close(q_leaf.grad.double(), expected_q, atol=atol, rtol=1e-3)
+    assert not torch.isnan(p_leaf.grad).any()
+
+
+def test_closed_form_gradient_equals_autograd_of_reference():
+    p, q = make_logits(dtype=torch.float64)
+    p_leaf, q_leaf = p.clone().requires_grad_(), q.clone().requires_grad_()
+    weights = torch.randn(6, dtype=torch.float64)
+    (kl_div_logits_reference(p_leaf, q_leaf, reduction="none") * weights).sum().backward()
+    grad_p, grad_q = kl_rows_grad_reference(p, q, weights)
+    torch.testing.assert_close(p_leaf.grad, grad_p, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(q_leaf.grad, grad_q, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fn", ["reference", "chunked"])
+def test_gradcheck_fp64(fn):
+    generator = torch.Generator().manual_seed(3)
+    p = torch.randn(3, 11, dtype=torch.float64, generator=generator).requires_grad_()
+    q = torch.randn(3, 11, dtype=torch.float64, generator=generator).requires_grad_()
+    mask = torch.tensor([True, False, True])
+    if fn == "reference":
+        def kl(a, b):
+            return kl_div_logits_reference(a, b, mask, "none")
+    else:
+        def kl(a, b):
+            return kl_div_logits(a, b, mask, "none", backend="chunked")
+    assert torch.autograd.gradcheck(kl, (p, q))
+
+
+def test_batched_shape_and_empty():
+    p, q = make_logits(rows=6, vocab=40)
+    out = kl_div_logits(p.view(2, 3, 40), q.view(2, 3, 40), reduction="none")
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out.flatten(), kl_div_logits(p, q, reduction="none"))
+    empty = kl_div_logits(p[:0], q[:0], reduction="batchmean")
+    assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(logits_q=torch.zeros(4, 9)), "logits_q must have logits_p's shape"),
+    (dict(logits_q=torch.zeros(4, 10, dtype=torch.float64)), "logits_q must match"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)), "mask must be"),
+    (dict(reduction="mean"), "reduction must be one of"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(logits_p=torch.zeros(4, 10, dtype=torch.long)), "logits_p must be a floating"),
+])
+def test_errors_name_the_argument(args, message):
+    call = dict(logits_p=torch.zeros(4, 10), logits_q=torch.zeros(4, 10))
+    call.update(args)
+    with pytest.raises((TypeError, ValueError), match=message):
+        kl_div_logits(**call)
+
+
+def test_opcheck_and_eager_equals_custom_op():
+    p, q = make_logits(rows=6, vocab=33)
+    mask = torch.tensor([True, False, True, True, True, False])
+    for mask_arg in (None, mask):
+        torch.library.opcheck(kl_div_logits_op, (p.clone().requires_grad_(), q.clone().requires_grad_(),
+                                                 mask_arg, "chunked"))
+    kl, lse_p, lse_q = kl_div_logits_op(p, q, mask, "chunked")
+    torch.library.opcheck(kl_div_logits_backward_op, (torch.randn(6), p, q, mask, lse_p, lse_q, kl, "chunked"))
+    eager = kl_div_logits(p, q, mask, "none", "chunked")
+    torch.testing.assert_close(kl, eager, rtol=0, atol=0)
+
+
+def test_torch_compile_uses_the_custom_op():
+    p, q = make_logits(rows=6, vocab=33)
+    p_leaf, q_leaf = p.clone().requires_grad_(), q.clone().requires_grad_()
+    compiled = torch.compile(lambda a, b: kl_div_logits(a, b, backend="chunked"), backend="aot_eager",
+                             fullgraph=True)
+    compiled(p_leaf, q_leaf).backward()
+    p_ref, q_ref = p.clone().requires_grad_(), q.clone().requires_grad_()
+    kl_div_logits(p_ref, q_ref, backend="chunked").backward()
+    torch.testing.assert_close(p_leaf.grad, p_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(q_leaf.grad, q_ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_gpu_large_vocab(dtype):
+    p, q = make_logits(rows=64, vocab=32000, dtype=dtype)
+    p, q = p.cuda().requires_grad_(), q.cuda().requires_grad_()
+    out = kl_div_logits(p, q, reduction="none", backend="triton")
+    expected = torch_kl_rows(p.detach(), q.detach())
+    assert (((out - expected).abs()) / (1 + expected.abs())).max() < 1e-4
+    out.sum().backward()
+    grad_p, grad_q = kl_rows_grad_reference(p.detach().double(), q.detach().double(),
+                                            torch.ones(64, device="cuda", dtype=torch.float64))
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(p.grad.double(), grad_p, atol=atol, rtol=2e-2)
+    torch.testing.assert_close(q.grad.double(), grad_q, atol=atol, rtol=2e-2)
+
+
+def test_auto_backend_and_fallback_warning(monkeypatch):
+    from mlan_kernels.ops import kl_div as module
+    assert module.select_kl_backend(torch.device("cpu"), torch.float32) == "chunked"
+    module._warned.clear()
+    with pytest.warns(RuntimeWarning, match="KL backend 'triton' unavailable"):
+        assert module.select_kl_backend(torch.device("cpu"), torch.float64, "triton") == "chunked"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    module._warned.clear()
+    with pytest.warns(RuntimeWarning, match="needs CUDA tensors"):
+        assert module.select_kl_backend(torch.device("cpu"), torch.float32, "triton") == "chunked"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows(backend):
+    wide_p, wide_q = make_logits(vocab=310)
+    p, q = wide_p[:, :300], wide_q[:, :300]                  # row stride 310, not contiguous
+    expected = kl_div_logits_reference(p, q, reduction="none")
+    grads_expected = kl_rows_grad_reference(p.double(), q.double(), torch.ones(6, dtype=torch.float64))
+    wide_p.requires_grad_()
+    p_view = wide_p[:, :300]
+    got = kl_div_logits(p_view, q, reduction="none", backend=backend)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    (grad_p,) = torch.autograd.grad(got.sum(), (wide_p,))
+    # atol 1e-4: row 1 has logits of std 60, where fp32 log-probabilities carry ~1e-5 errors.
+    torch.testing.assert_close(grad_p[:, :300].double(), grads_expected[0], rtol=1e-3, atol=1e-4)
+    assert (grad_p[:, 300:] == 0).all()
