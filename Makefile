@@ -9,7 +9,7 @@ VENV_PYTHON := $(VENV)/bin/python
 # Compiled sources are part of what the editable install builds, so they re-trigger it.
 EXTENSION_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: venv demo test cuda-check bench clean distclean
+.PHONY: venv demo test cuda-check cpp-test bench clean distclean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ cuda-check:
 		$(NVCC) -std=c++17 $(NVCC_GENCODE) $$includes -c "$$source" -o "$$workdir/$$(echo $$source | tr / _).o" || exit 1; \
 	done; \
 	echo "cuda-check: compiled $$(echo "$$sources" | wc -l) file(s)"
+
+# CMake build of the CPU kernels against the venv's torch, and their C++ test via ctest.
+cpp-test: venv
+	cmake -S . -B build/cmake -DMLAN_PYTHON=$(abspath $(VENV_PYTHON))
+	cmake --build build/cmake --parallel
+	ctest --test-dir build/cmake --output-on-failure
 
 bench: venv
 	@if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then \

@@ -7,9 +7,17 @@ against the torch you will run it with:
     pip install torch==2.13.0
     pip install --no-build-isolation .
 
+What gets built (one extension, `mlan_kernels._C`):
+    csrc/*.cpp, csrc/cpu/*.cpp      always (-O3, OpenMP, torch's C++ std) -> the `cpu` backend
+    csrc/cuda/*.cu, csrc/cuda/*.cpp when the installed torch is a CUDA build and nvcc is found
+                                    (CUDA_HOME / PATH)               -> the `cuda` backend
+
 Environment switches:
-    MLAN_SKIP_EXT=1   build a pure-Python package even when csrc/ has sources
-    MAX_JOBS=N        parallel compile jobs (read by torch's BuildExtension; default here: CPUs)
+    MLAN_SKIP_EXT=1          build a pure-Python package even when csrc/ has sources (the
+                             dispatcher then falls back to the reference backend, warning once)
+    MLAN_SKIP_CUDA=1         build only the CPU kernels even when CUDA is available
+    TORCH_CUDA_ARCH_LIST     GPU architectures to compile for (default here: "8.0;9.0")
+    MAX_JOBS=N               parallel compile jobs (read by torch's BuildExtension; default here: CPUs)
 """
 import glob
 import os
@@ -47,32 +55,42 @@ def _import_torch():
     return torch, cpp_extension
 
 
+def _cuda_available(torch, cpp_extension):
+    """Whether to compile the CUDA kernels: a CUDA build of torch, nvcc, and no MLAN_SKIP_CUDA."""
+    if os.environ.get("MLAN_SKIP_CUDA", "0") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
 def get_extensions():
     """The compiled extension `mlan_kernels._C`, or [] for a pure-Python build.
 
-    Builds csrc/**/*.cpp (C++17, OpenMP) into one extension, adding csrc/**/*.cu when the
-    installed torch is a CUDA build and a CUDA toolkit is found. Returns [] when MLAN_SKIP_EXT=1
-    or csrc/ has no .cpp sources; torch is imported only when something is to be compiled.
+    Builds csrc/*.cpp and csrc/cpu/ (OpenMP) into one extension, adding
+    csrc/cuda/ (.cu kernels and their ATen glue) when the installed torch is a CUDA build and a
+    CUDA toolkit is found. Returns [] when MLAN_SKIP_EXT=1 or csrc/ has no .cpp sources; torch
+    is imported only when something is to be compiled.
     """
     if os.environ.get("MLAN_SKIP_EXT", "0") == "1":
         return []
-    cpp_sources = _sources("**/*.cpp")
+    cpp_sources = _sources("*.cpp") + _sources("cpu/**/*.cpp")  # csrc/tests/ is CMake's
     if not cpp_sources:
         return []
     torch, cpp_extension = _import_torch()
-    cuda_sources = _sources("**/*.cu")
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None \
-        and cpp_extension.CUDA_HOME is not None
+    cuda_sources = _sources("cuda/**/*.cu") + _sources("cuda/**/*.cpp")
+    with_cuda = bool(cuda_sources) and _cuda_available(torch, cpp_extension)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17", *openmp]}
+    extra_compile_args = {"cxx": ["-O3", *openmp]}  # C++ standard: torch's default
+    define_macros = []
     if with_cuda:
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extra_compile_args["nvcc"] = ["-O3"]
+        define_macros.append(("MLAN_WITH_CUDA", "1"))
         extension = cpp_extension.CUDAExtension
     else:
         cuda_sources = []
         extension = cpp_extension.CppExtension
     return [extension(name=EXTENSION_NAME, sources=cpp_sources + cuda_sources,
-                      include_dirs=[os.path.join(ROOT, "csrc")],
+                      include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
                       extra_compile_args=extra_compile_args, extra_link_args=openmp)]
 
 

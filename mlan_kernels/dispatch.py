@@ -22,7 +22,7 @@ _MODULES = {"reference": "mlan_kernels.backends.reference",
             "cuda": "mlan_kernels.backends.compiled",
             "cpu": "mlan_kernels.backends.compiled"}
 # Fused backends tried in order, per device type, when no backend is forced.
-PREFERRED = {"cuda": ("triton",), "cpu": ()}
+PREFERRED = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 _warned = set()
 
 

@@ -17,8 +17,20 @@ from mlan_kernels.reference import routing_weights
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4),
               torch.float16: dict(atol=2e-2, rtol=2e-2)}
 
+
+def _compiled(name):
+    """Whether the compiled backend `name` ("cpu" | "cuda") is built (mlan_kernels._C)."""
+    return dispatch.unavailable_reason(name, torch.device(name), torch.float32) is None
+
+
+# The `device` fixture is cuda when a GPU is present: the compiled cpu backend runs without one.
 BACKENDS = ["reference",
-            pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+            pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+            pytest.param("cpu", marks=pytest.mark.skipif(
+                not _compiled("cpu") or torch.cuda.is_available(),
+                reason="mlan_kernels._C not built (or a GPU run)")),
+            pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not _compiled("cuda"), reason="mlan_kernels._C built without CUDA")])]
 DTYPES = [pytest.param((torch.float32, None), id="fp32"),
           pytest.param((torch.float16, None), id="fp16"),
           pytest.param((torch.float16, torch.float32), id="fp16-fp32params")]
@@ -226,7 +238,7 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_env_override_selects_backend(monkeypatch, device):
     cpu = torch.device("cpu")
     monkeypatch.delenv("MLAN_BACKEND", raising=False)
-    assert dispatch.select_backend(cpu, torch.float32) == "reference"
+    assert dispatch.select_backend(cpu, torch.float32) == ("cpu" if _compiled("cpu") else "reference")
     monkeypatch.setenv("MLAN_BACKEND", "reference")
     assert dispatch.select_backend(device, torch.float32) == "reference"
     if HAS_TRITON:                   # on CPU via the interpreter (conftest sets TRITON_INTERPRET)

@@ -1,0 +1,99 @@
+"""CPU benchmark of the compiled `cpu` backend vs the eager reference, repeated on a shared machine.
+
+    python -m benchmarks.bench_cpu --threads 2 --dims 1024 4096 --tokens 2048 --repeats 5 \
+        --out benchmarks/results/cpu-2core-$(date +%F).txt
+
+Each repeat runs benchmarks.bench_mm_adapter.bench_shape (median of --iters timed calls after
+warm-up, time.perf_counter) for the backends and the eager baseline on the same tensors; the
+table reports, per (impl, phase, shape), the median over repeats of those medians, their spread
+(min..max), and the median over repeats of the within-repeat speed-up eager / impl, so a busy
+neighbour on this shared machine during one repeat does not decide the result.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+from benchmarks.bench_mm_adapter import bench_shape, environment
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summarize(repeats):
+    """repeats: list of row lists -> one row per (impl, phase, N, D) with the median, min and max
+    over repeats of the repeat's median time, and the median over repeats of the speed-up
+    eager / impl measured within the same repeat (same shape, seconds apart, so a busy
+    neighbour tends to slow both)."""
+    table = {}
+    for rows in repeats:
+        for row in rows:
+            key = (row["impl"], row["phase"], row["tokens"], row["dim"])
+            entry = table.setdefault(key, {"times": [], "speedups": []})
+            entry["times"].append(row["median_ms"])
+            entry["speedups"].append(row.get("speedup_vs_eager", float("nan")))
+    return [dict(impl=impl, phase=phase, tokens=tokens, dim=dim, ms=statistics.median(entry["times"]),
+                 low=min(entry["times"]), high=max(entry["times"]),
+                 speedup=statistics.median(entry["speedups"]))
+            for (impl, phase, tokens, dim), entry in table.items()]
+
+
+def format_table(summary):
+    lines = [f"{'impl':<8}{'phase':<9}{'N':>6}{'D':>6}{'median ms':>11}{'min..max ms':>20}"
+             f"{'x eager (median of repeats)':>29}"]
+    for r in summary:
+        spread = f"{r['low']:.2f}..{r['high']:.2f}"
+        lines.append(f"{r['impl']:<8}{r['phase']:<9}{r['tokens']:>6}{r['dim']:>6}{r['ms']:>11.2f}"
+                     f"{spread:>20}{r['speedup']:>29.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
+    parser.add_argument("--backends", nargs="+", default=["cpu"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", help="also write command, environment and table to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
+    repeats = []
+    for _ in range(args.repeats):
+        rows = []
+        for dim in args.dims:
+            for tokens in args.tokens:
+                rows += bench_shape(tokens, dim, dtype, device, args.backends, ["eager"], args.iters)
+        repeats.append(rows)
+    info = environment(device)
+    header = [f"command: python -m benchmarks.bench_cpu {' '.join(argv if argv is not None else sys.argv[1:])}",
+              f"date: {info['date']}  torch: {info['torch']}  python: {info['python']}",
+              f"cpu: {cpu_model()}  (os.cpu_count() = {os.cpu_count()})",
+              f"torch.get_num_threads() = {torch.get_num_threads()}  dtype: {args.dtype}  "
+              f"r=8 E=2 g=2, mixed routing (single_modality=False), fp32 params",
+              f"load average at the end: {os.getloadavg()}",
+              f"{args.repeats} repeats x (5 warm-up + {args.iters} timed calls); "
+              f"'median ms' = median over repeats of each repeat's median"]
+    text = "\n".join(header) + "\n\n" + format_table(summarize(repeats)) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+// The two loops the CPU kernels are built from, on 32-byte SIMD vectors:
+//   dot_rows      several dot products sharing one operand        (x W_Aᵀ, G · UP slots)
+//   combine_rows  a row plus a weighted sum of rows               (y, ∂x, partial gradients)
+// Vectors are GCC/Clang vector extensions (one AVX register, or two SSE registers): the code
+// says which loop is the SIMD one instead of hoping the auto-vectorizer picks it. Both
+// functions are compiled for the x86-64 baseline and for x86-64-v3 (AVX2 + FMA) and the loader
+// picks the clone the CPU supports (target_clones, glibc ifunc); no -march flags, so one build
+// runs on every x86-64 machine. Sums run in a fixed order: results depend only on the inputs
+// (and on which clone runs), never on threads or call history.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if !defined(__GNUC__)
+#error "mlan_kernels' CPU kernels need GCC or Clang (vector extensions)"
+#endif
+
+#if !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(MLAN_NO_TARGET_CLONES)
+#define MLAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MLAN_CPU_CLONES
+#endif
+#define MLAN_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+// Vec values pass by value only between always_inline functions, never across a call, so the
+// "AVX vector return without AVX enabled changes the ABI" note does not apply here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace mlan::cpu {
+
+template <typename acc_t>
+struct VectorOf {
+  typedef acc_t type __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using Vec = typename VectorOf<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kVecLanes = 32 / static_cast<int64_t>(sizeof(acc_t));
+// Columns per chunk: two vectors, 64 bytes of acc_t (16 floats, 8 doubles). Every padded
+// row (cpu_kernel_utils.h) is a whole number of chunks.
+template <typename acc_t>
+constexpr int64_t kLanes = 2 * kVecLanes<acc_t>;
+
+template <typename acc_t>
+MLAN_ALWAYS_INLINE Vec<acc_t> load_vec(const acc_t* source) {
+  Vec<acc_t> value;
+  std::memcpy(&value, source, sizeof(value));
+  return value;
+}
+
+template <typename acc_t>
+MLAN_ALWAYS_INLINE void store_vec(acc_t* target, Vec<acc_t> value) {
+  std::memcpy(target, &value, sizeof(value));
+}
+
+template <typename acc_t>
+MLAN_ALWAYS_INLINE acc_t horizontal_sum(Vec<acc_t> value) {
+  acc_t total = 0;
+  for (int64_t v = 0; v < kVecLanes<acc_t>; ++v) total += value[v];
+  return total;
+}
+
+// out[q] = Σ_{c < count} a[c] * rows[q * row_stride + c] for q < kRows; count % kLanes == 0.
+template <int kRows, typename acc_t>
+MLAN_ALWAYS_INLINE void dot_block(const acc_t* a, const acc_t* rows, int64_t row_stride,
+                                  int64_t count, acc_t* out) {
+  constexpr int64_t half = kVecLanes<acc_t>;
+  Vec<acc_t> low[kRows] = {}, high[kRows] = {};
+  for (int64_t c = 0; c < count; c += 2 * half) {
+    const Vec<acc_t> a_low = load_vec(a + c), a_high = load_vec(a + c + half);
+    for (int q = 0; q < kRows; ++q) {
+      low[q] += a_low * load_vec(rows + q * row_stride + c);
+      high[q] += a_high * load_vec(rows + q * row_stride + c + half);
+    }
+  }
+  for (int q = 0; q < kRows; ++q) out[q] = horizontal_sum<acc_t>(low[q] + high[q]);
+}
+
+// dot_block over num_rows rows, four at a time (a is read once per four rows).
+template <typename acc_t>
+MLAN_CPU_CLONES void dot_rows(const acc_t* a, const acc_t* rows, int64_t row_stride,
+                              int64_t num_rows, int64_t count, acc_t* out) {
+  int64_t q = 0;
+  for (; q + 4 <= num_rows; q += 4) dot_block<4>(a, rows + q * row_stride, row_stride, count, out + q);
+  for (; q < num_rows; ++q) dot_block<1>(a, rows + q * row_stride, row_stride, count, out + q);
+}
+
+// out[c] = base[c] + Σ_{q < num_rows} coeffs[q * coeff_stride] * rows[q * row_stride + c] for
+// c < count (count % kLanes == 0); base == nullptr means 0; out may alias base. A chunk of out
+// stays in registers while all rows are added (even and odd rows into separate accumulators,
+// to keep two FMA chains in flight), so out is written once per chunk.
+template <typename acc_t>
+MLAN_CPU_CLONES void combine_rows(const acc_t* base, const acc_t* coeffs, int64_t coeff_stride,
+                                  const acc_t* rows, int64_t row_stride, int64_t num_rows,
+                                  int64_t count, acc_t* out) {
+  constexpr int64_t half = kVecLanes<acc_t>;
+  for (int64_t c = 0; c < count; c += 2 * half) {
+    Vec<acc_t> even_low = {}, even_high = {}, odd_low = {}, odd_high = {};
+    int64_t q = 0;
+    for (; q + 2 <= num_rows; q += 2) {
+      const acc_t* row = rows + q * row_stride + c;
+      const acc_t coeff_even = coeffs[q * coeff_stride], coeff_odd = coeffs[(q + 1) * coeff_stride];
+      even_low += coeff_even * load_vec(row);
+      even_high += coeff_even * load_vec(row + half);
+      odd_low += coeff_odd * load_vec(row + row_stride);
+      odd_high += coeff_odd * load_vec(row + row_stride + half);
+    }
+    if (q < num_rows) {
+      const acc_t* row = rows + q * row_stride + c;
+      even_low += coeffs[q * coeff_stride] * load_vec(row);
+      even_high += coeffs[q * coeff_stride] * load_vec(row + half);
+    }
+    Vec<acc_t> out_low = even_low + odd_low, out_high = even_high + odd_high;
+    if (base != nullptr) {
+      out_low += load_vec(base + c);
+      out_high += load_vec(base + c + half);
+    }
+    store_vec(out + c, out_low);
+    store_vec(out + c + half, out_high);
+  }
+}
+
+}  // namespace mlan::cpu
+
+#pragma GCC diagnostic pop
