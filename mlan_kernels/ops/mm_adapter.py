@@ -137,21 +137,19 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     if grad_rw is not None:
         grad_w = grad_w + grad_rw
     weights_dtype, router_dtype = ctx.dtypes
-    if ctx.weights_given or x.shape[1] == 0:  # no router, or no routing token (L = 0)
-        if not ctx.weights_given:
-            return (grad_x, g_dw, g_db, g_uw, g_ub, torch.zeros_like(router_weight),
-                    torch.zeros(router_weight.shape[0], dtype=router_dtype, device=x.device),
-                    None, None, None, None, None, None, None, None)
-        return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype),
-                None, None, None, None, None, None, None)
+    no_grads = (None,) * 7                      # scale .. backend are not differentiable
+    if ctx.weights_given:
+        return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype)) + no_grads
+    if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
+        return (grad_x, g_dw, g_db, g_uw, g_ub, torch.zeros_like(router_weight),
+                router_weight.new_zeros(router_weight.shape[0]), None) + no_grads
     # Softmax + router backward, fp32: dz = w ⊙ (dw − <w, dw>) / t ; dW_R = dzᵀ x0 ; dx0 += dz W_R.
     grad_logits = rw * (grad_w - (rw * grad_w).sum(-1, keepdim=True)) / temperature   # [B, E]
     x0 = x[:, 0].to(rw.dtype)
     grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
     grad_router_bias = grad_logits.sum(0).to(router_dtype)
     grad_x[:, 0] += (grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype)       # [B, D]
-    return (grad_x, g_dw, g_db, g_uw, g_ub, grad_router_weight, grad_router_bias, None,
-            None, None, None, None, None, None, None)
+    return (grad_x, g_dw, g_db, g_uw, g_ub, grad_router_weight, grad_router_bias, None) + no_grads
 
 
 mm_adapter_op.register_autograd(_backward, setup_context=_setup_context)
