@@ -26,13 +26,15 @@ PREFERRED = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 _warned = set()
 
 
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
+def warn_once(message, registry=None):
+    """Issue `message` as a RuntimeWarning once per registry (default: the adapter dispatcher's)."""
+    registry = _warned if registry is None else registry
+    if message not in registry:
+        registry.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _triton_interpreter() -> bool:
+def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -51,7 +53,7 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype):
         return None
     if dtype == torch.float64:
         return "float64 is supported by the reference backend only"
-    if name == "triton" and device.type != "cuda" and not _triton_interpreter():
+    if name == "triton" and device.type != "cuda" and not triton_interpreter():
         return "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
     if name == "cuda" and device.type != "cuda":
         return "the cuda backend needs CUDA tensors"
@@ -75,14 +77,14 @@ def select_backend(device: torch.device, dtype: torch.dtype, requested: str = "a
         reason = unavailable_reason(requested, device, dtype)
         if reason is None:
             return requested
-        _warn_once(f"mlan_kernels: backend {requested!r} unavailable: {reason}; using 'reference'")
+        warn_once(f"mlan_kernels: backend {requested!r} unavailable: {reason}; using 'reference'")
         return "reference"
     for name in PREFERRED.get(device.type, ()):
         reason = unavailable_reason(name, device, dtype)
         if reason is None:
             return name
         if dtype != torch.float64:
-            _warn_once(f"mlan_kernels: fused backend {name!r} unavailable: {reason}; "
+            warn_once(f"mlan_kernels: fused backend {name!r} unavailable: {reason}; "
                        f"falling back to the slower 'reference' backend")
     return "reference"
 

@@ -46,6 +46,11 @@ def philox_uint32(seed: int, counter: torch.Tensor) -> torch.Tensor:
     return c0
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def dropout_threshold(p: float) -> int:
     """24-bit integer threshold: a unit is dropped when its random 24-bit value is below it."""
     return int(round(p * (1 << 24)))
@@ -82,7 +87,7 @@ def compact_up_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
 def routing_weights(x0: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """Per-sample softmax router in fp32. x0: [B, D] routing tokens -> [B, E] fp32."""
-    compute = torch.promote_types(x0.dtype, torch.float32)
+    compute = compute_dtype(x0.dtype)
     logits = x0.to(compute) @ router_weight.to(compute).t() + router_bias.to(compute)
     return torch.softmax(logits / temperature, dim=-1)
 
@@ -98,7 +103,7 @@ def mm_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, router_w
     h [B, L, r] post-dropout hidden in the compute dtype, routing weights [B, E]).
     """
     batch, length, dim = x.shape
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = compute_dtype(x.dtype)
     xc = x.to(compute)
     if weights is None:
         weights = routing_weights(x[:, 0], router_weight, router_bias, temperature)

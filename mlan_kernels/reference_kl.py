@@ -20,12 +20,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .reference import compute_dtype  # KL accumulates at >= fp32, like the adapter
+
 REDUCTIONS = ("batchmean", "sum", "none")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp16/bf16/fp32 logits, fp64 for fp64 (the KL is always accumulated at ≥ fp32)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def kl_rows_reference(logits_p: Tensor, logits_q: Tensor) -> Tensor:

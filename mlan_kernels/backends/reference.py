@@ -5,7 +5,8 @@ so it doubles as a readable statement of the gradients every fused backend must 
 """
 import torch
 
-from ..reference import compact_up_weight, dense_up_weight, dropout_keep_mask, mm_adapter_reference
+from ..reference import (compact_up_weight, compute_dtype, dense_up_weight, dropout_keep_mask,
+                         mm_adapter_reference)
 
 
 def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
@@ -23,7 +24,7 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights [B, E])."""
     batch, length, dim = x.shape
     rank = down_weight.shape[0]
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = compute_dtype(x.dtype)
     g, xc, w = grad_y.to(compute), x.to(compute), routing_weights.to(compute)
     hc = h.to(compute)                                                      # post-dropout H
     dense_up = dense_up_weight(up_weight.to(compute), groups)               # [E, D, r]

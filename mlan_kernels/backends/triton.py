@@ -4,11 +4,11 @@ Same `forward`/`backward` contract as backends/reference.py. Runs on CUDA tensor
 tensors under TRITON_INTERPRET=1 (tests), where small fixed tile sizes keep programs cheap.
 """
 import functools
-import os
 
 import torch
 import triton
 
+from ..dispatch import triton_interpreter
 from ..reference import compact_up_weight, dropout_threshold
 from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
                                          mm_adapter_fwd_kernel, weight_slots_kernel)
@@ -22,7 +22,7 @@ def supports(name, device, dtype):
 
 
 def _interpreted(device) -> bool:
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type != "cuda" or triton_interpreter()
 
 
 def _layout(rank, experts):

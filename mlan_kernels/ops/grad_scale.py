@@ -18,11 +18,12 @@ the Triton interpreter on CPU; not yet measured on a GPU.
 For SGD-family optimizers and per-group clipping only: Adam/AdamW ignore a constant gradient
 scale per tensor, so balance multipliers for them go through the LR (training/scheduler.py).
 """
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from ..dispatch import triton_interpreter
 
 BACKENDS = ("auto", "foreach", "triton")
 
@@ -56,7 +57,7 @@ def _scale_triton(per_group, multipliers, max_norm, eps):
     from ..triton.grad_scale_kernels import scale_kernel, sum_squares_kernel
     triton_dtypes = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     device = next(grad for group in per_group for grad in group).device
-    interpreted = device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreted = device.type != "cuda" or triton_interpreter()
     block, warps = (64, 1) if interpreted else (2048, 4)
     buckets = {}
     for index, group in enumerate(per_group):

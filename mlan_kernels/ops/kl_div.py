@@ -18,25 +18,19 @@ of logits (the backward recomputes them chunk by chunk), like Liger's fused line
 """
 import functools
 import importlib.util
-import os
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..dispatch import triton_interpreter, warn_once
 from ..reference_kl import REDUCTIONS, compute_dtype, reduce_rows
+from ._custom_op import choose_apply, eager_function
 
 BACKENDS = ("auto", "triton", "chunked")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ROWS = 64          # rows per block of the chunked path (measured: see README "fused KL")
 _warned = set()
-
-
-def _warn_once(message: str):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +41,7 @@ def _triton_importable() -> bool:
 def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps): small chunks in the interpreter (tests), wide ones on GPU."""
     import triton
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type != "cuda" or triton_interpreter():
         return min(128, triton.next_power_of_2(vocab)), 1
     return min(4096, triton.next_power_of_2(vocab)), 8
 
@@ -62,13 +56,13 @@ def select_kl_backend(device: torch.device, dtype: torch.dtype, requested: str =
     reason = None
     if dtype not in TRITON_DTYPES:
         reason = f"triton KL supports {TRITON_DTYPES}, got {dtype}"
-    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    elif device.type != "cuda" and not triton_interpreter():
         reason = "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
     elif not _triton_importable():
         reason = "triton is not installed"
     if reason is None:
         return "triton"
-    _warn_once(f"mlan_kernels: KL backend 'triton' unavailable: {reason}; using 'chunked'")
+    warn_once(f"mlan_kernels: KL backend 'triton' unavailable: {reason}; using 'chunked'", _warned)
     return "chunked"
 
 
@@ -208,20 +202,6 @@ def _backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
 kl_div_logits_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def eager_function(name: str, forward_impl, setup_context, backward):
-    """The eager path of a custom op: a torch.autograd.Function with the op's forward, context
-    and backward, minus the custom op's Python dispatch overhead (see ops/mm_adapter.py).
-    setup_context must set ctx.traced = True; here it becomes False so the backward calls the
-    plain implementation instead of the registered backward op."""
-    def setup(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
-        ctx.traced = False
-    return type(name, (torch.autograd.Function,), dict(
-        __doc__=f"Eager path of {name} (see eager_function).",
-        forward=staticmethod(lambda *inputs: forward_impl(*inputs)),
-        setup_context=staticmethod(setup), backward=staticmethod(backward)))
-
-
 _EagerKL = eager_function("_EagerKL", kl_rows_forward, _setup_context, _backward)
 
 
@@ -253,7 +233,7 @@ def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=
 
 def kl_rows(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     """Differentiable per-row KL of flat logits [T, V] (mask [T] bool or None) -> [T]."""
-    apply = kl_div_logits_op if torch.compiler.is_compiling() else _EagerKL.apply
+    apply = choose_apply(kl_div_logits_op, _EagerKL)
     return apply(logits_p, logits_q, mask, backend)[0]
 
 
@@ -379,7 +359,7 @@ def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
     flat_mask = None if mask is None else mask.reshape(-1).to(device=hidden_p.device, dtype=torch.bool)
     if flat_mask is not None:
         flat_p, flat_q = flat_p[flat_mask], flat_q[flat_mask]
-    apply = fused_linear_kl_op if torch.compiler.is_compiling() else _EagerFusedLinearKL.apply
+    apply = choose_apply(fused_linear_kl_op, _EagerFusedLinearKL)
     rows = apply(flat_p, flat_q, lm_head_weight, chunk_size, backend)[0]
     if flat_mask is not None:
         rows = rows.new_zeros(flat_mask.shape[0]).masked_scatter(flat_mask, rows)

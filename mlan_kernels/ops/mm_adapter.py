@@ -13,24 +13,22 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from ..reference import compute_dtype
 from ..reference import routing_weights as _router_softmax
+from ._custom_op import choose_apply, eager_function
 from .validation import validate_mm_adapter_args
 
 def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _routing(x, router_weight, router_bias, weights, temperature, experts):
     """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]."""
     batch, length, _ = x.shape
     if weights is not None:
-        return weights.to(_compute_dtype(x)).clone()
+        return weights.to(compute_dtype(x.dtype)).clone()
     if length == 0:
-        return x.new_full((batch, experts), 1.0 / experts, dtype=_compute_dtype(x))
+        return x.new_full((batch, experts), 1.0 / experts, dtype=compute_dtype(x.dtype))
     return _router_softmax(x[:, 0], router_weight, router_bias, temperature)
 
 
@@ -52,7 +50,7 @@ def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, 
     experts = up_weight.shape[0]
     rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
     if x.numel() == 0:
-        h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=_compute_dtype(x))
+        h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=compute_dtype(x.dtype))
         return x.clone(), h, rw
     name = dispatch.select_backend(x.device, x.dtype, backend)
     y, h = dispatch.get_backend(name).forward(
@@ -76,7 +74,7 @@ def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: 
 def _(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
       temperature, dropout_p, seed, groups, single_modality=None, backend="auto"):
     batch, length, _ = x.shape
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x.dtype)
     h = x.new_empty(batch, length, down_weight.shape[0], dtype=compute)
     return torch.empty_like(x, memory_format=torch.contiguous_format), h, \
         x.new_empty(batch, up_weight.shape[0], dtype=compute)
@@ -155,23 +153,7 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
 mm_adapter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerMMAdapter(torch.autograd.Function):
-    """Eager path: the same forward/backward as the custom op without its Python dispatch
-    overhead (hundreds of µs per call, measured on an H100 host). torch.compile traces the
-    registered custom op instead (see mm_adapter)."""
-
-    @staticmethod
-    def forward(*inputs):
-        return _forward_impl(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.traced = False
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_h, grad_rw):
-        return _backward(ctx, grad_y, grad_h, grad_rw)
+_EagerMMAdapter = eager_function("_EagerMMAdapter", _forward_impl, _setup_context, _backward)
 
 
 def new_dropout_seed() -> Tensor:
@@ -203,7 +185,7 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
         seed = new_dropout_seed()
     elif not isinstance(seed, Tensor):
         seed = torch.tensor(int(seed), dtype=torch.int64)
-    apply = mm_adapter_op if torch.compiler.is_compiling() else _EagerMMAdapter.apply
+    apply = choose_apply(mm_adapter_op, _EagerMMAdapter)
     y, _, rw = apply(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
                      weights, float(scale), float(temperature), float(dropout_p), seed, groups,
                      single_modality, backend)
