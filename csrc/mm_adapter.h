@@ -26,6 +26,15 @@ namespace mlan {
 
 enum class ScalarType : int32_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
+// CUDA row kernels: tokens per block, and the dynamic shared memory they need per token, in
+// floats (forward r, backward E·(r+1)+r, the larger). Launches stay within the 48 KiB default
+// without opting in, so the API rejects larger (r, E) with a message instead of a failed launch.
+constexpr int kCudaRowTokens = 8;
+constexpr int64_t kCudaMaxSharedFloatsPerToken = 48 * 1024 / (4 * kCudaRowTokens);
+MLAN_HOST_DEVICE int64_t cuda_row_shared_floats(int64_t rank, int64_t experts) {
+  return experts * (rank + 1) + rank;
+}
+
 struct AdapterShape {
   int64_t batch = 0, length = 0, dim = 0, rank = 0, experts = 0, groups = 1;
 

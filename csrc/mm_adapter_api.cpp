@@ -102,6 +102,11 @@ AdapterShape validate_common(const char* op, const KernelSet& kernels, const at:
   shape.experts = up_weight.size(0);
   TORCH_CHECK(shape.experts >= 1, op, ": up_weight must have E >= 1 experts, got shape ",
               up_weight.sizes());
+  TORCH_CHECK(kernels.device_type != c10::DeviceType::CUDA ||
+                  cuda_row_shared_floats(shape.rank, shape.experts) <= kCudaMaxSharedFloatsPerToken,
+              op, ": the cuda kernels need E*(r+1)+r <= ", kCudaMaxSharedFloatsPerToken,
+              " (shared memory per block), got r = down_weight.shape[0] = ", shape.rank,
+              " and E = up_weight.shape[0] = ", shape.experts, "; use the triton backend");
   const at::Device device = x.device();
   check_tensor(op, "down_weight", down_weight, {shape.rank, shape.dim}, "[r, D]", device);
   check_tensor(op, "down_bias", down_bias, {shape.rank}, "[r]", device);

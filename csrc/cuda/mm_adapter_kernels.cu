@@ -28,7 +28,7 @@ namespace mlan {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 8;  // tokens per block in the row kernels
+constexpr int kWarpsPerBlock = kCudaRowTokens;  // tokens per block in the row kernels
 constexpr int kRowThreads = kWarp * kWarpsPerBlock;
 constexpr int kColumnThreads = 128;  // columns per block in the columns kernel
 constexpr int kOutputsPerThread = 8;
@@ -340,7 +340,7 @@ void launch_backward(const BackwardArgs& args, cudaStream_t stream) {
   const auto* hidden = static_cast<const float*>(args.hidden);
 
   const int64_t row_blocks = (geo.tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const size_t row_shared = sizeof(float) * kWarpsPerBlock * (geo.experts * (geo.rank + 1) + geo.rank);
+  const size_t row_shared = sizeof(float) * kWarpsPerBlock * cuda_row_shared_floats(geo.rank, geo.experts);
   backward_rows_kernel<scalar_t><<<static_cast<unsigned>(row_blocks), kRowThreads, row_shared, stream>>>(
       grad_y, args.grad_y_strides, hidden, static_cast<const float*>(args.down_weight),
       static_cast<const float*>(args.up_weight), static_cast<const float*>(args.up_bias), coef,
