@@ -103,26 +103,33 @@ class LavinModel(nn.Module):
         dtype = embed.weight.dtype
         text = embed(input_ids)
         modality = self.modality_embedding(has_image.long()).to(dtype)
-        sequences, label_rows, image_index = [], [], 0
+        sequences, image_index = [], 0
         for b in range(batch):
             n = int(attention_mask[b].sum())
             parts = [modality[b:b + 1]]
             if has_image[b]:
                 parts.append(image_tokens[image_index].to(dtype))
                 image_index += 1
-            prefix = sum(part.shape[0] for part in parts)
             sequences.append(torch.cat(parts + [text[b, :n]]))
-            if labels is not None:
-                label_rows.append(torch.cat([labels.new_full((prefix,), IGNORE_INDEX), labels[b, :n]]))
         lengths = torch.tensor([s.shape[0] for s in sequences], device=input_ids.device)
         inputs_embeds = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
         out = {"inputs_embeds": inputs_embeds, "lengths": lengths,
                "attention_mask": lavin_attention_mask(lengths, inputs_embeds.shape[1], dtype),
                "labels": None}
         if labels is not None:
-            out["labels"] = nn.utils.rnn.pad_sequence(label_rows, batch_first=True,
-                                                      padding_value=IGNORE_INDEX)
+            out["labels"] = self.assemble_labels(labels, attention_mask, has_image)
         return out
+
+    def assemble_labels(self, labels, attention_mask, has_image):
+        """labels [B, T] (text positions) -> [B, S] in assembled positions (see build_inputs):
+        -100 on the modality token, the K image tokens of image samples and padding."""
+        has_image = torch.as_tensor(has_image, dtype=torch.bool, device=labels.device)
+        rows = []
+        for b in range(labels.shape[0]):
+            prefix = 1 + self.image_token_count * int(has_image[b])
+            n = int(attention_mask[b].sum())
+            rows.append(torch.cat([labels.new_full((prefix,), IGNORE_INDEX), labels[b, :n]]))
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=IGNORE_INDEX)
 
     def forward(self, input_ids, pixel_values=None, has_image=None, attention_mask=None,
                 labels=None, **llama_kwargs):

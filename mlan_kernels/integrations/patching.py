@@ -76,6 +76,7 @@ class AdaptedNorm(nn.Module):
         self.phase = "full"
         self.record_routing = False
         self.cached_routing_weights = None      # [B, E] fp32, set at prefill / when recording
+        self.single_modality = None             # passed to the op; see set_single_modality
 
     def forward(self, hidden_states):
         normed = self.norm(hidden_states)
@@ -92,7 +93,8 @@ class AdaptedNorm(nn.Module):
         elif self.phase == "prefill" or self.record_routing:
             with torch.no_grad():
                 self.cached_routing_weights = self.adapter.routing_weights(normed).detach()
-        return self.adapter(normed, weights=weights, backend=self.backend)
+        return self.adapter(normed, weights=weights, backend=self.backend,
+                            single_modality=self.single_modality)
 
     def extra_repr(self):
         return f"key={self.key!r}, backend={self.backend!r}"
@@ -117,6 +119,19 @@ def set_backend(model: nn.Module, backend: str):
     """Choose the op backend ("auto" | "reference" | "triton" | "cuda" | "cpu") of all adapters."""
     for adapted in adapted_norms(model):
         adapted.backend = backend
+
+
+def set_single_modality(model: nn.Module, value, component: str = "llama"):
+    """Tell the adapters of `component` ("llama" | "clip" | None = all) whether every batch
+    holds one modality: True = all samples share the routing weights (the op uses sample 0's,
+    no check; MLAN's modality-grouped batches through a LaVIN LLaMA, whose router reads the
+    modality token), False = never, None = detect per call (one device sync on GPU).
+    Do not set True on CLIP adapters: they route on each image's CLS token."""
+    if value not in (True, False, None):
+        raise ValueError(f"value must be True, False or None, got {value!r}")
+    for adapted in adapted_norms(model):
+        if component is None or adapted.key.split(".")[0] == component:
+            adapted.single_modality = value
 
 
 def reset_routing_cache(model: nn.Module):

@@ -92,14 +92,17 @@ class BalanceMonitor:
     mode, p_t = the training logits. With dropout active, p_θ/p_φ/p_t use different dropout
     masks and κ measures noise as well; "eval" then gives a clean κ: the probe forwards run
     under model.eval() and p_t is recomputed that way (a third no-grad forward, in before_step).
-    log_path: a JSONL file, one row per probe. Memory: one copy of each group, twice (θ_t, φ_t,
+    log_path: a JSONL file, one row per probe. reduce_kl: optional callable
+    (kl_feat, kl_lang) -> (kl_feat, kl_lang) applied before κ, e.g. the mean over data-parallel
+    ranks so every rank computes the same κ̂ (and the same learning rates). Memory: one copy of each group, twice (θ_t, φ_t,
     and θ_{t+1}, φ_{t+1} while swapping) — a few MB for LaVIN's adapters.
     """
 
     def __init__(self, forward_logits: Callable, feature_params: Iterable[nn.Parameter],
                  language_params: Iterable[nn.Parameter], probe_every: int = 10, beta: float = 0.9,
                  eps: float = 1e-12, probe_mode: str = "train", model: Optional[nn.Module] = None,
-                 log_path: Optional[str] = None, backend: str = "auto"):
+                 log_path: Optional[str] = None, backend: str = "auto",
+                 reduce_kl: Optional[Callable[[float, float], tuple]] = None):
         if not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every must be a positive int, got {probe_every!r}")
         if not 0.0 <= beta < 1.0:
@@ -113,7 +116,7 @@ class BalanceMonitor:
         if not self.feature_params or not self.language_params:
             raise ValueError("feature_params and language_params must both be non-empty")
         self.probe_every, self.beta, self.eps, self.probe_mode = probe_every, beta, eps, probe_mode
-        self.log_path, self.backend = log_path, backend
+        self.log_path, self.backend, self.reduce_kl = log_path, backend, reduce_kl
         self.kappa_hat: Optional[float] = None
         self.records: list[dict] = []
         self._pending = None
@@ -172,6 +175,8 @@ class BalanceMonitor:
             _load(self.language_params, language_new)
         kl_feat = self._kl(logits_feature, pending["reference"], pending["mask"])
         kl_lang = self._kl(logits_language, pending["reference"], pending["mask"])
+        if self.reduce_kl is not None:
+            kl_feat, kl_lang = self.reduce_kl(kl_feat, kl_lang)
         kappa = (kl_feat + self.eps) / (kl_lang + self.eps)
         self.kappa_hat = kappa if self.kappa_hat is None else self.beta * self.kappa_hat + (1 - self.beta) * kappa
         record = dict(step=pending["step"], kl_feat=kl_feat, kl_lang=kl_lang, kappa=kappa,
