@@ -1,0 +1,201 @@
+"""A synthetic MLAN-style mixture a tiny model learns in minutes on CPU (no downloads).
+
+Every answer is one word, so accuracy = exact match of the answer word. The eval split holds
+fresh random instances of the same tasks (same templates and value ranges as train).
+Text tasks:  add     "what is three plus four ?" -> "seven"      (a in 0..5, b in 0..4)
+             bigger  "which is bigger : three or seven ?" -> "seven"
+             repeat  "repeat the word : apple" -> "apple"
+Image tasks (dark background, one large filled shape at a random place):
+             colour  "what colour is the shape ?" -> one of 6 colours
+             shape   "what shape is this ?" -> circle / square / triangle
+Chance (meta.json "tasks"[t]["chance"]): 1/|answers|, except bigger: 1/2 (one of the two numbers
+asked about). Per modality: the mean over its tasks weighted by their eval frequency.
+Record ids are "{split}-{index:05d}-{task}" (see task_from_id).
+"""
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .checks import check_fraction, check_int
+from .dataset import PROMPT_TEMPLATE
+from .tokenizer import WordTokenizer
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NOUNS = ("apple", "bread", "candle", "chair", "cloud", "garden", "horse", "house", "lemon",
+         "piano", "pencil", "river", "rocket", "stone", "tiger", "window")
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 235),
+           "yellow": (235, 225, 35), "white": (240, 240, 240), "magenta": (225, 40, 225)}
+SHAPES = ("circle", "square", "triangle")
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One generated image: colour name, shape name, top-left corner and side, in pixels."""
+    colour: str
+    shape: str
+    left: int
+    top: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """ask(rng, scene) -> (template fields, answer word); scene is None for text tasks."""
+    name: str
+    modality: str                    # "text" or "image"
+    templates: tuple[str, ...]
+    answers: tuple[str, ...]
+    chance: float
+    ask: Callable[[np.random.Generator, Optional[Scene]], tuple[dict, str]]
+
+
+def _ask_add(rng, scene):
+    a, b = int(rng.integers(0, 6)), int(rng.integers(0, 5))
+    return {"a": NUMBERS[a], "b": NUMBERS[b]}, NUMBERS[a + b]
+
+
+def _ask_bigger(rng, scene):
+    a, b = (int(x) for x in rng.choice(len(NUMBERS), size=2, replace=False))
+    return {"a": NUMBERS[a], "b": NUMBERS[b]}, NUMBERS[max(a, b)]
+
+
+def _ask_repeat(rng, scene):
+    word = NOUNS[int(rng.integers(len(NOUNS)))]
+    return {"word": word}, word
+
+
+TASKS = (
+    Task("add", "text",
+         ("what is {a} plus {b} ?", "add {a} and {b} .", "{a} plus {b} makes what ?"),
+         NUMBERS, 1 / len(NUMBERS), _ask_add),
+    Task("bigger", "text",
+         ("which is bigger : {a} or {b} ?", "which number is larger , {a} or {b} ?"),
+         NUMBERS, 1 / 2, _ask_bigger),
+    Task("repeat", "text", ("repeat the word : {word}", "say the word {word} again .",
+                            "copy this word : {word}"), NOUNS, 1 / len(NOUNS), _ask_repeat),
+    Task("colour", "image", ("what colour is the shape ?", "what is the colour of the shape ?",
+                             "which colour do you see ?"), tuple(COLOURS), 1 / len(COLOURS),
+         lambda rng, scene: ({}, scene.colour)),
+    Task("shape", "image", ("what shape is this ?", "which shape is in the picture ?",
+                            "name the shape ."), SHAPES, 1 / len(SHAPES),
+         lambda rng, scene: ({}, scene.shape)),
+)
+TASKS_BY_NAME = {task.name: task for task in TASKS}
+
+
+def task_from_id(record_id: str) -> str:
+    """Task name of a synthetic record id "{split}-{index}-{task}"."""
+    return record_id.rsplit("-", 1)[-1]
+
+
+def random_scene(rng: np.random.Generator, image_size: int) -> Scene:
+    size = int(rng.integers(int(0.45 * image_size), int(0.7 * image_size) + 1))
+    left, top = (int(x) for x in rng.integers(1, image_size - size, size=2))
+    return Scene(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), left, top, size)
+
+
+def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """RGB image: dark random background, the scene's shape filled in its (jittered) colour."""
+    background = tuple(int(x) for x in rng.integers(0, 40, size=3))
+    colour = np.clip(np.asarray(COLOURS[scene.colour]) + rng.integers(-20, 21, size=3), 0, 255)
+    image = Image.new("RGB", (image_size, image_size), background)
+    draw = ImageDraw.Draw(image)
+    left, top = scene.left, scene.top
+    right, bottom = left + scene.size - 1, top + scene.size - 1
+    fill = tuple(int(x) for x in colour)
+    if scene.shape == "circle":
+        draw.ellipse([left, top, right, bottom], fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle([left, top, right, bottom], fill=fill)
+    else:
+        draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
+    return image
+
+
+def _make_split(out_dir: Path, split: str, size: int, seed: int, image_size: int,
+                image_fraction: float) -> Counter:
+    """Write out_dir/{split}.jsonl (+ its PNGs); returns counts by modality and task."""
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    modalities = {"text": [t for t in TASKS if t.modality == "text"],
+                  "image": [t for t in TASKS if t.modality == "image"]}
+    image_count = round(image_fraction * size)
+    is_image = rng.permutation(np.arange(size) < image_count)
+    counts, lines = Counter(), []
+    for index in range(size):
+        modality = "image" if is_image[index] else "text"
+        task = modalities[modality][int(rng.integers(len(modalities[modality])))]
+        scene = random_scene(rng, image_size) if modality == "image" else None
+        fields, answer = task.ask(rng, scene)
+        question = task.templates[int(rng.integers(len(task.templates)))].format(**fields)
+        record = {"id": f"{split}-{index:05d}-{task.name}", "task": task.name}
+        if scene is not None:
+            record["image"] = f"images/{split}_{index:05d}.png"
+            render(scene, image_size, rng).save(out_dir / record["image"], compress_level=1)
+            question = "<image>\n" + question
+        record["conversations"] = [{"from": "human", "value": question},
+                                   {"from": "gpt", "value": answer}]
+        lines.append(json.dumps(record))
+        counts[modality] += 1
+        counts[task.name] += 1
+    (out_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return counts
+
+
+def vocabulary_texts() -> list[str]:
+    """Every word the tasks and the prompt template can produce."""
+    texts = [PROMPT_TEMPLATE.format(human="")]
+    for task in TASKS:
+        texts += [re.sub(r"\{\w+\}", " ", template) for template in task.templates]
+        texts += list(task.answers)
+    return texts + list(NUMBERS) + list(NOUNS)
+
+
+def chance_levels(meta: dict, split: str = "eval") -> dict:
+    """{"text": c, "image": c}: per modality, the task chances weighted by the split's counts."""
+    counts = meta["splits"][split]["tasks"]
+    levels = {}
+    for modality in ("text", "image"):
+        names = [name for name, task in meta["tasks"].items() if task["modality"] == modality]
+        total = sum(counts.get(name, 0) for name in names)
+        levels[modality] = (sum(meta["tasks"][name]["chance"] * counts.get(name, 0)
+                                for name in names) / total if total else None)
+    return levels
+
+
+def make_synthetic(out_dir, train_size: int = 4000, eval_size: int = 400, seed: int = 0,
+                   image_size: int = 28, image_fraction: float = 0.5) -> dict:
+    """Write train.jsonl, eval.jsonl, images/*.png, tokenizer.json and meta.json to out_dir.
+
+    Deterministic for (seed, sizes, image_size, image_fraction). Returns dict(train, eval,
+    images, tokenizer, meta: paths as str; counts: {split: {"total", "text", "image", "tasks"}}).
+    """
+    check_int("train_size", train_size)
+    check_int("eval_size", eval_size)
+    check_int("image_size", image_size, minimum=8)
+    image_fraction = check_fraction("image_fraction", image_fraction)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, size in zip(SPLITS, (train_size, eval_size)):
+        counts = _make_split(out, split, size, seed, image_size, image_fraction)
+        splits[split] = {"total": size, "text": counts["text"], "image": counts["image"],
+                         "tasks": {task.name: counts[task.name] for task in TASKS}}
+    WordTokenizer.from_texts(vocabulary_texts()).save(out / "tokenizer.json")
+    meta = {"seed": seed, "image_size": image_size, "image_fraction": image_fraction,
+            "prompt_template": PROMPT_TEMPLATE, "id_format": "{split}-{index:05d}-{task}",
+            "splits": splits,
+            "tasks": {task.name: {"modality": task.modality, "answers": list(task.answers),
+                                  "chance": task.chance, "templates": list(task.templates)}
+                      for task in TASKS}}
+    meta["chance"] = chance_levels(meta)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    paths = {name: str(out / f"{name}.jsonl") for name in SPLITS}
+    return {**paths, "images": str(out / "images"), "tokenizer": str(out / "tokenizer.json"),
+            "meta": str(out / "meta.json"), "counts": splits}
