@@ -151,9 +151,10 @@ class BalanceMonitor:
         return True
 
     def _kl(self, logits, reference, mask) -> float:
-        """mean over selected rows of KL(softmax(logits) ‖ softmax(reference)); 16-bit logits
+        """mean over selected rows of KL(softmax(logits) ‖ softmax(reference)), clamped at 0; 16-bit logits
         stay 16-bit (the fused kernel accumulates in fp32, no [T, V] fp32 copy)."""
-        return float(kl_div_logits(logits, reference.to(logits.dtype), mask, "batchmean", self.backend))
+        kl = float(kl_div_logits(logits, reference.to(logits.dtype), mask, "batchmean", self.backend))
+        return max(kl, 0.0)          # KL ≥ 0; rounding can give -1e-8 for (nearly) equal rows
 
     def after_step(self, loss=None, **extra) -> Optional[dict]:
         """Call after optimizer.step(). On probe steps: the two probe forwards, κ, κ̂, a JSONL

@@ -1,0 +1,138 @@
+"""`mlan-train` / python/train_mixed.py: train a LaVIN-patched LLaMA + CLIP on an MLAN mixture.
+
+    mlan-train --data data/synthetic --make-data --shares 0.5 0.875 --compare-backends
+    torchrun --nproc_per_node=2 -m mlan_kernels.training.mixed.cli --data ... --steps 20
+    mlan-train --llama ~/llama-7b-hf --clip ~/clip-vit-large-patch14 --data ~/llava --tokenizer ...
+
+Writes OUT/run.json (OUT/share-S/run.json per share with --shares), loss.png, balance.png,
+a checkpoint directory (adapters/ in safetensors + exact-resume state), and with several
+shares OUT/results.json + OUT/shares.png; prints a results table.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from .config import build_parser, config_from_args
+from .report import plot_shares, write_run
+from .throughput import backend_throughput
+from .trainer import MixedTrainer
+
+
+def init_distributed(config):
+    """(rank, world_size); initializes torch.distributed under torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    rank = int(os.environ["RANK"])
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        config.device = f"cuda:{torch.cuda.current_device()}"
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, world_size
+
+
+def ensure_data(directory, rank, world_size):
+    """Generate the synthetic task into `directory` unless train.jsonl is there (rank 0)."""
+    if rank == 0 and not os.path.exists(os.path.join(directory, "train.jsonl")):
+        from ...data.synthetic import make_synthetic
+        print(f"generating the synthetic task into {directory} ...")
+        make_synthetic(directory)
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def chance_levels(directory) -> dict:
+    """{"text": p, "image": p} from the synthetic data's meta.json (empty when absent)."""
+    path = os.path.join(directory, "meta.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("chance", {})
+
+
+def table_row(share, summary) -> dict:
+    final = summary["final_eval"] or {}
+    loss = summary["loss"]
+    row = {"share": share,
+           "text_accuracy": final.get("text", {}).get("accuracy"),
+           "image_accuracy": final.get("image", {}).get("accuracy"),
+           "final_loss": statistics.fmean(loss[-20:]),
+           "tokens_per_s": summary["throughput"]["tokens_per_s"],
+           "padding_ratio": summary["data"]["padding_ratio"],
+           "image_token_share": summary["tokens"]["image_tokens"] / max(
+               summary["tokens"]["image_tokens"] + summary["tokens"]["text_tokens"], 1),
+           "kappa_ema": summary["kappa"][-1]["kappa_ema"] if summary["kappa"] else None,
+           "probe_s": summary["probe_seconds_mean"],
+           "peak_memory_mb": summary["peak_memory"]["bytes"] / 2**20}
+    for entry in summary.get("backends", []):
+        row[f"fwd_bwd_tokens_per_s[{entry['backend']}={entry['resolved']}]"] = entry["tokens_per_s"]
+    return row
+
+
+def format_table(rows, chance) -> str:
+    """A fixed-width text table of the runs (None -> "-")."""
+    def cell(value, spec):
+        return "-" if value is None else format(value, spec)
+    backends = [key for key in rows[0] if key.startswith("fwd_bwd")]
+    header = (f"{'share':>6} {'text acc':>9} {'image acc':>10} {'loss':>7} {'train tok/s':>12} "
+              f"{'padding':>8} {'img tok':>8} {'kappa':>8} {'probe s':>8} {'peak MB':>8}"
+              + "".join(f" {key.split('[')[1][:-1]:>22}" for key in backends))
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['share']:>6g} {cell(row['text_accuracy'], '.1%'):>9} "
+            f"{cell(row['image_accuracy'], '.1%'):>10} {row['final_loss']:>7.3f} "
+            f"{cell(row['tokens_per_s'], ',.0f'):>12} {row['padding_ratio']:>8.1%} "
+            f"{row['image_token_share']:>8.1%} {cell(row['kappa_ema'], '.3g'):>8} "
+            f"{cell(row['probe_s'], '.3f'):>8} {row['peak_memory_mb']:>8.0f}"
+            + "".join(f" {cell(row[key], ',.0f'):>22}" for key in backends))
+    if chance:
+        lines.append(f"chance level (exact match): text-only {chance.get('text', 0):.1%}, "
+                     f"image-text {chance.get('image', 0):.1%}")
+    if backends:
+        lines.append("last columns: forward+backward tokens/s of the trained model per adapter "
+                     "backend (auto = what the dispatcher picks)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    config = config_from_args(build_parser().parse_args(argv))
+    rank, world_size = init_distributed(config)
+    if config.make_data:
+        ensure_data(config.data, rank, world_size)
+    shares = config.shares or [config.language_share]
+    rows = []
+    for share in shares:
+        out = os.path.join(config.out, f"share-{share:g}") if config.shares else config.out
+        run_config = dataclasses.replace(config, language_share=share, out=out)
+        trainer = MixedTrainer(run_config, rank, world_size)
+        summary = trainer.train(stop_after=config.stop_after)
+        if rank != 0:
+            continue
+        if config.compare_backends:
+            summary["backends"] = backend_throughput(trainer)
+        write_run(summary, out, plots=config.plots)
+        rows.append(table_row(share, summary))
+    if rank == 0:
+        chance = chance_levels(config.data)
+        print(format_table(rows, chance))
+        if config.shares:
+            with open(os.path.join(config.out, "results.json"), "w", encoding="utf-8") as handle:
+                json.dump({"rows": rows, "chance": chance}, handle, indent=1)
+            if config.plots:
+                plot_shares(rows, chance, os.path.join(config.out, "shares.png"))
+        print(f"results in {config.out}")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Configuration of the mixed-modality training program (`mlan-train`, python/train_mixed.py).
+
+Defaults are the CPU demo's: a tiny LLaMA (D=128, 2 layers) + tiny CLIP (8 blocks, 28 px)
+trained from scratch on the synthetic task (`--train-base`, because a frozen random base
+cannot learn much). LaVIN's own recipe (frozen base, adapters + neck only, AdamW, lr 9e-3 at
+batch 32·4 GPUs, weight decay 0.02, warm-up then cosine, 20 epochs) is what `--llama/--clip`
+runs with `--no-train-base` (the default whenever --llama is given).
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/synthetic"             # directory with train.jsonl, eval.jsonl, tokenizer.json
+    out: str = "runs/mixed"                   # run directory (run.json, plots, checkpoints)
+    language_share: float = 0.875             # fraction of text-only samples per epoch (MLAN)
+    samples_per_epoch: Optional[int] = None   # default: as many as the share allows
+    steps: int = 1500                         # optimizer steps
+    batch_size: int = 16                      # per rank and micro-batch
+    grad_accum: int = 1                       # micro-batches per optimizer step
+    lr: float = 2e-3                          # peak learning rate (base model, when trained)
+    adapter_lr: Optional[float] = None        # adapters / neck / modality token (default lr)
+    weight_decay: float = 0.02                # LaVIN's
+    warmup_steps: int = 40
+    min_lr_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0      # per balance group, fused (scale_grads_)
+    seed: int = 0
+    train_base: Optional[bool] = None         # train LLaMA/CLIP too; default: yes for the tiny
+                                              # random-init models, no with --llama (LaVIN)
+    # model (tiny, built in code) — ignored for a part given as a local checkpoint
+    llama: Optional[str] = None               # local HF LlamaForCausalLM directory
+    clip: Optional[str] = None                # local HF CLIPVisionModel directory
+    tokenizer: Optional[str] = None           # tokenizer.json (default: DATA/tokenizer.json or the --llama one)
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    clip_dim: int = 128
+    clip_layers: int = 4
+    image_size: int = 28
+    patch_size: int = 7
+    max_length: int = 64
+    # adapters (LaVIN: r=8, 2 experts, 2 groups, temperature 10, scale 1, dropout 0.1 at attn)
+    rank: int = 8
+    experts: int = 2
+    groups: int = 2
+    temperature: float = 10.0
+    adapter_scale: float = 1.0
+    adapter_dropout: float = 0.1
+    backend: str = "auto"                     # op backend of the adapters
+    # CoMMIT balancing (our interpretation, see README)
+    probe_every: int = 10                     # κ probe interval (0 = no probing)
+    balance_alpha: float = 0.0                # 0 = constant multipliers (κ only measured)
+    # bookkeeping
+    eval_every: int = 0                       # 0 = only at the end
+    eval_samples: Optional[int] = None        # cap on held-out samples per modality
+    save_every: int = 0                       # checkpoint interval in steps (0 = only at the end)
+    resume: Optional[str] = None              # checkpoint directory to resume from
+    log_every: int = 10
+    progress: bool = True                     # tqdm bar (rank 0)
+    device: str = "auto"
+    plots: bool = True
+    shares: list = field(default_factory=list)  # several runs, one per share (table at the end)
+    make_data: bool = False                   # generate the synthetic task into --data if absent
+    compare_backends: bool = False            # time fwd+bwd per adapter backend after training
+    stop_after: int = 0                       # end this invocation after N steps (checkpointed)
+
+
+def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentParser:
+    """An argparse parser with one --option per TrainConfig field (booleans: --x / --no-x)."""
+    defaults = defaults or TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for item in dataclasses.fields(TrainConfig):
+        flag = "--" + item.name.replace("_", "-")
+        default = getattr(defaults, item.name)
+        if _base_type(item.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif item.name == "shares":
+            parser.add_argument(flag, type=float, nargs="+", default=default,
+                                help="language shares to train one run each (e.g. 0.5 0.875)")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(_base_type(item.type), str)
+            parser.add_argument(flag, type=kind, default=default)
+    return parser
+
+
+def _base_type(annotation) -> str:
+    text = annotation if isinstance(annotation, str) else (
+        annotation.__name__ if isinstance(annotation, type) else str(annotation))  # Optional[int]
+    for name in ("int", "float", "str", "bool"):
+        if name in text:
+            return name
+    return "str"
+
+
+def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
+    values = {item.name: getattr(namespace, item.name) for item in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig):
+    """ValueError naming the option for out-of-range settings."""
+    checks = [
+        ("language_share", 0.0 <= config.language_share <= 1.0, "in [0, 1]"),
+        ("steps", config.steps > 0, "> 0"),
+        ("batch_size", config.batch_size > 0, "> 0"),
+        ("grad_accum", config.grad_accum > 0, "> 0"),
+        ("lr", config.lr > 0, "> 0"),
+        ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
+        ("probe_every", config.probe_every >= 0, ">= 0"),
+        ("balance_alpha", config.balance_alpha >= 0, ">= 0"),
+        ("clip_layers", config.clip_layers % 4 == 0, "a multiple of 4 (LaVIN's neck taps every 4th block)"),
+        ("shares", all(0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(config, name)!r}")
+    if config.balance_alpha > 0 and config.probe_every == 0:
+        raise ValueError("--balance-alpha needs κ probes: set --probe-every > 0")

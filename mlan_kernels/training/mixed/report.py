@@ -1,0 +1,115 @@
+"""run.json, plots and the results table of the training program."""
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+
+import torch
+
+
+def peak_memory(device) -> dict:
+    """{"bytes", "kind"}: torch.cuda.max_memory_allocated on GPU, else the process peak RSS."""
+    if device.type == "cuda":
+        return {"bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda max_memory_allocated"}
+    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "kind": "process peak RSS (CPU)"}
+
+
+def environment(device, world_size) -> dict:
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": world_size,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def run_summary(trainer, totals: dict) -> dict:
+    """Everything run.json holds (see the README's training section)."""
+    history, tokens = trainer.history, totals["tokens"]
+    seen = tokens["text_tokens"] + tokens["image_tokens"]
+    train_seconds = sum(history["step_seconds"])
+    probes = history["kappa"]
+    return {
+        "config": trainer.config_dict(),
+        "environment": environment(trainer.device, trainer.world_size),
+        "data": {"train_samples": len(trainer.train_set), "eval_samples": len(trainer.eval_set),
+                 "padding_ratio": tokens["padded_tokens"] / max(tokens["padded_tokens"] + tokens["text_tokens"], 1),
+                 "epoch_padding_ratio": trainer.batches.padding_ratio(),
+                 "image_errors": trainer.train_set.image_errors},
+        "tokens": tokens,
+        "loss": totals["loss"],
+        "lr": history["lr"],
+        "eval": history["eval"],
+        "final_eval": history["eval"][-1] if history["eval"] else None,
+        "throughput": {"tokens_per_s": seen / train_seconds if train_seconds else None,
+                       "train_seconds": train_seconds,
+                       "median_step_seconds": statistics.median(history["step_seconds"])},
+        "peak_memory": peak_memory(trainer.device),
+        "kappa": probes,
+        "probe_seconds_mean": statistics.fmean([r["probe_seconds"] for r in probes]) if probes else None,
+        "rank_weight_max_diff": totals["rank_weight_max_diff"],
+    }
+
+
+def write_run(summary: dict, out_dir, plots=True) -> list:
+    """Write run.json (+ loss.png, balance.png) to out_dir; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "run.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1)
+    written = [path]
+    if plots:
+        written.append(plot_loss(summary, os.path.join(out_dir, "loss.png")))
+        if summary["kappa"]:
+            from ...plot import plot_balance
+            written.append(str(plot_balance(summary["kappa"], os.path.join(out_dir, "balance.png"))))
+    return written
+
+
+def plot_loss(summary: dict, output) -> str:
+    """Training loss (raw and a 20-step moving mean) and the learning rate per step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    loss = summary["loss"]
+    window = 20
+    smooth = [statistics.fmean(loss[max(0, i - window + 1):i + 1]) for i in range(len(loss))]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(loss, alpha=0.3, label="loss")
+    top.plot(smooth, label=f"mean of {window}")
+    top.set_ylabel("train loss (answer tokens)")
+    top.legend(loc="best")
+    bottom.plot(summary["lr"])
+    bottom.set_ylabel("learning rate (language side)")
+    bottom.set_xlabel("step")
+    figure.suptitle(f"language share {summary['config']['language_share']:g}")
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return str(output)
+
+
+def plot_shares(rows: list, chance: dict, output) -> str:
+    """Held-out accuracy per modality vs language share (one bar pair per run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shares = [f"{row['share']:g}" for row in rows]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for offset, modality in ((-width / 2, "text"), (width / 2, "image")):
+        values = [row.get(f"{modality}_accuracy") or 0.0 for row in rows]
+        axis.bar([i + offset for i in range(len(rows))], values, width, label=f"{modality}-only" if modality == "text" else "image-text")
+        if chance.get(modality) is not None:
+            axis.axhline(chance[modality], linestyle="--", linewidth=0.8,
+                         color="C0" if modality == "text" else "C1")
+    axis.set_xticks(range(len(rows)), shares)
+    axis.set_xlabel("language share")
+    axis.set_ylabel("held-out exact-match accuracy")
+    axis.set_ylim(0, 1)
+    axis.legend(loc="best")
+    axis.set_title("MLAN mixtures (dashed: chance)")
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return str(output)

@@ -1,0 +1,242 @@
+"""MixedTrainer: mixed-modality instruction tuning of a LaVIN-patched LLaMA + CLIP.
+
+One optimizer step = `grad_accum` micro-batches from ModalityLengthBatchSampler (each one
+modality; text-only batches never run CLIP), AdamW with per-side learning rates from
+BalanceScheduler (cosine with warm-up × CoMMIT multipliers, our interpretation), per-side
+gradient clipping with the fused scale_grads_, and a κ probe (BalanceMonitor) every
+`probe_every` steps. Under torch.distributed (DDP, gloo on CPU / nccl on GPU) every rank
+trains on a disjoint shard of the same single-modality global batch.
+"""
+import contextlib
+import dataclasses
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from ...data.collate import TokenCounter, collate
+from ...data.dataset import InstructionDataset, split_by_modality
+from ...data.records import load_records
+from ...data.sampler import MixtureSampler, ModalityLengthBatchSampler
+from ...ops.grad_scale import scale_grads_
+from ..balance import FEATURE, LANGUAGE, BalanceMonitor
+from ..scheduler import BalanceScheduler, CosineWithWarmup
+from .batches import batch_to
+from .evaluate import answer_mask, evaluate
+from .model import build_model, param_groups, side_parameters, trains_base
+from .state import load_checkpoint, save_checkpoint
+from .tokenizers import load_tokenizer
+
+
+def task_of(sample_id: str) -> str:
+    """The synthetic task's id format "{split}-{index}-{task}" -> task; other ids -> "all"."""
+    parts = str(sample_id).split("-")
+    return parts[2] if len(parts) == 3 and parts[1].isdigit() else "all"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _all_reduce_mean(values, world_size):
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        torch.distributed.all_reduce(tensor)
+        tensor /= world_size
+    return tensor.tolist()
+
+
+class MixedTrainer:
+    def __init__(self, config, rank: int = 0, world_size: int = 1):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.device = resolve_device(config.device)
+        self.tokenizer = load_tokenizer(config)
+        self.train_set, self.load_reports = self._dataset("train.jsonl"), {}
+        self.eval_set = self._dataset("eval.jsonl")
+        text, image = split_by_modality(self.train_set)
+        mixture = MixtureSampler(text, image, config.language_share,
+                                 num_samples=config.samples_per_epoch, seed=config.seed)
+        self.batches = ModalityLengthBatchSampler(
+            mixture, self.train_set.lengths, self.train_set.has_image, config.batch_size,
+            world_size=world_size, rank=rank, seed=config.seed)
+        self.module = build_model(config, self.tokenizer.vocab_size).to(self.device)
+        self.image_tokens = self.module.image_token_count
+        self.model = self.module
+        if world_size > 1:
+            # text-only batches leave CLIP and the neck without gradients: find_unused_parameters
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.module, find_unused_parameters=True)
+        torch.manual_seed(config.seed + 1000 * rank + 3)       # dropout differs per rank
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.module, config.weight_decay, trains_base(config)),
+            lr=config.lr, betas=(0.9, 0.95))
+        self.scheduler = BalanceScheduler(
+            self.optimizer, CosineWithWarmup(config.warmup_steps, config.steps, config.min_lr_ratio),
+            alpha=config.balance_alpha)
+        sides = side_parameters(self.optimizer)
+        self.sides = [sides[FEATURE], sides[LANGUAGE]]
+        self.monitor = None
+        if config.probe_every:
+            self.monitor = BalanceMonitor(
+                lambda batch: self.module(**batch).logits, *self.sides,
+                probe_every=config.probe_every, probe_mode="eval", model=self.module,
+                reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size)))
+        self.step = 0
+        self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
+                        "tokens": TokenCounter().as_dict()}
+
+    def _dataset(self, name):
+        records, report = load_records(os.path.join(self.config.data, name))
+        if self.rank == 0 and report.skipped:
+            print(f"{name}: skipped {report.skipped} bad records {report.reasons}")
+        image_size = self._image_size()
+        return InstructionDataset(records, self.tokenizer, image_size=image_size,
+                                  max_length=self.config.max_length)
+
+    def _image_size(self):
+        if self.config.clip:
+            from transformers import CLIPVisionConfig
+            return CLIPVisionConfig.from_pretrained(self.config.clip, local_files_only=True).image_size
+        return self.config.image_size
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config) | {"train_base": trains_base(self.config),
+                                                  "world_size": self.world_size}
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batches(self):
+        """Endless batch iterator across epochs (the sampler advances its epoch at the end of
+        one and keeps its position for resume)."""
+        while True:
+            yield from self.batches
+
+    def _micro_step(self, indices, counter, last):
+        batch = collate([self.train_set[i] for i in indices], pad_id=self.tokenizer.pad_id)
+        counter.add(batch, self.image_tokens)
+        inputs = batch_to(batch, self.device)
+        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                out = self.model(**inputs)
+            (out.loss / self.config.grad_accum).backward()
+        return inputs, out
+
+    def train_step(self, batch_iter, counter):
+        """One optimizer step; returns (loss, probe record or None)."""
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for micro in range(config.grad_accum):
+            inputs, out = self._micro_step(next(batch_iter), counter, micro + 1 == config.grad_accum)
+            loss += float(out.loss.detach()) / config.grad_accum
+        if self.monitor is not None:
+            labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
+                                                 inputs["has_image"])
+            self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels))
+        norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm)
+        self.optimizer.step()
+        record = None
+        if self.monitor is not None:
+            multipliers = self.scheduler.multipliers
+            record = self.monitor.after_step(loss=loss, m_feat=multipliers[FEATURE],
+                                             m_lang=multipliers[LANGUAGE],
+                                             grad_norm_feat=norms[0], grad_norm_lang=norms[1])
+            if record is not None:
+                self.scheduler.update_kappa(record["kappa_ema"])
+        self.history["lr"].append(self.scheduler.get_last_lr()[-1])
+        self.scheduler.step()
+        return loss, record
+
+    def evaluate(self):
+        text, image = split_by_modality(self.eval_set)
+        cap = self.config.eval_samples
+        return evaluate(self.module, self.eval_set, {"text": text[:cap], "image": image[:cap]},
+                        self.config.batch_size, self.device, self.tokenizer.pad_id, self.autocast,
+                        group_of=task_of)
+
+    def train(self, stop_after: int = 0):
+        """Train to config.steps (or `stop_after` more steps, then checkpoint); rank 0 returns
+        the run summary dict (see report.py), other ranks None."""
+        config = self.config
+        if config.resume:
+            load_checkpoint(config.resume, self, self.rank)
+        counter = TokenCounter(**{key: value for key, value in self.history["tokens"].items()
+                                  if key != "total_tokens"})
+        batch_iter = self._batches()
+        end = config.steps if not stop_after else min(config.steps, self.step + stop_after)
+        bar = tqdm(total=end, initial=self.step, disable=not config.progress or self.rank != 0,
+                   desc=f"share {config.language_share:g}", dynamic_ncols=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        while self.step < end:
+            start = time.perf_counter()
+            loss, record = self.train_step(batch_iter, counter)
+            seconds = time.perf_counter() - start - (record["probe_seconds"] if record else 0.0)
+            self.history["loss"].append(loss)
+            self.history["step_seconds"].append(seconds)
+            if record is not None:
+                self.history["kappa"].append(record)
+            self.step += 1
+            if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                self._record_eval()
+            if config.save_every and self.step % config.save_every == 0:
+                self.save()
+            bar.update(1)
+            if self.step % config.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history['lr'][-1]:.2e}")
+        bar.close()
+        self.history["tokens"] = counter.as_dict()
+        if self.step >= config.steps:
+            self._record_eval()
+        self.save()
+        totals = self._across_ranks()
+        return self.summary(totals) if self.rank == 0 else None
+
+    def _across_ranks(self) -> dict:
+        """Collectives every rank joins at the end: global token counts, the rank-mean loss
+        curve, and the largest weight difference between ranks (0.0 = in sync)."""
+        tokens = dict(self.history["tokens"])
+        losses = self.history["loss"]
+        if self.world_size > 1:
+            keys = sorted(tokens)
+            summed = torch.tensor([float(tokens[key]) for key in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(summed)
+            tokens = {key: int(value) for key, value in zip(keys, summed.tolist())}
+            losses = _all_reduce_mean(losses, self.world_size)
+        return {"tokens": tokens, "loss": losses, "rank_weight_max_diff": self.rank_weight_difference()}
+
+    def _record_eval(self):
+        if self.rank == 0:
+            self.history["eval"].append({"step": self.step, **self.evaluate()})
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def save(self, directory=None):
+        directory = directory or os.path.join(self.config.out, "checkpoint")
+        save_checkpoint(directory, self, self.rank)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def rank_weight_difference(self) -> float:
+        """max |w_rank - w_rank0| over all trainable parameters (0.0 when ranks agree)."""
+        if self.world_size == 1:
+            return 0.0
+        worst = torch.zeros((), dtype=torch.float64)
+        for p in self.module.parameters():
+            if p.requires_grad:
+                reference = p.detach().clone()
+                torch.distributed.broadcast(reference, 0)
+                worst = torch.maximum(worst, (p.detach() - reference).abs().max().double().cpu())
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        return float(worst)
+
+    def summary(self, totals: dict) -> dict:
+        from .report import run_summary
+        return run_summary(self, totals)

@@ -1,0 +1,121 @@
+"""The mixed-modality training program (mlan_kernels/training/mixed): learning, exact resume,
+DDP on gloo with 2 processes, local HF checkpoints, option errors. Tiny models, tiny data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mlan_kernels.data.synthetic import make_synthetic
+from mlan_kernels.training.mixed.cli import main
+from mlan_kernels.training.mixed.config import build_parser, config_from_args
+
+TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--clip-layers", "4",
+        "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--eval-samples", "8",
+        "--probe-every", "2", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(directory, train_size=160, eval_size=32, seed=3)
+    return str(directory)
+
+
+def train(data, out, *extra):
+    assert main(["--data", data, "--out", str(out), *TINY, *extra]) == 0
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_short_run_loss_decreases_and_reports(data, tmp_path):
+    run = train(data, tmp_path, "--steps", "40", "--lr", "1e-2", "--language-share", "0.5",
+                "--batch-size", "8")
+    loss = run["loss"]
+    assert len(loss) == 40 and all(value == value for value in loss)
+    assert sum(loss[-8:]) / 8 < 0.7 * sum(loss[:8]) / 8
+    final = run["final_eval"]
+    assert set(final) == {"step", "text", "image"} and final["step"] == 40
+    assert 0.0 <= final["text"]["accuracy"] <= 1.0 and final["image"]["samples"] == 8
+    tokens = run["tokens"]
+    assert tokens["samples_text"] + tokens["samples_image"] == 40 * 8
+    assert tokens["image_tokens"] == tokens["samples_image"] * 1      # K = 4 blocks / 4
+    assert run["kappa"] and run["kappa"][0]["step"] == 0 and run["kappa"][0]["kappa"] > 0
+    assert 0.0 <= run["data"]["padding_ratio"] < 1.0
+    for name in ("loss.png", "balance.png", "checkpoint/adapters/adapter_model.safetensors"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_resume_gives_the_same_losses_as_one_run(data, tmp_path):
+    options = ["--steps", "6", "--balance-alpha", "0.5", "--language-share", "0.5", "--no-plots"]
+    straight = train(data, tmp_path / "straight", *options)
+    first = train(data, tmp_path / "split", *options, "--stop-after", "3")
+    assert len(first["loss"]) == 3 and first["final_eval"] is None
+    resumed = train(data, tmp_path / "split", *options,
+                    "--resume", str(tmp_path / "split" / "checkpoint"))
+    assert resumed["loss"] == straight["loss"]
+    assert [r["kappa"] for r in resumed["kappa"]] == [r["kappa"] for r in straight["kappa"]]
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_rejects_a_different_share(data, tmp_path):
+    train(data, tmp_path, "--steps", "4", "--stop-after", "2", "--no-plots")
+    with pytest.raises(ValueError, match="language_share"):
+        train(data, tmp_path, "--steps", "4", "--no-plots", "--language-share", "0.5",
+              "--resume", str(tmp_path / "checkpoint"))
+
+
+def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mlan_kernels.training.mixed.cli", "--data", data, "--out", str(tmp_path),
+               *TINY, "--steps", "4", "--language-share", "0.5", "--no-plots", "--grad-accum", "2",
+               "--balance-alpha", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["world_size"] == 2
+    assert run["rank_weight_max_diff"] == 0.0
+    tokens = run["tokens"]
+    assert tokens["samples_text"] + tokens["samples_image"] == 4 * 2 * 4 * 2   # steps·accum·batch·ranks
+
+
+def test_local_hf_checkpoints_train_only_adapters(data, tmp_path):
+    from mlan_kernels.data.tokenizer import WordTokenizer
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    vocab = WordTokenizer.load(os.path.join(data, "tokenizer.json")).vocab_size
+    llama = tiny_llama(seed=5, hidden_size=32, layers=1, heads=2, vocab_size=vocab)
+    clip = tiny_clip(seed=6, hidden_size=32, layers=4, heads=2, image_size=28, patch_size=7)
+    llama.save_pretrained(tmp_path / "llama")
+    clip.save_pretrained(tmp_path / "clip")
+    run = train(data, tmp_path / "run", "--steps", "3", "--no-plots", "--llama",
+                str(tmp_path / "llama"), "--clip", str(tmp_path / "clip"))
+    assert run["config"]["train_base"] is False
+    from safetensors.torch import load_file
+    trained = load_file(tmp_path / "run" / "checkpoint" / "trainable.safetensors")
+    assert trained and all("adapter" in name or name.startswith(("neck.", "modality_embedding."))
+                           for name in trained)
+    assert any(not torch.equal(trained[name], torch.zeros_like(trained[name]))
+               for name in trained if name.endswith("up.weight"))   # LaVIN init is zero
+
+
+def test_small_vocabulary_checkpoint_is_rejected(data, tmp_path):
+    from mlan_kernels.integrations.tiny import tiny_llama
+    tiny_llama(hidden_size=32, layers=1, heads=2, vocab_size=8).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="vocab_size 8 <"):
+        train(data, tmp_path / "run", "--steps", "2", "--llama", str(tmp_path / "llama"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--language-share", "1.5", "--language-share must be in \\[0, 1\\]"),
+    ("--warmup-steps", "100", "--warmup-steps must be in \\[0, steps\\)"),
+    ("--clip-layers", "6", "--clip-layers must be a multiple of 4"),
+])
+def test_bad_options_name_the_option(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_args(build_parser().parse_args(["--steps", "100", option, value]))
