@@ -183,3 +183,37 @@ def test_monitor_drives_scheduler_multipliers():
     assert monitor.kappa_hat > 1 and multipliers["feature"] < 1 < multipliers["language"]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * multipliers["feature"])
     assert set(monitor.records[-1]) >= {"m_feat", "m_lang"}
+
+
+def test_reduce_kl_is_applied_before_kappa():
+    """reduce_kl (e.g. the mean over data-parallel ranks) sees the local KLs and decides κ."""
+    model = TwoSideToy()
+    feature, language = toy_sides(model)
+    seen = []
+
+    def reduce(kl_feat, kl_lang):
+        seen.append((kl_feat, kl_lang))
+        return kl_feat, 4 * kl_lang
+
+    plain = BalanceMonitor(model, feature, language, probe_every=1)
+    reduced = BalanceMonitor(model, feature, language, probe_every=1, reduce_kl=reduce)
+    x = torch.randn(6, 8)
+    logits = model(x)
+    plain.before_step(0, x, logits)
+    reduced.before_step(0, x, logits)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    first = plain.after_step()
+    second = reduced.after_step()
+    assert seen == [(first["kl_feat"], first["kl_lang"])]
+    assert second["kappa"] == pytest.approx(first["kappa"] / 4, rel=1e-9)
+
+
+def test_unchanged_parameters_give_kl_zero_not_negative():
+    model = TwoSideToy()
+    monitor = BalanceMonitor(model, *toy_sides(model), probe_every=1)
+    x = torch.randn(6, 8)
+    monitor.before_step(0, x, model(x))
+    record = monitor.after_step()                      # no optimizer step in between
+    assert record["kl_feat"] == 0.0 and record["kl_lang"] == 0.0 and record["kappa"] == 1.0

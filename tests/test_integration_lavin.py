@@ -114,3 +114,26 @@ def test_lavin_7b_parameter_count_on_meta():
     assert rows == {"llama adapters (attn)": 32 * 81_930, "clip adapters (attn)": 24 * 20_490,
                     "neck": 659_584, "modality_embedding": 8_192, "base": 0, "total": 3_781_296}
     assert "3,781,296" in summary(model)
+
+
+def test_single_modality_flag_reaches_only_llama_adapters_and_keeps_results():
+    from mlan_kernels.integrations import set_single_modality
+    from mlan_kernels.integrations.patching import adapted_norms
+    model = tiny_lavin()
+    ids = token_ids(batch=2, length=5)
+    expected = model(ids, PIXELS[:2], [True, True]).logits
+    set_single_modality(model.llama, True)
+    flags = {norm.key.split(".")[0]: norm.single_modality for norm in adapted_norms(model)}
+    assert flags == {"llama": True, "clip": None}
+    torch.testing.assert_close(model(ids, PIXELS[:2], [True, True]).logits, expected)
+    with pytest.raises(ValueError, match="value must be True, False or None"):
+        set_single_modality(model, "yes")
+
+
+def test_assembled_labels_match_build_inputs():
+    model = tiny_lavin()
+    ids = token_ids(batch=3, length=5)
+    attention = torch.ones_like(ids)
+    attention[2, 2:] = 0
+    inputs = model.build_inputs(ids, PIXELS, HAS_IMAGE, attention, labels=ids)
+    assert torch.equal(model.assemble_labels(ids, attention, HAS_IMAGE), inputs["labels"])
