@@ -1,4 +1,4 @@
-# Quickstart: `make test` (builds .venv on first use), `make demo`, `make bench`.
+# Quickstart: `make demo` and `make test` (each builds .venv on first use); also `make bench`.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
@@ -9,7 +9,7 @@ VENV_PYTHON := $(VENV)/bin/python
 # Compiled sources are part of what the editable install builds, so they re-trigger it.
 EXTENSION_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: venv demo test cuda-check cpp-test bench clean distclean
+.PHONY: venv demo demo-op test cuda-check cpp-test bench clean distclean
 
 venv: $(VENV)/.installed
 
@@ -22,7 +22,15 @@ $(VENV)/.installed: pyproject.toml setup.py $(EXTENSION_SOURCES)
 	$(VENV_PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench,peft]"
 	touch $@
 
+# The main job: synthetic data (generated once into data/synthetic), a tiny LaVIN trained on
+# two MLAN mixtures, a results table, run.json files and PNG plots under runs/demo.
+DEMO_ARGS ?= --shares 0.5 0.875
 demo: venv
+	$(VENV_PYTHON) python/train_mixed.py --data data/synthetic --make-data --out runs/demo \
+		--compare-backends $(DEMO_ARGS)
+
+# One LLaMA-7B-shaped MM-Adapter on every backend: checked against the reference and timed.
+demo-op: venv
 	$(VENV_PYTHON) python/demo_mm_adapter.py
 
 # pytest exits 5 when it collects nothing; that is a failure here, not a pass.

@@ -119,3 +119,15 @@ def test_small_vocabulary_checkpoint_is_rejected(data, tmp_path):
 def test_bad_options_name_the_option(option, value, message):
     with pytest.raises(ValueError, match=message):
         config_from_args(build_parser().parse_args(["--steps", "100", option, value]))
+
+
+def test_fsdp2_example_trains_on_gloo():
+    """python/example_fsdp2.py: fully_shard per decoder/encoder layer + root, 2 CPU ranks."""
+    script = os.path.join(os.path.dirname(__file__), "..", "python", "example_fsdp2.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               script, "--steps", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "FSDP2 loss went down" in result.stdout
+    assert "(image)" in result.stdout and "(text)" in result.stdout

@@ -21,6 +21,8 @@ from .report import plot_shares, write_run
 from .throughput import backend_throughput
 from .trainer import MixedTrainer
 
+SWEEP_SHARES = (0.0, 0.5, 0.875, 1.0)
+
 
 def init_distributed(config):
     """(rank, world_size); initializes torch.distributed under torchrun (WORLD_SIZE > 1)."""
@@ -32,7 +34,7 @@ def init_distributed(config):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         config.device = f"cuda:{torch.cuda.current_device()}"
-    else:
+    elif not config.threads:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return rank, world_size
@@ -104,6 +106,10 @@ def format_table(rows, chance) -> str:
 
 def main(argv=None) -> int:
     config = config_from_args(build_parser().parse_args(argv))
+    if config.sweep and not config.shares:
+        config.shares = list(SWEEP_SHARES)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     rank, world_size = init_distributed(config)
     if config.make_data:
         ensure_data(config.data, rank, world_size)

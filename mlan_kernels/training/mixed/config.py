@@ -63,6 +63,8 @@ class TrainConfig:
     device: str = "auto"
     plots: bool = True
     shares: list = field(default_factory=list)  # several runs, one per share (table at the end)
+    sweep: bool = False                       # shares 0, 0.5, 0.875, 1 (the design doc's sweep)
+    threads: int = 0                          # torch CPU threads (0 = torch's default)
     make_data: bool = False                   # generate the synthetic task into --data if absent
     compare_backends: bool = False            # time fwd+bwd per adapter backend after training
     stop_after: int = 0                       # end this invocation after N steps (checkpointed)
