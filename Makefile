@@ -64,10 +64,12 @@ cpp-test: venv
 	cmake --build build/cmake --parallel
 	ctest --test-dir build/cmake --output-on-failure
 
+# Kernel benchmark grid (table + JSON + CSV + PNGs under benchmarks/results/), then the
+# pytest-benchmark suites (regression tracking) over the same ops.
+BENCH_ARGS ?=
 bench: venv
-	@if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then \
-		$(VENV_PYTHON) -m pytest benchmarks --benchmark-only; \
-	else echo "bench: no benchmarks/test_*.py yet"; fi
+	$(VENV_PYTHON) -m benchmarks.run $(BENCH_ARGS)
+	$(VENV_PYTHON) -m pytest benchmarks --benchmark-only -q
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

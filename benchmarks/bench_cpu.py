@@ -3,7 +3,7 @@
     python -m benchmarks.bench_cpu --threads 2 --dims 1024 4096 --tokens 2048 --repeats 5 \
         --out benchmarks/results/cpu-2core-$(date +%F).txt
 
-Each repeat runs benchmarks.bench_mm_adapter.bench_shape (median of --iters timed calls after
+Each repeat runs the MM-Adapter case of mlan_kernels.bench (median of --iters timed calls after
 warm-up, time.perf_counter) for the backends and the eager baseline on the same tensors; the
 table reports, per (impl, phase, shape), the median over repeats of those medians, their spread
 (min..max), and the median over repeats of the within-repeat speed-up eager / impl, so a busy
@@ -11,24 +11,22 @@ neighbour on this shared machine during one repeat does not decide the result.
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 
 import torch
 
-from benchmarks.bench_mm_adapter import bench_shape, environment
+from mlan_kernels.bench.cases import PHASES, Spec, build_case
+from mlan_kernels.bench.report import cpu_model, environment
+from mlan_kernels.bench.runner import run_case
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def bench_shape(tokens, dim, dtype, backends, iters):
+    """One repeat at one shape: rows of our backends and the eager reference (no copy/memory)."""
+    shape = dict(tokens=tokens, dim=dim, groups=2, routing="mixed")
+    case = build_case(Spec("mm_adapter", tuple(sorted(shape.items())), PHASES), "cpu", dtype,
+                      backends, baselines=["eager"])
+    return run_case(case, iters=iters, warmup=5, memory=False, check=False)
 
 
 def summarize(repeats):
@@ -77,9 +75,9 @@ def main(argv=None):
         rows = []
         for dim in args.dims:
             for tokens in args.tokens:
-                rows += bench_shape(tokens, dim, dtype, device, args.backends, ["eager"], args.iters)
+                rows += bench_shape(tokens, dim, dtype, args.backends, args.iters)
         repeats.append(rows)
-    info = environment(device)
+    info = environment(device, dtype)
     header = [f"command: python -m benchmarks.bench_cpu {' '.join(argv if argv is not None else sys.argv[1:])}",
               f"date: {info['date']}  torch: {info['torch']}  python: {info['python']}",
               f"cpu: {cpu_model()}  (os.cpu_count() = {os.cpu_count()})",

@@ -8,8 +8,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.mm_adapter_cases import adapter_case, make_inputs
-from benchmarks.timing import measure
+from mlan_kernels.bench.cases_adapter import adapter_impl, make_inputs
+from mlan_kernels.bench.timing import measure
 
 
 def main(argv=None):
@@ -22,7 +22,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     x, params, grad_y = make_inputs(args.tokens, args.dim, getattr(torch, args.dtype), device)
-    case = adapter_case(args.backend, x, params, grad_y)
+    case = adapter_impl(args.backend, x, params, grad_y).phases
     for phase in ("fwd", "fwd+bwd"):
         wall = measure(case[phase], device)["median_ms"]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

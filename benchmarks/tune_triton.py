@@ -11,8 +11,9 @@ import itertools
 import torch
 
 import mlan_kernels.backends.triton as triton_backend
-from benchmarks.mm_adapter_cases import adapter_case, copy_case, make_inputs
-from benchmarks.timing import measure
+from mlan_kernels.bench.cases import copy_impl
+from mlan_kernels.bench.cases_adapter import adapter_impl, make_inputs
+from mlan_kernels.bench.timing import measure
 
 KERNEL_NAMES = {"fwd": "mm_adapter_fwd_kernel", "rows": "mm_adapter_bwd_rows_kernel",
                 "cols": "mm_adapter_bwd_cols_kernel"}
@@ -44,14 +45,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     x, params, grad_y = make_inputs(args.tokens, args.dim, getattr(torch, args.dtype), device)
-    copy_ms = measure(copy_case(x)["copy"], device)["median_ms"]
+    copy_ms = measure(copy_impl(x).phases["copy"], device)["median_ms"]
     print(f"copy {copy_ms:.3f} ms ({2 * x.numel() * x.element_size() / copy_ms / 1e6:.0f} GB/s); "
           f"defaults {triton_backend.GPU_TILES}")
     defaults = dict(triton_backend.GPU_TILES)
     for kernel in args.kernel:
         for config in itertools.product(args.block_n, args.block_d, args.warps):
             triton_backend.GPU_TILES = {**defaults, kernel: config}
-            case = adapter_case("triton", x, params, grad_y)
+            case = adapter_impl("triton", x, params, grad_y).phases
             try:
                 ms = kernel_ms(case["fwd+bwd"], KERNEL_NAMES[kernel])
             except Exception as error:  # e.g. out of shared memory for a config

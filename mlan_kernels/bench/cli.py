@@ -1,0 +1,157 @@
+"""mlan-bench: our kernels vs the baselines, same tensors, same run -> table, JSON, CSV, PNG.
+
+    mlan-bench --device cuda --shapes paper          (= python -m benchmarks.run ...)
+    mlan-bench --device cpu --ops mm_adapter_fwdbwd,kl_div --iters 20 --json out.json
+
+Each op row: median and IQR of --iters timed calls after --warmup, GB/s from the op's minimum
+traffic (bench/traffic.py), % of the y.copy_(x) bandwidth measured on the same case, speed-up
+over the eager reference, peak extra memory, bytes saved for backward, and a check of the
+output against the reference. Writes <out-dir>/<device>-<dtype>-<date>.json (+ .csv and PNGs
+next to it) unless --json/--csv/--plot say otherwise.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from . import report
+from .cases import BASELINES, OPS, build_case, grid
+from .runner import run_case
+
+E2E_OP = "e2e_step"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _names(text):
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(prog="mlan-bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    result.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when available (default)")
+    result.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="activation dtype (default: bfloat16 on cuda, float32 on cpu)")
+    result.add_argument("--shapes", default="paper", choices=["small", "paper", "all"],
+                        help="shape preset of bench/cases.py (default: paper; CPU 'paper' = "
+                             "D∈{1024,4096} x N∈{512,2048}, the GPU one the performance.md grid)")
+    result.add_argument("--ops", help=f"comma list of {','.join(list(OPS) + [E2E_OP])} (default: all "
+                                      f"kernel ops, plus {E2E_OP} on cuda)")
+    result.add_argument("--backends", help="comma list of our backends to run (default: every one "
+                                           "available: triton,cuda | cpu | chunked | foreach)")
+    result.add_argument("--baselines", default=",".join(BASELINES),
+                        help=f"comma list (default: {','.join(BASELINES)})")
+    result.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile(reference) baseline; default ON on cuda, OFF on cpu "
+                             "(compiling takes ~7 s per graph and shape on 2 cores, longer than the "
+                             "whole default CPU grid's measurements)")
+    result.add_argument("--iters", type=int, default=20, help="timed calls per row (default 20)")
+    result.add_argument("--warmup", type=int, help="untimed calls first (default 5 on cuda, 3 on cpu)")
+    result.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
+    result.add_argument("--json", help="results JSON path (default <out-dir>/<device>-<dtype>-<date>.json)")
+    result.add_argument("--csv", help="results CSV path (default: the JSON path with .csv)")
+    result.add_argument("--plot", help="directory of the PNG plots (default: next to the JSON)")
+    result.add_argument("--no-plot", action="store_true", help="write no PNG")
+    result.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+    result.add_argument("--no-memory", action="store_true", help="skip the peak-memory call per row")
+    result.add_argument("--no-check", action="store_true", help="skip the output checks")
+    result.add_argument("--e2e-preset", choices=["tiny", "small", "paper"],
+                        help=f"preset of {E2E_OP} (default: paper on cuda, small on cpu)")
+    return result
+
+
+def resolve(args):
+    """(device, dtype, kernel ops, run e2e?, baselines, warmup) from the parsed arguments."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("mlan-bench: --device cuda but torch.cuda.is_available() is False")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ops = _names(args.ops) or list(OPS) + ([E2E_OP] if device.type == "cuda" else [])
+    unknown = [op for op in ops if op not in OPS and op != E2E_OP]
+    if unknown:
+        raise SystemExit(f"mlan-bench: unknown --ops {unknown}; expected some of {list(OPS) + [E2E_OP]}")
+    baselines = _names(args.baselines) or []
+    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    baselines = [name for name in baselines if name != "compile" or compile_on]
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 3)
+    if args.iters < 1 or warmup < 0:
+        raise SystemExit("mlan-bench: --iters must be >= 1 and --warmup >= 0")
+    return device, dtype, [op for op in ops if op != E2E_OP], E2E_OP in ops, baselines, warmup
+
+
+def run_e2e(device, dtype, preset, iters, warmup) -> list:
+    """Rows of the end-to-end step benchmark (bench/e2e_step.py), [] with a message if absent."""
+    try:
+        from .e2e_step import run_e2e_step
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.e2e_step":
+            raise
+        print(f"mlan-bench: {E2E_OP} skipped: mlan_kernels/bench/e2e_step.py is not installed "
+              f"in this checkout", file=sys.stderr)
+        return []
+    rows = report.e2e_rows(run_e2e_step(device.type, dtype, preset=preset, iters=iters, warmup=warmup))
+    for row in rows:
+        row.setdefault("dtype", str(dtype).replace("torch.", ""))
+    return rows
+
+
+def run_grid(specs, device, dtype, args, baselines, warmup) -> list:
+    from tqdm import tqdm
+    rows = []
+    for spec in tqdm(specs, desc="mlan-bench", unit="case", file=sys.stderr):
+        case = build_case(spec, device, dtype, _names(args.backends), baselines)
+        rows += run_case(case, iters=args.iters, warmup=warmup, phases=spec.phases,
+                         memory=not args.no_memory, check=not args.no_check)
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write_outputs(args, env, rows, command) -> list:
+    """JSON, CSV and PNGs; returns the paths written."""
+    json_path = args.json or report.default_path(args.out_dir, env)
+    stem = os.path.splitext(json_path)[0]
+    csv_path = args.csv or stem + ".csv"
+    report.write_json(json_path, env, rows, command)
+    report.write_csv(csv_path, rows)
+    paths = [json_path, csv_path]
+    if not args.no_plot:
+        from .plots import plot_all
+        paths += plot_all(rows, args.plot or os.path.dirname(os.path.abspath(json_path)),
+                          os.path.basename(stem))
+    return paths
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, ops, e2e, baselines, warmup = resolve(args)
+    env = report.environment(device, dtype)
+    print(f"mlan-bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+          f"{env['threads']} threads, {env['dtype']}, shapes {args.shapes}", file=sys.stderr)
+    rows = run_grid(grid(ops, device.type, args.shapes), device, dtype, args, baselines, warmup) if ops else []
+    if e2e:
+        preset = args.e2e_preset or ("paper" if device.type == "cuda" else "small")
+        rows += run_e2e(device, dtype, preset, args.iters, warmup)
+    env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(report.format_table(rows))
+    command = "mlan-bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    for path in write_outputs(args, env, rows, command):
+        print(f"wrote {path}")
+    failed = [row for row in rows if row.get("ok") is False or "error" in row]
+    for row in failed:
+        print(f"mlan-bench: {row['op']} {row['phase']} {row['shape']} {row['impl']}: "
+              f"{row.get('error') or 'output differs from the reference (max rel err %.2e)' % row['max_rel_err']}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
