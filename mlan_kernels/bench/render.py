@@ -3,11 +3,16 @@
     python -m mlan_kernels.bench.render benchmarks/results/cpu-2core-fp32-2026-11-23.json \
         [--op mm_adapter] [--phase fwd+bwd]
     (also: python -m benchmarks.render_results ...)
-The README's tables are pasted from this output, never typed by hand. Reads this package's
+    python -m mlan_kernels.bench.render --update-readme README.md
+The README's tables come from this output, never typed by hand: --update-readme re-renders every
+block between `<!-- results: FILE [--op ...] [--phase ...] -->` and `<!-- /results -->` (a test
+checks the README is in sync with the JSON). Reads this package's
 format (report.py) and the older one of benchmarks/bench_mm_adapter.py (MM-Adapter rows
 without `op`, e.g. benchmarks/results/h100-bf16-2026-11-23.json).
 """
 import argparse
+import re
+import shlex
 
 from .report import COLUMNS, KEYS, cells, check_text, load_json
 
@@ -42,12 +47,43 @@ def render(path, ops=None, phases=None) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+BLOCK = re.compile(r"(<!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="results JSON files")
+    parser.add_argument("paths", nargs="*", help="results JSON files")
     parser.add_argument("--op", nargs="+", help="only these ops (e.g. mm_adapter kl_div)")
     parser.add_argument("--phase", nargs="+", help="only these phases (fwd bwd fwd+bwd step copy)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--update-readme", metavar="README", help="re-render its results blocks in place")
+    return parser
+
+
+def render_blocks(text: str, root=".") -> str:
+    """`text` with every results block re-rendered from the JSON its marker names (paths
+    relative to `root`)."""
+    import os
+
+    def replace(match):
+        args = _parser().parse_args(shlex.split(match["args"]))
+        body = "\n\n".join(render(os.path.join(root, path), args.op, args.phase) for path in args.paths)
+        return match.group(1) + body + "\n" + match.group(4)
+    return BLOCK.sub(replace, text)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.update_readme:
+        import os
+        with open(args.update_readme, encoding="utf-8") as handle:
+            text = handle.read()
+        updated = render_blocks(text, os.path.dirname(os.path.abspath(args.update_readme)))
+        with open(args.update_readme, "w", encoding="utf-8") as handle:
+            handle.write(updated)
+        print(f"{args.update_readme}: {len(BLOCK.findall(text))} results block(s) rendered")
+        return
+    if not args.paths:
+        _parser().error("give results JSON files or --update-readme README")
     print("\n\n".join(render(path, args.op, args.phase) for path in args.paths))
 
 

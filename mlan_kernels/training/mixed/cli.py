@@ -51,12 +51,15 @@ def ensure_data(directory, rank, world_size):
 
 
 def chance_levels(directory) -> dict:
-    """{"text": p, "image": p} from the synthetic data's meta.json (empty when absent)."""
+    """{"text": p, "image": p, "tasks": {task: p}} from the synthetic data's meta.json
+    (empty when absent)."""
     path = os.path.join(directory, "meta.json")
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle).get("chance", {})
+        meta = json.load(handle)
+    return {**meta.get("chance", {}),
+            "tasks": {name: task["chance"] for name, task in meta.get("tasks", {}).items()}}
 
 
 def table_row(share, summary) -> dict:
@@ -73,6 +76,8 @@ def table_row(share, summary) -> dict:
            "kappa_ema": summary["kappa"][-1]["kappa_ema"] if summary["kappa"] else None,
            "probe_s": summary["probe_seconds_mean"],
            "peak_memory_mb": summary["peak_memory"]["bytes"] / 2**20}
+    row["by_task"] = {task: accuracy for modality in ("text", "image")
+                      for task, accuracy in final.get(modality, {}).get("by_task", {}).items()}
     for entry in summary.get("backends", []):
         row[f"fwd_bwd_tokens_per_s[{entry['backend']}={entry['resolved']}]"] = entry["tokens_per_s"]
     return row
@@ -90,11 +95,17 @@ def format_table(rows, chance) -> str:
     for row in rows:
         lines.append(
             f"{row['share']:>6g} {cell(row['text_accuracy'], '.1%'):>9} "
-            f"{cell(row['image_accuracy'], '.1%'):>10} {row['final_loss']:>7.3f} "
+            f"{cell(row['image_accuracy'], '.1%'):>10} {row['final_loss']:>7.4f} "
             f"{cell(row['tokens_per_s'], ',.0f'):>12} {row['padding_ratio']:>8.1%} "
             f"{row['image_token_share']:>8.1%} {cell(row['kappa_ema'], '.3g'):>8} "
             f"{cell(row['probe_s'], '.3f'):>8} {row['peak_memory_mb']:>8.0f}"
             + "".join(f" {cell(row[key], ',.0f'):>22}" for key in backends))
+    tasks = chance.get("tasks", {})
+    for row in rows:
+        if row["by_task"]:
+            lines.append(f"share {row['share']:g} by task: " + ", ".join(
+                f"{task} {value:.0%}" + (f" (chance {tasks[task]:.0%})" if task in tasks else "")
+                for task, value in row["by_task"].items()))
     if chance:
         lines.append(f"chance level (exact match): text-only {chance.get('text', 0):.1%}, "
                      f"image-text {chance.get('image', 0):.1%}")

@@ -40,7 +40,7 @@ class TrainConfig:
     clip_dim: int = 128
     clip_layers: int = 4
     image_size: int = 28
-    patch_size: int = 7
+    patch_size: int = 4
     max_length: int = 64
     # adapters (LaVIN: r=8, 2 experts, 2 groups, temperature 10, scale 1, dropout 0.1 at attn)
     rank: int = 8
