@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                         help="shape preset of bench/cases.py (default: paper; CPU 'paper' = "
                              "D∈{1024,4096} x N∈{512,2048}, the GPU one the performance.md grid)")
     result.add_argument("--ops", help=f"comma list of {','.join(list(OPS) + [E2E_OP])} (default: all "
-                                      f"kernel ops, plus {E2E_OP} on cuda)")
+                                      f"of them; {E2E_OP} uses --e2e-preset)")
     result.add_argument("--backends", help="comma list of our backends to run (default: every one "
                                            "available: triton,cuda | cpu | chunked | foreach)")
     result.add_argument("--baselines", default=",".join(BASELINES),
@@ -71,7 +71,7 @@ def resolve(args):
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    ops = _names(args.ops) or list(OPS) + ([E2E_OP] if device.type == "cuda" else [])
+    ops = _names(args.ops) or list(OPS) + [E2E_OP]
     unknown = [op for op in ops if op not in OPS and op != E2E_OP]
     if unknown:
         raise SystemExit(f"mlan-bench: unknown --ops {unknown}; expected some of {list(OPS) + [E2E_OP]}")
