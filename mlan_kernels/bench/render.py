@@ -32,11 +32,12 @@ def header(env: dict, path) -> str:
             f"{env['date']}; dtype {env.get('dtype', 'see rows')}; {env.get('threads')} threads (`{path}`)")
 
 
-def render(path, ops=None, phases=None) -> str:
-    """Header line + Markdown table of the JSON at `path`, filtered by op and phase."""
+def render(path, ops=None, phases=None, label=None) -> str:
+    """Header line + Markdown table of the JSON at `path`, filtered by op and phase; the header
+    names the file as `label` (default: path)."""
     data = load_json(path)
     titles = [title for title, _ in KEYS] + [title for title, *_ in COLUMNS] + ["check"]
-    lines = [header(data["environment"], path), "", "| " + " | ".join(titles) + " |",
+    lines = [header(data["environment"], label or path), "", "| " + " | ".join(titles) + " |",
              "|" + "---|" * len(titles)]
     for row in map(normalize, data["rows"]):
         if (ops and row["op"] not in ops) or (phases and row["phase"] not in phases):
@@ -66,7 +67,8 @@ def render_blocks(text: str, root=".") -> str:
 
     def replace(match):
         args = _parser().parse_args(shlex.split(match["args"]))
-        body = "\n\n".join(render(os.path.join(root, path), args.op, args.phase) for path in args.paths)
+        body = "\n\n".join(render(os.path.join(root, path), args.op, args.phase, label=path)
+                             for path in args.paths)
         return match.group(1) + body + "\n" + match.group(4)
     return BLOCK.sub(replace, text)
 
