@@ -42,7 +42,8 @@ def test_short_run_loss_decreases_and_reports(data, tmp_path):
     tokens = run["tokens"]
     assert tokens["samples_text"] + tokens["samples_image"] == 40 * 8
     assert tokens["image_tokens"] == tokens["samples_image"] * 1      # K = 4 blocks / 4
-    assert run["kappa"] and run["kappa"][0]["step"] == 0 and run["kappa"][0]["kappa"] > 0
+    probes = run["kappa"]                    # probe_on="image": due probes wait for image batches
+    assert probes and all(r["image_batch"] == 1.0 and r["kappa"] > 0 for r in probes)
     assert 0.0 <= run["data"]["padding_ratio"] < 1.0
     for name in ("loss.png", "balance.png", "checkpoint/adapters/adapter_model.safetensors"):
         assert os.path.getsize(tmp_path / name) > 0
@@ -131,3 +132,10 @@ def test_fsdp2_example_trains_on_gloo():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "FSDP2 loss went down" in result.stdout
     assert "(image)" in result.stdout and "(text)" in result.stdout
+
+
+def test_probe_on_any_follows_the_schedule(data, tmp_path):
+    run = train(data, tmp_path, "--steps", "7", "--probe-on", "any", "--probe-every", "3",
+                "--no-plots", "--language-share", "0.5")
+    assert [r["step"] for r in run["kappa"]] == [0, 3, 6]
+    assert {r["image_batch"] for r in run["kappa"]} <= {0.0, 1.0}

@@ -135,11 +135,13 @@ class BalanceMonitor:
             finally:
                 self.model.train(was_training)
 
-    def before_step(self, step: int, batch, logits: Tensor, mask: Optional[Tensor] = None) -> bool:
+    def before_step(self, step: int, batch, logits: Tensor, mask: Optional[Tensor] = None,
+                    probe: Optional[bool] = None) -> bool:
         """Call after backward, before optimizer.step(). On probe steps keeps θ_t, φ_t copies
         and p_t (logits [..., V], the training forward's; mask [...] bool = answer tokens).
-        Returns whether this step is probed."""
-        if not self.should_probe(step):
+        probe: None = every probe_every steps; True/False overrides the schedule (e.g. to probe
+        only image-text batches). Returns whether this step is probed."""
+        if not (self.should_probe(step) if probe is None else probe):
             self._pending = None
             return False
         start = time.perf_counter()

@@ -86,7 +86,7 @@ class MixedTrainer:
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size)))
         self.step = 0
         self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
-                        "tokens": TokenCounter().as_dict()}
+                        "tokens": TokenCounter().as_dict(), "probe_due": False}
 
     def _dataset(self, name):
         records, report = load_records(os.path.join(self.config.data, name))
@@ -139,7 +139,8 @@ class MixedTrainer:
         if self.monitor is not None:
             labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
                                                  inputs["has_image"])
-            self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels))
+            self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels),
+                                     probe=self._probe_now(inputs))
         norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm)
         self.optimizer.step()
         record = None
@@ -147,12 +148,22 @@ class MixedTrainer:
             multipliers = self.scheduler.multipliers
             record = self.monitor.after_step(loss=loss, m_feat=multipliers[FEATURE],
                                              m_lang=multipliers[LANGUAGE],
-                                             grad_norm_feat=norms[0], grad_norm_lang=norms[1])
+                                             grad_norm_feat=norms[0], grad_norm_lang=norms[1],
+                                             image_batch=float(inputs["has_image"].any()))
             if record is not None:
                 self.scheduler.update_kappa(record["kappa_ema"])
         self.history["lr"].append(self.scheduler.get_last_lr()[-1])
         self.scheduler.step()
         return loss, record
+
+    def _probe_now(self, inputs) -> bool:
+        """Probe when one is due (every probe_every steps) and, with probe_on="image", the
+        batch is image-text; otherwise the due probe waits for the next such batch."""
+        self.history["probe_due"] = self.history["probe_due"] or self.step % self.config.probe_every == 0
+        if self.history["probe_due"] and (self.config.probe_on == "any" or bool(inputs["has_image"].any())):
+            self.history["probe_due"] = False
+            return True
+        return False
 
     def evaluate(self):
         text, image = split_by_modality(self.eval_set)
