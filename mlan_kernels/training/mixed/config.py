@@ -52,6 +52,8 @@ class TrainConfig:
     backend: str = "auto"                     # op backend of the adapters
     # CoMMIT balancing (our interpretation, see README)
     probe_every: int = 10                     # κ probe interval (0 = no probing)
+    kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
+                                              # below ~1e-8 are rounding noise, not learning
     probe_on: str = "image"                   # "image": a due probe waits for an image-text batch
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"
@@ -118,6 +120,7 @@ def validate(config: TrainConfig):
         ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
         ("probe_every", config.probe_every >= 0, ">= 0"),
         ("probe_on", config.probe_on in ("image", "any"), "'image' or 'any'"),
+        ("kappa_eps", config.kappa_eps > 0, "> 0"),
         ("balance_alpha", config.balance_alpha >= 0, ">= 0"),
         ("clip_layers", config.clip_layers % 4 == 0, "a multiple of 4 (LaVIN's neck taps every 4th block)"),
         ("shares", all(0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),

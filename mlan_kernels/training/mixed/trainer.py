@@ -83,6 +83,7 @@ class MixedTrainer:
             self.monitor = BalanceMonitor(
                 lambda batch: self.module(**batch).logits, *self.sides,
                 probe_every=config.probe_every, probe_mode="eval", model=self.module,
+                eps=config.kappa_eps,
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size)))
         self.step = 0
         self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
