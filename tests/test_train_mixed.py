@@ -139,3 +139,13 @@ def test_probe_on_any_follows_the_schedule(data, tmp_path):
                 "--no-plots", "--language-share", "0.5")
     assert [r["step"] for r in run["kappa"]] == [0, 3, 6]
     assert {r["image_batch"] for r in run["kappa"]} <= {0.0, 1.0}
+
+
+def test_console_scripts_are_installed():
+    """pyproject's [project.scripts]: mlan-train and mlan-bench land next to the interpreter."""
+    bin_dir = os.path.dirname(sys.executable)
+    for name in ("mlan-train", "mlan-bench"):
+        path = os.path.join(bin_dir, name)
+        assert os.path.exists(path), f"{name} not installed in {bin_dir} (reinstall the package)"
+        result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "usage" in result.stdout.lower(), result.stderr[-500:]
