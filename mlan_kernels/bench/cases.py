@@ -36,7 +36,7 @@ SHAPES = {
                   "fused_linear_kl": [dict(tokens=2048, hidden=4096, vocab=32000)],
                   "scale_grads": [dict(model="lavin-7b")]},
         "paper": {"mm_adapter": _ADAPTER_MAIN + _ADAPTER_VARIANTS,
-                  "kl_div": [dict(tokens=t, vocab=32000) for t in (2048, 8192)],
+                  "kl_div": [dict(tokens=t, vocab=32000) for t in (1024, 8192)],
                   "fused_linear_kl": [dict(tokens=t, hidden=4096, vocab=32000) for t in (2048, 8192)],
                   "scale_grads": [dict(model="lavin-7b")]},
     },
