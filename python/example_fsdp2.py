@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 
     cuda = torch.cuda.is_available()
+    if cuda:                  # before anything touches CUDA: FSDP2 shards onto current_device()
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")

@@ -64,11 +64,40 @@ def test_resume_gives_the_same_losses_as_one_run(data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_rejects_a_different_share(data, tmp_path):
+@pytest.mark.parametrize("change, key", [(("--language-share", "0.5"), "language_share"),
+                                         (("--grad-accum", "2"), "grad_accum")])
+def test_resume_rejects_a_changed_option(data, tmp_path, change, key):
     train(data, tmp_path, "--steps", "4", "--stop-after", "2", "--no-plots")
-    with pytest.raises(ValueError, match="language_share"):
-        train(data, tmp_path, "--steps", "4", "--no-plots", "--language-share", "0.5",
+    with pytest.raises(ValueError, match=key):
+        train(data, tmp_path, "--steps", "4", "--no-plots", *change,
               "--resume", str(tmp_path / "checkpoint"))
+
+
+def test_periodic_checkpoint_resumes_with_full_history(data, tmp_path, monkeypatch):
+    """A --save-every checkpoint (not the final one) holds the token counts so far, and a
+    resumed finished run is not evaluated twice."""
+    import shutil
+    from mlan_kernels.training.mixed import trainer as trainer_module
+    original = trainer_module.save_checkpoint
+
+    def snapshot(directory, trainer, rank=0, world_size=1):
+        original(directory, trainer, rank, world_size)
+        if trainer.step == 3 and not (tmp_path / "snap").exists():
+            shutil.copytree(directory, tmp_path / "snap")
+
+    options = ["--steps", "6", "--save-every", "3", "--no-plots", "--language-share", "0.5"]
+    monkeypatch.setattr(trainer_module, "save_checkpoint", snapshot)
+    straight = train(data, tmp_path / "a", *options)
+    monkeypatch.undo()
+    resumed = train(data, tmp_path / "b", *options, "--resume", str(tmp_path / "snap"))
+    assert resumed["loss"] == straight["loss"] and resumed["tokens"] == straight["tokens"]
+    again = train(data, tmp_path / "b", *options, "--resume", str(tmp_path / "b" / "checkpoint"))
+    assert [entry["step"] for entry in again["eval"]] == [6]
+
+
+def test_a_modality_that_never_fills_a_batch_is_an_error(data, tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 100 .* never fill one global batch"):
+        train(data, tmp_path, "--steps", "3", "--batch-size", "100", "--language-share", "0.5")
 
 
 def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
@@ -116,6 +145,8 @@ def test_small_vocabulary_checkpoint_is_rejected(data, tmp_path):
     ("--language-share", "1.5", "--language-share must be in \\[0, 1\\]"),
     ("--warmup-steps", "100", "--warmup-steps must be in \\[0, steps\\)"),
     ("--clip-layers", "6", "--clip-layers must be a multiple of 4"),
+    ("--log-every", "0", "--log-every must be >= 1"),
+    ("--eval-samples", "-1", "--eval-samples must be > 0"),
 ])
 def test_bad_options_name_the_option(option, value, message):
     with pytest.raises(ValueError, match=message):

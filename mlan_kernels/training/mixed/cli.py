@@ -128,7 +128,11 @@ def main(argv=None) -> int:
     rows = []
     for share in shares:
         out = os.path.join(config.out, f"share-{share:g}") if config.shares else config.out
-        run_config = dataclasses.replace(config, language_share=share, out=out)
+        resume = config.resume
+        if config.shares and resume:     # --resume names the sweep's directory: each share's own
+            resume = os.path.join(resume, f"share-{share:g}", "checkpoint")
+            resume = resume if os.path.exists(resume) else None
+        run_config = dataclasses.replace(config, language_share=share, out=out, resume=resume)
         trainer = MixedTrainer(run_config, rank, world_size)
         summary = trainer.train(stop_after=config.stop_after)
         if rank != 0:

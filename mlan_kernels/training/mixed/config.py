@@ -22,11 +22,10 @@ class TrainConfig:
     batch_size: int = 16                      # per rank and micro-batch
     grad_accum: int = 1                       # micro-batches per optimizer step
     lr: float = 2e-3                          # peak learning rate (base model, when trained)
-    adapter_lr: Optional[float] = None        # adapters / neck / modality token (default lr)
     weight_decay: float = 0.02                # LaVIN's
     warmup_steps: int = 40
     min_lr_ratio: float = 0.0
-    max_grad_norm: Optional[float] = 1.0      # per balance group, fused (scale_grads_)
+    max_grad_norm: float = 1.0                # per balance group, fused (scale_grads_); 0 = no clipping
     seed: int = 0
     train_base: Optional[bool] = None         # train LLaMA/CLIP too; default: yes for the tiny
                                               # random-init models, no with --llama (LaVIN)
@@ -41,7 +40,7 @@ class TrainConfig:
     clip_layers: int = 4
     image_size: int = 28
     patch_size: int = 4
-    max_length: int = 64
+    max_length: Optional[int] = None          # tokens per sample (default 64 tiny, 512 with --llama)
     # adapters (LaVIN: r=8, 2 experts, 2 groups, temperature 10, scale 1, dropout 0.1 at attn)
     rank: int = 8
     experts: int = 2
@@ -62,7 +61,9 @@ class TrainConfig:
     eval_every: int = 0                       # 0 = only at the end
     eval_samples: Optional[int] = None        # cap on held-out samples per modality
     save_every: int = 0                       # checkpoint interval in steps (0 = only at the end)
-    resume: Optional[str] = None              # checkpoint directory to resume from
+    resume: Optional[str] = None              # checkpoint directory to resume from (with
+                                              # --shares: the sweep's --out; each share resumes
+                                              # from its own share-S/checkpoint when present)
     log_every: int = 10
     progress: bool = True                     # tqdm bar (rank 0)
     device: str = "auto"
@@ -109,6 +110,11 @@ def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def max_length(config) -> int:
+    """--max-length, else 64 for the tiny synthetic models and 512 with --llama."""
+    return config.max_length or (512 if config.llama else 64)
+
+
 def validate(config: TrainConfig):
     """ValueError naming the option for out-of-range settings."""
     checks = [
@@ -125,6 +131,14 @@ def validate(config: TrainConfig):
         ("clip_layers", config.clip_layers % 4 == 0, "a multiple of 4 (LaVIN's neck taps every 4th block)"),
         ("shares", all(0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),
     ]
+    optional_positive = [("samples_per_epoch", config.samples_per_epoch),
+                         ("eval_samples", config.eval_samples), ("max_length", config.max_length)]
+    checks += [(name, value is None or value > 0, "> 0") for name, value in optional_positive]
+    checks += [("log_every", config.log_every >= 1, ">= 1"),
+               ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+               ("save_every", config.save_every >= 0, ">= 0"),
+               ("eval_every", config.eval_every >= 0, ">= 0"),
+               ("stop_after", config.stop_after >= 0, ">= 0")]
     for name, ok, expected in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(config, name)!r}")

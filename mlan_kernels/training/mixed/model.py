@@ -13,6 +13,7 @@ from ...integrations.lavin import LavinModel, build_lavin
 from ...integrations.tiny import tiny_clip, tiny_llama
 from ..balance import FEATURE, LANGUAGE, balance_groups
 from ..scheduler import GROUP_KEY
+from .config import max_length
 
 FEATURE_PREFIXES = ("clip.", "neck.", "modality_embedding.")
 
@@ -45,7 +46,7 @@ def build_model(config, vocab_size: int) -> LavinModel:
         llama = tiny_llama(seed=config.seed, hidden_size=config.dim, layers=config.layers,
                            heads=config.heads, intermediate_size=4 * config.dim,
                            vocab_size=vocab_size,
-                           max_position_embeddings=config.max_length + 1 + image_tokens)
+                           max_position_embeddings=max_length(config) + 1 + image_tokens)
     if config.clip:
         clip = _load_clip(config.clip)
     else:

@@ -35,7 +35,7 @@ def run_summary(trainer, totals: dict) -> dict:
         "data": {"train_samples": len(trainer.train_set), "eval_samples": len(trainer.eval_set),
                  "padding_ratio": tokens["padded_tokens"] / max(tokens["padded_tokens"] + tokens["text_tokens"], 1),
                  "epoch_padding_ratio": trainer.batches.padding_ratio(),
-                 "image_errors": trainer.train_set.image_errors},
+                 "image_errors": trainer.train_set.image_errors, "files": trainer.load_reports},
         "tokens": tokens,
         "loss": totals["loss"],
         "lr": history["lr"],

@@ -5,17 +5,24 @@ A checkpoint directory holds
     trainable.safetensors     every trainable parameter by name (the base too with --train-base)
     trainer_state.pt          step, optimizer, scheduler, batch-sampler position, κ̂ monitor,
                               history (losses, κ trace, token counts), config
-    rng_rank{r}.pt            torch's RNG state of rank r (adapter dropout seeds come from it)
+    rank{r}.pt                rank r's torch RNG state (adapter dropout seeds come from it) and
+                              history (its shard's losses and token counts)
 Loading restores all of it, so a resumed run continues with bit-identical losses (CPU,
 deterministic kernels). torch.load uses weights_only=True: nothing in it executes code.
 """
 import os
+import shutil
 
 import torch
 
 from ...checkpoint import save_adapters
 
-STATE_NAME, TRAINABLE_NAME = "trainer_state.pt", "trainable.safetensors"
+STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetensors", "rank{rank}.pt"
+# options that decide the model, the data order or the schedule: a resume must not change them
+RESUME_KEYS = ("data", "language_share", "samples_per_epoch", "batch_size", "grad_accum", "seed",
+               "steps", "warmup_steps", "llama", "clip", "dim", "layers", "heads", "clip_dim",
+               "clip_layers", "image_size", "patch_size", "max_length", "rank", "experts", "groups",
+               "train_base", "probe_every", "probe_on", "balance_alpha", "kappa_eps", "world_size")
 
 
 def _scheduler_state(scheduler) -> dict:
@@ -24,40 +31,62 @@ def _scheduler_state(scheduler) -> dict:
     return state
 
 
-def save_checkpoint(directory, trainer, rank: int = 0):
-    """Write the checkpoint of `trainer` (a MixedTrainer) to `directory`; every rank writes its
-    RNG state, rank 0 the rest."""
+def _barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(directory, trainer, rank: int = 0, world_size: int = 1):
+    """Write the checkpoint of `trainer` (a MixedTrainer) to `directory`, all ranks together:
+    everything goes to `directory`.tmp first and replaces `directory` only when complete, so a
+    crash mid-save leaves the previous checkpoint intact. Every rank writes its RNG state and
+    its own history (losses and token counts of its shard); rank 0 writes the rest."""
     from safetensors.torch import save_file
-    os.makedirs(directory, exist_ok=True)
+    directory = os.path.normpath(directory)
+    staging, old = directory + ".tmp", directory + ".old"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    _barrier(world_size)
     torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(directory, f"rng_rank{rank}.pt"))
-    if rank != 0:
-        return
-    module = trainer.module
-    save_adapters(module, os.path.join(directory, "adapters"))
-    trainable = {name: p.detach().to("cpu").contiguous()
-                 for name, p in module.named_parameters() if p.requires_grad}
-    save_file(trainable, os.path.join(directory, TRAINABLE_NAME), metadata={"format": "pt"})
-    torch.save({"step": trainer.step, "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": _scheduler_state(trainer.scheduler),
-                "batches": trainer.batches.state_dict(),
-                "monitor": None if trainer.monitor is None else trainer.monitor.state_dict(),
-                "history": trainer.history, "config": trainer.config_dict()},
-               os.path.join(directory, STATE_NAME))
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "history": trainer.history},
+               os.path.join(staging, RANK_NAME.format(rank=rank)))
+    if rank == 0:
+        module = trainer.module
+        save_adapters(module, os.path.join(staging, "adapters"))
+        trainable = {name: p.detach().to("cpu").contiguous()
+                     for name, p in module.named_parameters() if p.requires_grad}
+        save_file(trainable, os.path.join(staging, TRAINABLE_NAME), metadata={"format": "pt"})
+        torch.save({"step": trainer.step, "optimizer": trainer.optimizer.state_dict(),
+                    "scheduler": _scheduler_state(trainer.scheduler),
+                    "batches": trainer.batches.state_dict(),
+                    "monitor": None if trainer.monitor is None else trainer.monitor.state_dict(),
+                    "history": trainer.history, "config": trainer.config_dict()},
+                   os.path.join(staging, STATE_NAME))
+    _barrier(world_size)
+    if rank == 0:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(directory):
+            os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(world_size)
 
 
 def load_checkpoint(directory, trainer, rank: int = 0):
-    """Restore `trainer` from save_checkpoint's directory (ValueError on a config mismatch in
-    what decides the model and the data order)."""
+    """Restore `trainer` from save_checkpoint's directory (ValueError when an option that
+    decides the model, the data order or the schedule differs, or a rank's state is missing)."""
     from safetensors.torch import load_file
     state = torch.load(os.path.join(directory, STATE_NAME), weights_only=True)
     saved, current = state["config"], trainer.config_dict()
-    for key in ("data", "language_share", "batch_size", "seed", "steps", "llama", "clip", "dim",
-                "layers", "rank", "experts", "groups", "train_base"):
+    for key in RESUME_KEYS:
         if saved.get(key) != current.get(key):
             raise ValueError(f"--resume {directory}: checkpoint has {key}={saved.get(key)!r}, "
                              f"this run {current.get(key)!r}")
+    rank_path = os.path.join(directory, RANK_NAME.format(rank=rank))
+    if not os.path.exists(rank_path):
+        raise ValueError(f"--resume {directory}: no state for rank {rank} ({rank_path})")
     tensors = load_file(os.path.join(directory, TRAINABLE_NAME))
     parameters = dict(trainer.module.named_parameters())
     missing = sorted(set(tensors) ^ {n for n, p in parameters.items() if p.requires_grad})
@@ -72,10 +101,8 @@ def load_checkpoint(directory, trainer, rank: int = 0):
     trainer.batches.load_state_dict(state["batches"])
     if trainer.monitor is not None and state["monitor"] is not None:
         trainer.monitor.load_state_dict(state["monitor"])
-    trainer.history, trainer.step = state["history"], state["step"]
-    rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_path):
-        rng = torch.load(rng_path, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    rank_state = torch.load(rank_path, weights_only=True)
+    trainer.history, trainer.step = rank_state["history"], state["step"]
+    torch.set_rng_state(rank_state["cpu"])
+    if rank_state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rank_state["cuda"])

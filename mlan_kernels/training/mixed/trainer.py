@@ -24,6 +24,7 @@ from ..balance import FEATURE, LANGUAGE, BalanceMonitor
 from ..scheduler import BalanceScheduler, CosineWithWarmup
 from .batches import batch_to
 from .evaluate import answer_mask, evaluate
+from .config import max_length
 from .model import build_model, param_groups, side_parameters, trains_base
 from .state import load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
@@ -54,7 +55,8 @@ class MixedTrainer:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.device = resolve_device(config.device)
         self.tokenizer = load_tokenizer(config)
-        self.train_set, self.load_reports = self._dataset("train.jsonl"), {}
+        self.load_reports = {}
+        self.train_set = self._dataset("train.jsonl")
         self.eval_set = self._dataset("eval.jsonl")
         text, image = split_by_modality(self.train_set)
         mixture = MixtureSampler(text, image, config.language_share,
@@ -62,6 +64,7 @@ class MixedTrainer:
         self.batches = ModalityLengthBatchSampler(
             mixture, self.train_set.lengths, self.train_set.has_image, config.batch_size,
             world_size=world_size, rank=rank, seed=config.seed)
+        self._check_batches(mixture)
         self.module = build_model(config, self.tokenizer.vocab_size).to(self.device)
         self.image_tokens = self.module.image_token_count
         self.model = self.module
@@ -85,17 +88,36 @@ class MixedTrainer:
                 probe_every=config.probe_every, probe_mode="eval", model=self.module,
                 eps=config.kappa_eps,
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size)))
-        self.step = 0
+        self.step, self.counter = 0, None
         self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
                         "tokens": TokenCounter().as_dict(), "probe_due": False}
+
+    def _check_batches(self, mixture):
+        """ValueError when a modality the mixture draws never fills one global batch (it would
+        silently never train; with no batch at all the run would spin forever)."""
+        has_image = self.train_set.has_image
+        batches = self.batches.global_batches(0)
+        trained = {"text": sum(not has_image[b[0]] for b in batches),
+                   "image": sum(bool(has_image[b[0]]) for b in batches)}
+        for modality, count in mixture.counts.items():
+            if count and not trained[modality]:
+                raise ValueError(
+                    f"--batch-size {self.config.batch_size} x world size {self.world_size}: the "
+                    f"{count} {modality} samples per epoch never fill one global batch, so "
+                    f"{modality} would never train; lower --batch-size or raise --samples-per-epoch")
 
     def _dataset(self, name):
         records, report = load_records(os.path.join(self.config.data, name))
         if self.rank == 0 and report.skipped:
             print(f"{name}: skipped {report.skipped} bad records {report.reasons}")
-        image_size = self._image_size()
-        return InstructionDataset(records, self.tokenizer, image_size=image_size,
-                                  max_length=self.config.max_length)
+        dataset = InstructionDataset(records, self.tokenizer, image_size=self._image_size(),
+                                     max_length=max_length(self.config))
+        if self.rank == 0 and dataset.truncated:
+            print(f"{name}: {dataset.truncated} of {len(dataset)} samples truncated to "
+                  f"--max-length {max_length(self.config)} tokens")
+        self.load_reports[name] = {"loaded": report.loaded, "skipped": report.skipped,
+                                   "reasons": report.reasons, "truncated": dataset.truncated}
+        return dataset
 
     def _image_size(self):
         if self.config.clip:
@@ -105,6 +127,7 @@ class MixedTrainer:
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config) | {"train_base": trains_base(self.config),
+                                                  "max_length": max_length(self.config),
                                                   "world_size": self.world_size}
 
     def autocast(self):
@@ -127,7 +150,7 @@ class MixedTrainer:
             with self.autocast():
                 out = self.model(**inputs)
             (out.loss / self.config.grad_accum).backward()
-        return inputs, out
+        return inputs, out, bool(batch["has_image"].any())        # host tensor: no sync
 
     def train_step(self, batch_iter, counter):
         """One optimizer step; returns (loss, probe record or None)."""
@@ -135,14 +158,17 @@ class MixedTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = 0.0
         for micro in range(config.grad_accum):
-            inputs, out = self._micro_step(next(batch_iter), counter, micro + 1 == config.grad_accum)
+            inputs, out, image_batch = self._micro_step(next(batch_iter), counter,
+                                                        micro + 1 == config.grad_accum)
             loss += float(out.loss.detach()) / config.grad_accum
-        if self.monitor is not None:
+        if self.monitor is not None and self._probe_now(image_batch):
             labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
                                                  inputs["has_image"])
             self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels),
-                                     probe=self._probe_now(inputs))
-        norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm)
+                                     probe=True)
+        elif self.monitor is not None:
+            self.monitor.before_step(self.step, inputs, out.logits, probe=False)
+        norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm or None)
         self.optimizer.step()
         record = None
         if self.monitor is not None:
@@ -150,18 +176,18 @@ class MixedTrainer:
             record = self.monitor.after_step(loss=loss, m_feat=multipliers[FEATURE],
                                              m_lang=multipliers[LANGUAGE],
                                              grad_norm_feat=norms[0], grad_norm_lang=norms[1],
-                                             image_batch=float(inputs["has_image"].any()))
+                                             image_batch=float(image_batch))
             if record is not None:
                 self.scheduler.update_kappa(record["kappa_ema"])
         self.history["lr"].append(self.scheduler.get_last_lr()[-1])
         self.scheduler.step()
         return loss, record
 
-    def _probe_now(self, inputs) -> bool:
+    def _probe_now(self, image_batch: bool) -> bool:
         """Probe when one is due (every probe_every steps) and, with probe_on="image", the
         batch is image-text; otherwise the due probe waits for the next such batch."""
         self.history["probe_due"] = self.history["probe_due"] or self.step % self.config.probe_every == 0
-        if self.history["probe_due"] and (self.config.probe_on == "any" or bool(inputs["has_image"].any())):
+        if self.history["probe_due"] and (self.config.probe_on == "any" or image_batch):
             self.history["probe_due"] = False
             return True
         return False
@@ -179,8 +205,8 @@ class MixedTrainer:
         config = self.config
         if config.resume:
             load_checkpoint(config.resume, self, self.rank)
-        counter = TokenCounter(**{key: value for key, value in self.history["tokens"].items()
-                                  if key != "total_tokens"})
+        counter = self.counter = TokenCounter(**{key: value for key, value in self.history["tokens"].items()
+                                                 if key != "total_tokens"})
         batch_iter = self._batches()
         end = config.steps if not stop_after else min(config.steps, self.step + stop_after)
         bar = tqdm(total=end, initial=self.step, disable=not config.progress or self.rank != 0,
@@ -204,8 +230,8 @@ class MixedTrainer:
             if self.step % config.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history['lr'][-1]:.2e}")
         bar.close()
-        self.history["tokens"] = counter.as_dict()
-        if self.step >= config.steps:
+        last_eval = self.history["eval"][-1]["step"] if self.history["eval"] else None
+        if self.step >= config.steps and last_eval != self.step:
             self._record_eval()
         self.save()
         totals = self._across_ranks()
@@ -231,10 +257,10 @@ class MixedTrainer:
             torch.distributed.barrier()
 
     def save(self, directory=None):
-        directory = directory or os.path.join(self.config.out, "checkpoint")
-        save_checkpoint(directory, self, self.rank)
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        if getattr(self, "counter", None) is not None:
+            self.history["tokens"] = self.counter.as_dict()
+        save_checkpoint(directory or os.path.join(self.config.out, "checkpoint"), self,
+                        self.rank, self.world_size)
 
     def rank_weight_difference(self) -> float:
         """max |w_rank - w_rank0| over all trainable parameters (0.0 when ranks agree)."""
