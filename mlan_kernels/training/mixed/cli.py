@@ -9,6 +9,7 @@ a checkpoint directory (adapters/ in safetensors + exact-resume state), and with
 shares OUT/results.json + OUT/shares.png; prints a results table.
 """
 import dataclasses
+import datetime
 import json
 import os
 import statistics
@@ -36,7 +37,9 @@ def init_distributed(config):
         config.device = f"cuda:{torch.cuda.current_device()}"
     elif not config.threads:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    # rank 0 evaluates while the others wait at a barrier: allow long evaluations
+    torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                         timeout=datetime.timedelta(minutes=60))
     return rank, world_size
 
 
