@@ -9,7 +9,7 @@ any other e starts that epoch from 0.
 Caveat: a DataLoader with workers pulls items ahead of training; to resume exactly, save
 {"epoch": e, "position": items_trained_on} rather than the sampler's own count.
 """
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -25,12 +25,10 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 class EpochState:
     """Mixin (list it before torch's Sampler): subclasses define `_epoch_items(epoch) -> list`
-    and `__len__`; this gives set_epoch, __iter__, state_dict, load_state_dict."""
+    (the epoch's items, in order) and `__len__`; this gives set_epoch, __iter__, state_dict,
+    load_state_dict."""
     epoch: int = 0
     position: int = 0
-
-    def _epoch_items(self, epoch: int) -> Sequence:
-        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         epoch = check_int("epoch", epoch)

@@ -166,8 +166,6 @@ class MixedTrainer:
                                                  inputs["has_image"])
             self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels),
                                      probe=True)
-        elif self.monitor is not None:
-            self.monitor.before_step(self.step, inputs, out.logits, probe=False)
         norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm or None)
         self.optimizer.step()
         record = None
