@@ -13,7 +13,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ..ops.kl_div import fused_linear_kl, kl_div_logits
+from ..ops.fused_linear_kl import fused_linear_kl
+from ..ops.kl_div import kl_div_logits
 from ..reference_kl import kl_div_logits_reference
 from . import traffic
 from .cases import TOLERANCE, Case, autograd_impl, compiled, copy_impl

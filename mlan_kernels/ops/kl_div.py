@@ -11,10 +11,7 @@ the only fp64 path). `kl_div_logits` (the user API) applies the reduction and th
 torch.compile split of ops/mm_adapter.py: a plain autograd.Function eagerly, the registered
 custom op (fake + autograd) while compiling.
 
-    torch.ops.mlan.fused_linear_kl(hidden_p [T, H], hidden_q [T, H], weight [V, H], chunk_size,
-                                   backend) -> (kl [T], lse_p [T], lse_q [T])
-computes the same KL of logits hidden·weightᵀ without ever holding more than chunk_size rows
-of logits (the backward recomputes them chunk by chunk), like Liger's fused linear CE.
+The fused linear + KL op (logits computed chunk by chunk) is in ops/fused_linear_kl.py.
 """
 import functools
 import importlib.util
@@ -89,22 +86,27 @@ def _chunked_forward(logits_p, logits_q, mask):
         log_p, block_lse_p = _log_probs(logits_p[rows], dtype)
         log_q, block_lse_q = _log_probs(logits_q[rows], dtype)
         prob_p = log_p.exp()
-        kl[rows] = torch.where(prob_p > 0, prob_p * (log_p - log_q), 0.0).sum(-1)
+        kl[rows] = log_p.sub_(log_q).mul_(prob_p).masked_fill_(prob_p.gt(0).logical_not_(), 0.0).sum(-1)
         lse_p[rows], lse_q[rows] = block_lse_p, block_lse_q
     return kl, lse_p, lse_q
 
 
-def _chunked_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl):
+def _chunked_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False):
     dtype = compute_dtype(logits_p.dtype)
-    grad_p, grad_q = torch.zeros_like(logits_p), torch.zeros_like(logits_q)
+    if inplace:              # each block is read in full before its gradients are written
+        grad_p, grad_q = logits_p, logits_q
+    else:
+        grad_p, grad_q = torch.zeros_like(logits_p), torch.zeros_like(logits_q)
     for rows in _row_blocks(logits_p.shape[0], mask, CHUNK_ROWS):
-        log_p = logits_p[rows].to(dtype) - lse_p[rows, None]
-        log_q = logits_q[rows].to(dtype) - lse_q[rows, None]
-        prob_p, prob_q = log_p.exp(), log_q.exp()
-        diff = torch.where(prob_p > 0, log_p - log_q, 0.0)
+        # three [rows, V] blocks in the compute dtype, updated in place
+        diff = logits_p[rows].to(dtype) - lse_p[rows, None]           # log p
+        prob_q = logits_q[rows].to(dtype) - lse_q[rows, None]         # log q
+        prob_p = diff.exp()
+        diff.sub_(prob_q).masked_fill_(prob_p.gt(0).logical_not_(), 0.0)   # log p − log q where p > 0
         grad = grad_kl[rows, None].to(dtype)
-        grad_p[rows] = (grad * prob_p * (diff - kl[rows, None])).to(grad_p.dtype)
-        grad_q[rows] = (grad * (prob_q - prob_p)).to(grad_q.dtype)
+        prob_q.exp_().sub_(prob_p).mul_(grad)                          # grad · (q − p)
+        grad_p[rows] = diff.sub_(kl[rows, None]).mul_(prob_p).mul_(grad).to(grad_p.dtype)
+        grad_q[rows] = prob_q.to(grad_q.dtype)
     return grad_p, grad_q
 
 
@@ -120,11 +122,14 @@ def _triton_forward(logits_p, logits_q, mask):
     return kl, lse_p, lse_q
 
 
-def _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl):
+def _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False):
     from ..triton.kl_kernels import kl_backward_kernel
     total, vocab = logits_p.shape
-    grad_p = torch.empty(total, vocab, dtype=logits_p.dtype, device=logits_p.device)
-    grad_q = torch.empty(total, vocab, dtype=logits_q.dtype, device=logits_q.device)
+    if inplace:              # each program loads a vocabulary block before storing over it
+        grad_p, grad_q = logits_p, logits_q
+    else:
+        grad_p = torch.empty(total, vocab, dtype=logits_p.dtype, device=logits_p.device)
+        grad_q = torch.empty(total, vocab, dtype=logits_q.dtype, device=logits_q.device)
     block, warps = _triton_block(vocab, logits_p.device)
     mask_u8 = None if mask is None else mask.to(torch.uint8)
     kl_backward_kernel[(total,)](grad_kl.contiguous(), logits_p, logits_q, mask_u8, lse_p, lse_q,
@@ -148,14 +153,21 @@ def kl_rows_forward(logits_p, logits_q, mask, backend="auto"):
     return _chunked_forward(logits_p, logits_q, mask)
 
 
-def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto"):
-    """(∂logits_p, ∂logits_q) [T, V] in the logits' dtypes of Σ_t grad_kl[t]·KL_t."""
+def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto",
+                     inplace=False):
+    """(∂logits_p, ∂logits_q) [T, V] in the logits' dtypes of Σ_t grad_kl[t]·KL_t.
+
+    inplace=True writes the gradients over logits_p and logits_q (which must be contiguous, with
+    mask None: every row is overwritten) and returns them: no [T, V] allocation at all.
+    """
+    if inplace and (mask is not None or not (logits_p.is_contiguous() and logits_q.is_contiguous())):
+        raise ValueError("inplace=True needs contiguous logits and mask=None")
     if logits_p.numel() == 0:
-        return torch.zeros_like(logits_p), torch.zeros_like(logits_q)
+        return (logits_p, logits_q) if inplace else (torch.zeros_like(logits_p), torch.zeros_like(logits_q))
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
-    if select_kl_backend(logits_p.device, logits_p.dtype, backend) == "triton":
-        return _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl)
-    return _chunked_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl)
+    backward = (_triton_backward if select_kl_backend(logits_p.device, logits_p.dtype, backend) == "triton"
+                else _chunked_backward)
+    return backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=inplace)
 
 
 @torch.library.custom_op("mlan::kl_div_logits", mutates_args=())
@@ -255,113 +267,3 @@ def kl_div_logits(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = N
     rows = kl_rows(logits_p.reshape(-1, vocab), logits_q.reshape(-1, vocab), flat_mask, backend)
     out = reduce_rows(rows, flat_mask, reduction)
     return out.reshape(logits_p.shape[:-1]) if reduction == "none" else out
-
-
-def _token_chunks(total: int, chunk_size: int):
-    return [slice(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
-
-
-def fused_linear_kl_forward(hidden_p, hidden_q, weight, chunk_size, backend="auto"):
-    """(kl, lse_p, lse_q) [T] of logits hidden_{p,q} [T, H] · weight [V, H]ᵀ, chunk by chunk."""
-    dtype = compute_dtype(hidden_p.dtype)
-    outputs = [hidden_p.new_zeros(hidden_p.shape[0], dtype=dtype) for _ in range(3)]
-    for rows in _token_chunks(hidden_p.shape[0], chunk_size):
-        chunk = kl_rows_forward(hidden_p[rows] @ weight.t(), hidden_q[rows] @ weight.t(), None, backend)
-        for out, value in zip(outputs, chunk):
-            out[rows] = value
-    return tuple(outputs)
-
-
-def fused_linear_kl_backward(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size,
-                             backend="auto"):
-    """(∂hidden_p, ∂hidden_q, ∂weight): logits recomputed per chunk, ∂weight accumulated in fp32."""
-    grad_hidden_p, grad_hidden_q = torch.empty_like(hidden_p), torch.empty_like(hidden_q)
-    grad_weight = torch.zeros_like(weight, dtype=compute_dtype(weight.dtype))
-    for rows in _token_chunks(hidden_p.shape[0], chunk_size):
-        grad_logits_p, grad_logits_q = kl_rows_backward(
-            grad_kl[rows], hidden_p[rows] @ weight.t(), hidden_q[rows] @ weight.t(), None,
-            lse_p[rows], lse_q[rows], kl[rows], backend)
-        grad_hidden_p[rows] = grad_logits_p @ weight
-        grad_hidden_q[rows] = grad_logits_q @ weight
-        grad_weight += (grad_logits_p.t() @ hidden_p[rows] + grad_logits_q.t() @ hidden_q[rows]).to(grad_weight.dtype)
-    return grad_hidden_p, grad_hidden_q, grad_weight.to(weight.dtype)
-
-
-@torch.library.custom_op("mlan::fused_linear_kl", mutates_args=())
-def fused_linear_kl_op(hidden_p: Tensor, hidden_q: Tensor, weight: Tensor, chunk_size: int,
-                       backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    return fused_linear_kl_forward(hidden_p, hidden_q, weight, chunk_size, backend)
-
-
-@fused_linear_kl_op.register_fake
-def _(hidden_p, hidden_q, weight, chunk_size, backend="auto"):
-    rows = hidden_p.new_empty(hidden_p.shape[0], dtype=compute_dtype(hidden_p.dtype))
-    return rows, torch.empty_like(rows), torch.empty_like(rows)
-
-
-@torch.library.custom_op("mlan::fused_linear_kl_backward", mutates_args=())
-def fused_linear_kl_backward_op(grad_kl: Tensor, hidden_p: Tensor, hidden_q: Tensor, weight: Tensor,
-                                lse_p: Tensor, lse_q: Tensor, kl: Tensor, chunk_size: int,
-                                backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    return fused_linear_kl_backward(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl,
-                                    chunk_size, backend)
-
-
-@fused_linear_kl_backward_op.register_fake
-def _(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size, backend="auto"):
-    return torch.empty_like(hidden_p), torch.empty_like(hidden_q), torch.empty_like(weight)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    hidden_p, hidden_q, weight, chunk_size, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.mark_non_differentiable(lse_p, lse_q)
-    ctx.save_for_backward(hidden_p, hidden_q, weight, lse_p, lse_q, kl)
-    ctx.hyper = (chunk_size, backend)
-    ctx.traced = True
-
-
-def _linear_backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
-    backward = fused_linear_kl_backward_op if ctx.traced else fused_linear_kl_backward
-    return (*backward(grad_kl.contiguous(), *ctx.saved_tensors, *ctx.hyper), None, None)
-
-
-fused_linear_kl_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
-
-
-_EagerFusedLinearKL = eager_function("_EagerFusedLinearKL", fused_linear_kl_forward,
-                                     _linear_setup_context, _linear_backward)
-
-
-def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
-                    mask: Optional[Tensor] = None, reduction: str = "batchmean",
-                    chunk_size: int = 1024, backend: str = "auto") -> Tensor:
-    """KL(softmax(hidden_p Wᵀ) ‖ softmax(hidden_q Wᵀ)) per token without full [T, V] logits.
-
-    hidden_p, hidden_q: [..., H] (same shape/dtype); lm_head_weight W: [V, H] in their dtype;
-    mask: [...] bool (tokens to include; the others are dropped before any GEMM);
-    chunk_size: tokens per chunk: peak extra memory is O(chunk_size·V) in forward and backward
-    (the backward recomputes each chunk's logits). Differentiable w.r.t. all three tensors.
-    Returns what kl_div_logits(hidden_p Wᵀ, hidden_q Wᵀ, mask, reduction) returns.
-    """
-    validate_kl_args(hidden_p, hidden_q, mask, reduction, backend, names=("hidden_p", "hidden_q"))
-    if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2:
-        raise ValueError("lm_head_weight must be a [V, H] tensor")
-    if hidden_p.shape[-1:] != lm_head_weight.shape[1:]:
-        raise ValueError(f"hidden_p must be [..., H] with H = lm_head_weight.shape[1] = "
-                         f"{lm_head_weight.shape[1]}")
-    if lm_head_weight.dtype != hidden_p.dtype:
-        raise TypeError(f"lm_head_weight must have hidden_p's dtype {hidden_p.dtype}, got {lm_head_weight.dtype}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    width = hidden_p.shape[-1]
-    flat_p, flat_q = hidden_p.reshape(-1, width), hidden_q.reshape(-1, width)
-    flat_mask = None if mask is None else mask.reshape(-1).to(device=hidden_p.device, dtype=torch.bool)
-    if flat_mask is not None:
-        flat_p, flat_q = flat_p[flat_mask], flat_q[flat_mask]
-    apply = choose_apply(fused_linear_kl_op, _EagerFusedLinearKL)
-    rows = apply(flat_p, flat_q, lm_head_weight, chunk_size, backend)[0]
-    if flat_mask is not None:
-        rows = rows.new_zeros(flat_mask.shape[0]).masked_scatter(flat_mask, rows)
-    out = reduce_rows(rows, flat_mask, reduction)
-    return out.reshape(hidden_p.shape[:-1]) if reduction == "none" else out
