@@ -142,6 +142,22 @@ def test_row_backward_in_place_rejects_a_mask():
                          torch.zeros(2), torch.zeros(2), torch.zeros(2), "chunked", inplace=True)
 
 
+@pytest.mark.parametrize("tokens, hidden, vocab, expected", [
+    (4096, 512, 32000, 128), (8192, 4096, 32000, 1024), (10, 16, 300, 64), (0, 16, 300, 64)])
+def test_auto_chunk_size_follows_the_documented_rule(tokens, hidden, vocab, expected):
+    assert fused_linear_kl_module.auto_chunk_size(tokens, hidden, vocab) == expected
+
+
+def test_default_chunk_is_the_auto_chunk(monkeypatch):
+    inputs = make_inputs(tokens=200, hidden=8, vocab=64)
+    chunk_sizes = []
+    token_chunks = fused_linear_kl_module._token_chunks
+    monkeypatch.setattr(fused_linear_kl_module, "_token_chunks",
+                        lambda total, size: chunk_sizes.append(size) or token_chunks(total, size))
+    torch.testing.assert_close(fused_linear_kl(*inputs), fused_linear_kl(*inputs, chunk_size=64))
+    assert chunk_sizes == [64, 64]        # 200 · 8 / 64 = 25 tokens -> the 64-token minimum
+
+
 def test_opcheck():
     hidden_p, hidden_q, weight = (t.detach() for t in make_inputs(tokens=6, vocab=20))
     torch.library.opcheck(fused_linear_kl_op, (hidden_p.requires_grad_(), hidden_q.requires_grad_(),
@@ -172,7 +188,7 @@ def test_gpu_peak_memory_bf16():
     Each path runs once first, so one-time cuBLAS workspaces are not charged to either."""
     tokens, hidden, vocab = 4096, 512, 32000
     inputs = [t.detach().cuda().requires_grad_() for t in make_inputs(tokens, hidden, vocab, torch.bfloat16)]
-    paths = (("fused", lambda: fused_linear_kl(*inputs, chunk_size=256)),
+    paths = (("fused", lambda: fused_linear_kl(*inputs)),          # auto chunk: 128
              ("unfused", lambda: kl_div_logits(inputs[0] @ inputs[2].t(), inputs[1] @ inputs[2].t())))
     peaks = {}
     for warm_up in (True, False):

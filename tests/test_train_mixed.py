@@ -1,5 +1,5 @@
 """The mixed-modality training program (mlan_kernels/training/mixed): learning, exact resume,
-DDP on gloo with 2 processes, local HF checkpoints, option errors. Tiny models, tiny data."""
+DDP on gloo with 2 processes, sharded evaluation, local HF checkpoints, option errors. Tiny models, tiny data."""
 import json
 import os
 import subprocess
@@ -8,9 +8,12 @@ import sys
 import pytest
 import torch
 
+from mlan_kernels.data.dataset import split_by_modality
 from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training.mixed.cli import main
 from mlan_kernels.training.mixed.config import build_parser, config_from_args
+from mlan_kernels.training.mixed.evaluate import evaluation_counts, merge_counts, summarize_counts
+from mlan_kernels.training.mixed.trainer import MixedTrainer, task_of
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--clip-layers", "4",
         "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--eval-samples", "8",
@@ -113,6 +116,31 @@ def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
     assert run["rank_weight_max_diff"] == 0.0
     tokens = run["tokens"]
     assert tokens["samples_text"] + tokens["samples_image"] == 4 * 2 * 4 * 2   # steps·accum·batch·ranks
+    final = run["final_eval"]                 # sharded over the ranks, merged: every sample once
+    assert final["text"]["samples"] == final["image"]["samples"] == 8
+
+
+def test_sharded_evaluation_equals_one_process(data, tmp_path):
+    """What each DDP rank evaluates (every world_size-th held-out sample), merged, equals one
+    process evaluating everything: same per-task tallies, same token loss (batching differs)."""
+    config = config_from_args(build_parser().parse_args(
+        ["--data", data, "--out", str(tmp_path), *TINY, "--steps", "30", "--no-plots"]))
+    trainer = MixedTrainer(config)
+    trainer.train()
+    text, image = split_by_modality(trainer.eval_set)
+    def counts(text_indices, image_indices):
+        return evaluation_counts(trainer.module, trainer.eval_set,
+                                 {"text": text_indices, "image": image_indices}, 3, trainer.device,
+                                 trainer.tokenizer.pad_id, trainer.autocast, group_of=task_of)
+    full = counts(text, image)
+    merged = merge_counts([counts(text[rank::3], image[rank::3]) for rank in range(3)])
+    for modality in ("text", "image"):
+        assert merged[modality]["by_task"] == full[modality]["by_task"]
+        assert merged[modality]["tokens"] == full[modality]["tokens"] > 0
+        assert merged[modality]["loss_sum"] == pytest.approx(full[modality]["loss_sum"], rel=1e-5)
+    summary = summarize_counts(full)
+    assert summary["text"]["samples"] == len(text) and summary["image"]["samples"] == len(image)
+    assert summary["text"]["loss"] == pytest.approx(full["text"]["loss_sum"] / full["text"]["tokens"])
 
 
 def test_local_hf_checkpoints_train_only_adapters(data, tmp_path):

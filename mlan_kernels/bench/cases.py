@@ -49,7 +49,7 @@ SHAPES = {
         "paper": {"mm_adapter": [dict(tokens=n, dim=d, groups=2, routing="mixed")
                                  for d in (1024, 4096) for n in (512, 2048)],
                   "kl_div": [dict(tokens=t, vocab=32000) for t in (32, 128)],
-                  "fused_linear_kl": [dict(tokens=64, hidden=256, vocab=8192)],
+                  "fused_linear_kl": [dict(tokens=512, hidden=256, vocab=8192)],
                   "scale_grads": [dict(model="lavin-7b")]},
     },
 }

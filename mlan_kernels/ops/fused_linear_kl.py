@@ -26,6 +26,18 @@ from ._custom_op import choose_apply, eager_function
 from .kl_div import kl_rows_backward, kl_rows_forward, validate_kl_args
 
 WEIGHT_GRAD_BLOCK = 4096    # vocabulary rows per ∂weight partial product (bf16/fp16 weights)
+MIN_AUTO_CHUNK = 64         # smallest automatic chunk: keeps each GEMM at least 64 rows tall
+
+
+def auto_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk when chunk_size=None: Liger's rule, one chunk's [chunk, V] logits about
+    the size of the [T, H] hidden states (next power of 2 of T / ceil(V / H)), and at least
+    MIN_AUTO_CHUNK. E.g. T=4096, H=512, V=32000 -> 128; T=8192, H=4096, V=32000 -> 1024."""
+    target = -(-tokens // -(-vocab // max(hidden, 1)))
+    chunk = MIN_AUTO_CHUNK
+    while chunk < target:
+        chunk *= 2
+    return chunk
 
 
 def _token_chunks(total: int, chunk_size: int):
@@ -126,13 +138,15 @@ _EagerFusedLinearKL = eager_function("_EagerFusedLinearKL", fused_linear_kl_forw
 
 def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
                     mask: Optional[Tensor] = None, reduction: str = "batchmean",
-                    chunk_size: int = 1024, backend: str = "auto") -> Tensor:
+                    chunk_size: Optional[int] = None, backend: str = "auto") -> Tensor:
     """KL(softmax(hidden_p Wᵀ) ‖ softmax(hidden_q Wᵀ)) per token without full [T, V] logits.
 
     hidden_p, hidden_q: [..., H] (same shape/dtype); lm_head_weight W: [V, H] in their dtype;
     mask: [...] bool (tokens to include; the others are dropped before any GEMM);
-    chunk_size: tokens per chunk: peak extra memory is O(chunk_size·V) in forward and backward
-    (the backward recomputes each chunk's logits). Differentiable w.r.t. all three tensors.
+    chunk_size: tokens per chunk (None: auto_chunk_size(T, H, V)). Extra memory beyond inputs and
+    outputs is 2·chunk_size·V logits in the weight dtype plus, in the backward, a V·H fp32 ∂weight
+    accumulator (the backward recomputes each chunk's logits; see the module docstring).
+    Differentiable w.r.t. all three tensors.
     Returns what kl_div_logits(hidden_p Wᵀ, hidden_q Wᵀ, mask, reduction) returns.
     """
     validate_kl_args(hidden_p, hidden_q, mask, reduction, backend, names=("hidden_p", "hidden_q"))
@@ -143,9 +157,11 @@ def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
                          f"{lm_head_weight.shape[1]}")
     if lm_head_weight.dtype != hidden_p.dtype:
         raise TypeError(f"lm_head_weight must have hidden_p's dtype {hidden_p.dtype}, got {lm_head_weight.dtype}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     width = hidden_p.shape[-1]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(hidden_p.numel() // max(width, 1), width, lm_head_weight.shape[0])
     flat_p, flat_q = hidden_p.reshape(-1, width), hidden_q.reshape(-1, width)
     flat_mask = None if mask is None else mask.reshape(-1).to(device=hidden_p.device, dtype=torch.bool)
     if flat_mask is not None:

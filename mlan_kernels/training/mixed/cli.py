@@ -37,7 +37,7 @@ def init_distributed(config):
         config.device = f"cuda:{torch.cuda.current_device()}"
     elif not config.threads:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    # rank 0 evaluates while the others wait at a barrier: allow long evaluations
+    # rank 0 writes checkpoints and plots while the others wait at a barrier: allow slow disks
     torch.distributed.init_process_group("nccl" if cuda else "gloo",
                                          timeout=datetime.timedelta(minutes=60))
     return rank, world_size

@@ -23,7 +23,7 @@ from ...ops.grad_scale import scale_grads_
 from ..balance import FEATURE, LANGUAGE, BalanceMonitor
 from ..scheduler import BalanceScheduler, CosineWithWarmup
 from .batches import batch_to
-from .evaluate import answer_mask, evaluate
+from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
 from .config import max_length
 from .model import build_model, param_groups, side_parameters, trains_base
 from .state import load_checkpoint, save_checkpoint
@@ -191,11 +191,19 @@ class MixedTrainer:
         return False
 
     def evaluate(self):
+        """Held-out results; under DDP each rank evaluates every world_size-th sample and the
+        counts are merged, so every rank returns the same dict."""
         text, image = split_by_modality(self.eval_set)
-        cap = self.config.eval_samples
-        return evaluate(self.module, self.eval_set, {"text": text[:cap], "image": image[:cap]},
-                        self.config.batch_size, self.device, self.tokenizer.pad_id, self.autocast,
-                        group_of=task_of)
+        cap, shard = self.config.eval_samples, slice(self.rank, None, self.world_size)
+        counts = evaluation_counts(self.module, self.eval_set,
+                                   {"text": text[:cap][shard], "image": image[:cap][shard]},
+                                   self.config.batch_size, self.device, self.tokenizer.pad_id,
+                                   self.autocast, group_of=task_of)
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, counts)
+            counts = merge_counts(gathered)
+        return summarize_counts(counts)
 
     def train(self, stop_after: int = 0):
         """Train to config.steps (or `stop_after` more steps, then checkpoint); rank 0 returns
@@ -249,10 +257,7 @@ class MixedTrainer:
         return {"tokens": tokens, "loss": losses, "rank_weight_max_diff": self.rank_weight_difference()}
 
     def _record_eval(self):
-        if self.rank == 0:
-            self.history["eval"].append({"step": self.step, **self.evaluate()})
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        self.history["eval"].append({"step": self.step, **self.evaluate()})
 
     def save(self, directory=None):
         if getattr(self, "counter", None) is not None:
