@@ -50,6 +50,17 @@ def test_equals_unfused_values_and_gradients(backend, reduction):
         torch.testing.assert_close(grad.double(), reference, rtol=1e-4, atol=1e-6)
 
 
+def test_non_contiguous_hidden_states():
+    generator = torch.Generator().manual_seed(1)
+    hidden_p = torch.randn(16, 12, generator=generator, dtype=torch.float64).t().requires_grad_()
+    hidden_q = (hidden_p.detach() + 0.1 * torch.randn(12, 16, generator=generator, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(40, 16, generator=generator, dtype=torch.float64).requires_grad_()
+    got = torch.autograd.grad(fused_linear_kl(hidden_p, hidden_q, weight, chunk_size=5), (hidden_p, hidden_q, weight))
+    expected = torch.autograd.grad(unfused(hidden_p, hidden_q, weight), (hidden_p, hidden_q, weight))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_gradcheck_fp64():
     inputs = [t.detach().double()[:, :] for t in make_inputs(tokens=5, hidden=4, vocab=7)]
     inputs = [t.requires_grad_() for t in inputs]

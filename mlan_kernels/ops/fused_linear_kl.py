@@ -75,7 +75,8 @@ def _accumulate_weight_grad(grad_weight, grad_logits, inputs):
 def fused_linear_kl_backward(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size,
                              backend="auto"):
     """(∂hidden_p, ∂hidden_q, ∂weight): logits recomputed per chunk, ∂weight accumulated in fp32."""
-    grad_hidden_p, grad_hidden_q = torch.empty_like(hidden_p), torch.empty_like(hidden_q)
+    grad_hidden_p, grad_hidden_q = (torch.empty_like(h, memory_format=torch.contiguous_format)
+                                    for h in (hidden_p, hidden_q))     # mm(out=rows) needs dense rows
     grad_weight = torch.zeros_like(weight, dtype=compute_dtype(weight.dtype))
     for rows in _token_chunks(hidden_p.shape[0], chunk_size):
         inputs = _both_sides(hidden_p, hidden_q, rows)                           # [2n, H]
