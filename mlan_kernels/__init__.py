@@ -2,7 +2,7 @@
 from . import dispatch, reference, training
 from .checkpoint import load_adapters, load_lavin_adapters, save_adapters
 from .integrations import (merge_adapters, patch_clip_vision, patch_llama, record_routing_weights,
-                           set_backend, unmerge_adapters, unpatch)
+                           set_backend, unmerge_adapters, unpatch, unpatched)
 from .integrations.lavin import LavinModel, build_lavin
 from .modules import MMAdapter
 from .ops import fused_linear_kl, kl_div_logits, mm_adapter, scale_grads_
@@ -10,7 +10,7 @@ from .summary import count_trainable_parameters, summary
 
 __version__ = "0.1.0"
 __all__ = ["MMAdapter", "mm_adapter", "dispatch", "reference", "patch_llama", "patch_clip_vision",
-           "unpatch", "merge_adapters", "unmerge_adapters", "record_routing_weights", "set_backend",
+           "unpatch", "unpatched", "merge_adapters", "unmerge_adapters", "record_routing_weights", "set_backend",
            "LavinModel", "build_lavin", "save_adapters", "load_adapters", "load_lavin_adapters",
            "summary", "count_trainable_parameters", "training", "kl_div_logits", "fused_linear_kl",
            "scale_grads_", "__version__"]

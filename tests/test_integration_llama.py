@@ -1,12 +1,12 @@
 """patch_llama / patch_clip_vision / unpatch on tiny random HuggingFace models (CPU, no downloads):
-identity at init, bit-identical unpatch, idempotence, freezing, backends, gradient
+identity at init, bit-identical unpatch, `unpatched` for save_pretrained, idempotence, freezing, backends, gradient
 checkpointing, torch.compile, dtype moves, KV-cache generation, merge/unmerge."""
 import pytest
 import torch
 
 from mlan_kernels.integrations import (AdaptedNorm, adapters, is_merged, merge_adapters,
                                        patch_clip_vision, patch_llama, record_routing_weights,
-                                       set_backend, unmerge_adapters, unpatch)
+                                       set_backend, unmerge_adapters, unpatch, unpatched)
 from mlan_kernels.integrations.extras import preferred_attn_implementation
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 
@@ -55,6 +55,39 @@ def test_identity_at_init_and_unpatch_is_bit_identical(placement):
     assert not any(isinstance(m, AdaptedNorm) for m in model.modules())
     assert torch.equal(model(ids).logits, base)
     assert flags == {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def test_save_pretrained_inside_unpatched_writes_the_base(tmp_path):
+    """with unpatched(model): save_pretrained -> the base's keys, reloadable as the base; on exit
+    the same adapters are back (outputs, trainability, identity of the modules)."""
+    from transformers import LlamaForCausalLM
+    model, ids = tiny_llama(), token_ids()
+    base_logits, base_keys = model(ids).logits, set(model.state_dict())
+    patch_llama(model, placement="block")
+    randomize_adapters(model)
+    patched_logits, before = model(ids).logits, dict(adapters(model))
+    with unpatched(model) as inner:
+        assert inner is model and set(model.state_dict()) == base_keys
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+        model.save_pretrained(tmp_path)
+    assert adapters(model) == before and all(a.up.weight.requires_grad for a in before.values())
+    torch.testing.assert_close(model(ids).logits, patched_logits, rtol=0, atol=0)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    torch.testing.assert_close(reloaded(ids).logits, base_logits, rtol=0, atol=0)
+
+
+def test_unpatched_refuses_merged_adapters():
+    model, ids = tiny_llama(), token_ids()
+    patch_llama(model)
+    randomize_adapters(model)
+    merge_adapters(model, torch.tensor([1.0, 0.0]))
+    with pytest.raises(RuntimeError, match="call unmerge_adapters"):
+        with unpatched(model):
+            pass
+    unmerge_adapters(model)
+    with unpatched(model):
+        assert not any(isinstance(m, AdaptedNorm) for m in model.modules())
+    assert any(isinstance(m, AdaptedNorm) for m in model.modules())
 
 
 def test_patch_is_idempotent_and_rejects_other_hyperparameters():

@@ -17,6 +17,7 @@ from .clip import patch_clip_vision
 from .llama import patch_llama
 from .merge import merge_adapters, unmerge_adapters
 from .patching import freeze_all_but_adapters, record_routing_weights
+from .sampling import check_sampling_args, next_tokens
 
 IGNORE_INDEX = -100
 MODALITIES = {"text": 0, "image": 1}
@@ -162,14 +163,18 @@ class LavinModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, has_image=None, max_new_tokens=16,
-                 use_cache=True, eos_token_id=None):
-        """Greedy decoding -> new tokens [B, max_new_tokens] (eos_token_id pads finished rows).
+                 use_cache=True, eos_token_id=None, temperature=0.0, top_p=1.0, generator=None):
+        """Decoding -> new tokens [B, max_new_tokens] (eos_token_id pads finished rows).
 
+        temperature 0 (default): greedy. temperature > 0: nucleus sampling with top_p, drawn
+        with `generator` (integrations/sampling.py: the rule of LaVIN's lavin/generator.py,
+        whose defaults are temperature 0.8, top_p 0.95).
         All samples must have the same assembled length (no padding): batch by modality and
         prompt length. With use_cache the LLaMA adapters use routing weights cached at prefill;
         without it every step recomputes the whole sequence (the same tokens).
         """
         from transformers import DynamicCache
+        check_sampling_args(temperature, top_p)
         if has_image is None:
             has_image = torch.full((input_ids.shape[0],), pixel_values is not None)
         has_image = torch.as_tensor(has_image, dtype=torch.bool, device=input_ids.device)
@@ -183,7 +188,7 @@ class LavinModel(nn.Module):
         logits = self.llama(inputs_embeds=inputs["inputs_embeds"], past_key_values=cache,
                             attention_mask=inputs["attention_mask"], use_cache=use_cache).logits
         for step in range(max_new_tokens):
-            next_token = logits[:, -1].argmax(-1)
+            next_token = next_tokens(logits[:, -1], temperature, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                 finished |= next_token == eos_token_id

@@ -19,6 +19,7 @@ layer's KV cache and sets `phase` on its AdaptedNorms:
     "prefill" cache present but empty             -> router on x[:, 0], weights cached
     "decode"  cache already holds this layer's KV -> the cached [B, E] weights
 """
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -254,6 +255,40 @@ def freeze_all_but_adapters(model: nn.Module, extra=()):
         module.requires_grad_(True)
 
 
+def _swap_in_norms(record) -> list:
+    """Put each wrapped norm of a patch record back in its layer -> [(layer, attribute, AdaptedNorm)]."""
+    swapped = []
+    for layer in record["layers"]:
+        for site in record["sites"]:
+            adapted = getattr(layer, site.norm_attribute)
+            if isinstance(adapted, AdaptedNorm):
+                setattr(layer, site.norm_attribute, adapted.norm)
+                swapped.append((layer, site.norm_attribute, adapted))
+    return swapped
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module):
+    """The base model's module tree while inside: every AdaptedNorm is swapped for the norm it
+    wraps, and swapped back on exit (the same adapter objects: weights, requires_grad flags and
+    optimizer state are untouched).
+
+        with mk.unpatched(model):
+            model.save_pretrained("base/")    # the base's keys, loadable by from_pretrained
+
+    Raises RuntimeError while adapters are merged (the projections then hold merged weights).
+    """
+    if any(module.__dict__.get("_mlan_merged") for module in model.modules()):
+        raise RuntimeError("unpatched(model): adapters are merged into the projections; "
+                           "call unmerge_adapters(model) first")
+    swapped = [entry for _, record in _patch_records(model).values() for entry in _swap_in_norms(record)]
+    try:
+        yield model
+    finally:
+        for layer, attribute, adapted in swapped:
+            setattr(layer, attribute, adapted)
+
+
 def unpatch(model: nn.Module, component=None):
     """Remove adapters (all components, or one), restoring the original norm modules,
     merged projection weights (see merge.unmerge_adapters) and requires_grad flags."""
@@ -265,11 +300,7 @@ def unpatch(model: nn.Module, component=None):
             continue
         for hook in record["hooks"]:
             hook.remove()
-        for layer in record["layers"]:
-            for site in record["sites"]:
-                adapted = getattr(layer, site.norm_attribute)
-                if isinstance(adapted, AdaptedNorm):
-                    setattr(layer, site.norm_attribute, adapted.norm)
+        _swap_in_norms(record)
         for parameter in model.parameters():
             if id(parameter) in record["requires_grad"]:
                 parameter.requires_grad_(record["requires_grad"][id(parameter)])
