@@ -9,6 +9,14 @@ import torch
 from mlan_kernels.reference import mm_adapter_reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _kl_cpu_kernels_built() -> bool:
+    from mlan_kernels.ops.kl_div import cpu_kernels_unavailable
+    return cpu_kernels_unavailable() is None
+
+
+HAS_KL_CPU = _kl_cpu_kernels_built()      # the compiled extension with the KL kernels loads
 TEMPERATURE = 10.0          # the op's default router temperature
 ROUTER_LOGIT_STD = 2.0      # std of router logits / TEMPERATURE: routing far from uniform
 PARAM_NAMES = ("down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")

@@ -1,5 +1,6 @@
-"""Fused KL(p‖q) between logit rows: reference, chunked torch and Triton (interpreter on CPU)
-against torch.nn.functional.kl_div, gradients, gradcheck, custom-op registration."""
+"""Fused KL(p‖q) between logit rows: reference, chunked torch, the compiled cpu kernels and Triton
+(interpreter on CPU) against torch.nn.functional.kl_div, gradients, gradcheck, custom-op
+registration, backend selection, the cpu kernels' argument errors and thread independence."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,12 +8,13 @@ import torch.nn.functional as F
 from mlan_kernels.ops.kl_div import kl_div_logits, kl_div_logits_backward_op, kl_div_logits_op
 from mlan_kernels.reference_kl import kl_div_logits_reference, kl_rows_grad_reference
 
-from helpers import HAS_TRITON
+from helpers import HAS_KL_CPU, HAS_TRITON
 
 NEG_INF = float("-inf")
 # The Triton interpreter evaluates both branches of tl.where in numpy (−inf arithmetic).
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
-BACKENDS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+BACKENDS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+            pytest.param("cpu", marks=pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built"))]
 # |ours − F.kl_div| / (1 + |F.kl_div|): fp16 logits are upcast exactly, so only fp32 order of
 # summation differs from the fp32 torch result computed from the same fp16 values.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
@@ -189,9 +191,14 @@ def test_triton_gpu_large_vocab(dtype):
     torch.testing.assert_close(q.grad.double(), grad_q, atol=atol, rtol=2e-2)
 
 
-def test_auto_backend_and_fallback_warning(monkeypatch):
+def test_auto_backend_and_fallback_warning(monkeypatch, recwarn):
     from mlan_kernels.ops import kl_div as module
-    assert module.select_kl_backend(torch.device("cpu"), torch.float32) == "chunked"
+    assert module.select_kl_backend(torch.device("cpu"), torch.float32) == ("cpu" if HAS_KL_CPU else "chunked")
+    module._warned.clear()
+    assert module.select_kl_backend(torch.device("cpu"), torch.float64) == "chunked"
+    assert not [w for w in recwarn if "KL backend" in str(w.message)]     # fp64: chunked by design
+    with pytest.warns(RuntimeWarning, match="KL backend 'cpu' unavailable: cpu KL supports"):
+        assert module.select_kl_backend(torch.device("cpu"), torch.float64, "cpu") == "chunked"
     module._warned.clear()
     with pytest.warns(RuntimeWarning, match="KL backend 'triton' unavailable"):
         assert module.select_kl_backend(torch.device("cpu"), torch.float64, "triton") == "chunked"
@@ -215,3 +222,43 @@ def test_strided_rows(backend):
     # atol 1e-4: row 1 has logits of std 60, where fp32 log-probabilities carry ~1e-5 errors.
     torch.testing.assert_close(grad_p[:, :300].double(), grads_expected[0], rtol=1e-3, atol=1e-4)
     assert (grad_p[:, 300:] == 0).all()
+
+
+@pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built")
+@pytest.mark.parametrize("vocab", [5, 300, 4099])
+def test_cpu_kernels_do_not_depend_on_the_thread_count(vocab):
+    p, q = make_logits(rows=6, vocab=vocab)
+    grad = torch.randn(6, generator=torch.Generator().manual_seed(2))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            kl, lse_p, lse_q = torch.ops.mlan_C.kl_div_forward(p, q, None)
+            results.append((kl, lse_p, lse_q,
+                            *torch.ops.mlan_C.kl_div_backward(grad, p, q, None, lse_p, lse_q, kl)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    torch.testing.assert_close(results[0][0], torch_kl_rows(p, q), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built")
+@pytest.mark.parametrize("change, message", [
+    (dict(logits_q=torch.zeros(4, 9)), "logits_q must have logits_p's shape"),
+    (dict(logits_p=torch.zeros(4, 10, dtype=torch.float64), logits_q=torch.zeros(4, 10, dtype=torch.float64)),
+     "logits_p must be float32, bfloat16 or float16"),
+    (dict(logits_p=torch.zeros(4, 10).t(), logits_q=torch.zeros(4, 10).t()), "logits_p must have element stride 1"),
+    (dict(logits_p=torch.zeros(40), logits_q=torch.zeros(40)), r"logits_p must be 2-D \[T, V\]"),
+    (dict(mask=torch.ones(3, dtype=torch.bool)), r"mask must be \[T\] = \[4\]"),
+])
+def test_cpu_kernels_name_the_bad_argument(change, message):
+    call = dict(logits_p=torch.zeros(4, 10), logits_q=torch.zeros(4, 10), mask=None)
+    call.update(change)
+    with pytest.raises(RuntimeError, match="mlan_C::kl_div_forward: " + message):
+        torch.ops.mlan_C.kl_div_forward(call["logits_p"], call["logits_q"], call["mask"])
+    rows = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"mlan_C::kl_div_backward: lse_p must be \[T\]"):
+        torch.ops.mlan_C.kl_div_backward(rows, torch.zeros(4, 10), torch.zeros(4, 10), None,
+                                         torch.zeros(3), rows, rows)

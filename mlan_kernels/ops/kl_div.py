@@ -5,9 +5,10 @@
     torch.ops.mlan.kl_div_logits_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl,
                                           backend) -> (grad_logits_p, grad_logits_q)
 
-Backends: "triton" (CUDA; CPU only under TRITON_INTERPRET=1, for tests) and "chunked" (plain
-torch over blocks of rows, never more than `CHUNK_ROWS`·V fp32 temporaries; the CPU default and
-the only fp64 path). `kl_div_logits` (the user API) applies the reduction and the eager /
+Backends: "triton" (CUDA; CPU only under TRITON_INTERPRET=1, for tests), "cpu" (the compiled
+C++ kernels of csrc/cpu/kl_div_kernels.cpp: one row per task, SIMD exp; the CPU default for
+fp32/bf16/fp16) and "chunked" (plain torch over blocks of rows, never more than `CHUNK_ROWS`·V
+fp32 temporaries; the only fp64 path, and the fallback when the extension is not built). `kl_div_logits` (the user API) applies the reduction and the eager /
 torch.compile split of ops/mm_adapter.py: a plain autograd.Function eagerly, the registered
 custom op (fake + autograd) while compiling.
 
@@ -24,8 +25,9 @@ from ..dispatch import triton_interpreter, warn_once
 from ..reference_kl import REDUCTIONS, compute_dtype, reduce_rows
 from ._custom_op import choose_apply, eager_function
 
-BACKENDS = ("auto", "triton", "chunked")
+BACKENDS = ("auto", "triton", "cpu", "chunked")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ROWS = 64          # rows per block of the chunked path (measured: see README "fused KL")
 _warned = set()
 
@@ -43,23 +45,50 @@ def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
     return min(4096, triton.next_power_of_2(vocab)), 8
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_kernels_unavailable() -> Optional[str]:
+    """None when the compiled extension with the KL ops loads, else why not."""
+    try:
+        importlib.import_module("mlan_kernels._C")
+    except ImportError as error:
+        return (f"the compiled extension mlan_kernels._C does not load ({error}); build it with "
+                "`pip install --no-build-isolation -e .`")
+    if not hasattr(torch.ops.mlan_C, "kl_div_forward"):
+        return "mlan_kernels._C was built before the KL kernels existed; rebuild it"
+    return None
+
+
+def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None when `backend` ("triton" | "cpu") can run these logits, else why not."""
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu KL kernels need CPU tensors, got {device}"
+        if dtype not in CPU_DTYPES:
+            return f"cpu KL supports {CPU_DTYPES}, got {dtype}"
+        return cpu_kernels_unavailable()
+    if dtype not in TRITON_DTYPES:
+        return f"triton KL supports {TRITON_DTYPES}, got {dtype}"
+    if device.type != "cuda" and not triton_interpreter():
+        return "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
+    if not _triton_importable():
+        return "triton is not installed"
+    return None
+
+
 def select_kl_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
-    """"triton" or "chunked" for logits on `device` with `dtype` (warns once when a requested
-    triton cannot run and the chunked torch path is used instead)."""
+    """The backend that runs logits on `device` with `dtype`: "auto" = "triton" on CUDA, the
+    compiled "cpu" kernels on CPU, "chunked" for float64 or when those cannot run (with one
+    warning saying why, as for an explicitly requested backend that cannot run)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "chunked" or (requested == "auto" and device.type != "cuda"):
+    if requested == "chunked":
         return "chunked"
-    reason = None
-    if dtype not in TRITON_DTYPES:
-        reason = f"triton KL supports {TRITON_DTYPES}, got {dtype}"
-    elif device.type != "cuda" and not triton_interpreter():
-        reason = "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
-    elif not _triton_importable():
-        reason = "triton is not installed"
+    wanted = requested if requested != "auto" else ("triton" if device.type == "cuda" else "cpu")
+    reason = _unavailable(wanted, device, dtype)
     if reason is None:
-        return "triton"
-    warn_once(f"mlan_kernels: KL backend 'triton' unavailable: {reason}; using 'chunked'", _warned)
+        return wanted
+    if requested != "auto" or dtype != torch.float64:    # float64 is chunked-only by design
+        warn_once(f"mlan_kernels: KL backend {wanted!r} unavailable: {reason}; using 'chunked'", _warned)
     return "chunked"
 
 
@@ -138,6 +167,21 @@ def _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplac
     return grad_p, grad_q
 
 
+def _cpu_forward(logits_p, logits_q, mask):
+    return torch.ops.mlan_C.kl_div_forward(logits_p, logits_q, mask)
+
+
+def _cpu_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False):
+    if inplace:
+        torch.ops.mlan_C.kl_div_backward_inplace(grad_kl, logits_p, logits_q, lse_p, lse_q, kl)
+        return logits_p, logits_q
+    return torch.ops.mlan_C.kl_div_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl)
+
+
+_FORWARDS = {"triton": _triton_forward, "cpu": _cpu_forward, "chunked": _chunked_forward}
+_BACKWARDS = {"triton": _triton_backward, "cpu": _cpu_backward, "chunked": _chunked_backward}
+
+
 def _rows_contiguous(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
@@ -148,9 +192,7 @@ def kl_rows_forward(logits_p, logits_q, mask, backend="auto"):
         zeros = logits_p.new_zeros(logits_p.shape[0], dtype=compute_dtype(logits_p.dtype))
         return zeros, zeros.clone(), zeros.clone()
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
-    if select_kl_backend(logits_p.device, logits_p.dtype, backend) == "triton":
-        return _triton_forward(logits_p, logits_q, mask)
-    return _chunked_forward(logits_p, logits_q, mask)
+    return _FORWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)](logits_p, logits_q, mask)
 
 
 def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto",
@@ -165,8 +207,7 @@ def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backen
     if logits_p.numel() == 0:
         return (logits_p, logits_q) if inplace else (torch.zeros_like(logits_p), torch.zeros_like(logits_q))
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
-    backward = (_triton_backward if select_kl_backend(logits_p.device, logits_p.dtype, backend) == "triton"
-                else _chunked_backward)
+    backward = _BACKWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)]
     return backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=inplace)
 
 
