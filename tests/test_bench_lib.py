@@ -142,3 +142,20 @@ def test_cli_e2e_step_rows(tmp_path, monkeypatch, capsys):
 def test_spec_params_round_trip():
     spec = Spec("kl_div", tuple(sorted(dict(tokens=8, vocab=32).items())), ("fwd",))
     assert spec.params == {"tokens": 8, "vocab": 32}
+
+
+def test_tensor_memory_counts_live_storages_once():
+    """TensorMemory: a 3-D @ 2-D matmul (view, mm, _unsafe_view) counts its result once; freed
+    tensors leave live_bytes; tensors saved for backward stay counted until released."""
+    from mlan_kernels.bench.tensor_memory import TensorMemory
+    a, w = torch.randn(2, 3, 4), torch.randn(4, 5, requires_grad=True)
+    with TensorMemory() as memory:
+        out = a @ w
+        assert memory.live_bytes == 2 * 3 * 5 * 4
+        hidden = out.sin()                      # sin saves `out` for backward
+        del out
+        assert memory.live_bytes == 2 * (2 * 3 * 5 * 4)
+        hidden.sum().backward()
+        del hidden
+    assert memory.live_bytes == w.grad.numel() * 4          # only the gradient is left
+    assert memory.peak_bytes >= 3 * (2 * 3 * 5 * 4) and memory.largest_bytes == 120

@@ -179,6 +179,9 @@ def test_opcheck():
     kl, lse_p, lse_q = fused_linear_kl_op(hidden_p, hidden_q, weight, 4, "chunked")
     torch.library.opcheck(fused_linear_kl_backward_op,
                           (torch.randn(6), hidden_p, hidden_q, weight, lse_p, lse_q, kl, 4, "chunked"))
+    transposed_p, transposed_q = (t.t().contiguous().t() for t in (hidden_p, hidden_q))   # strides (1, 6)
+    torch.library.opcheck(fused_linear_kl_backward_op, (torch.randn(6), transposed_p, transposed_q, weight,
+                                                        lse_p, lse_q, kl, 4, "chunked"))
 
 
 @pytest.mark.parametrize("args, message", [

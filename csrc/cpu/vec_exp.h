@@ -1,8 +1,11 @@
-// exp of 8 floats at once on the SIMD vectors of simd.h, for arguments x <= 0 (shifted logits:
-// x - max or x - lse). Cephes' expf: x = n·ln2 + r with n = round(x / ln2), |r| <= ln2 / 2,
-// e^r by a degree-6 polynomial, 2^n built in the exponent bits. Relative error < 2e-7 on
-// [-87.3, 0]; x < -87.3 (e^x below the smallest normal float), -inf included, gives 0; NaN
-// gives NaN. No library call, so it vectorizes in both target clones.
+// exp and expm1 of 8 floats at once on the SIMD vectors of simd.h, for x <= 88.3 (shifted
+// logits: x − max, x − lse, and differences of two such values).
+// exp: Cephes' expf: x = n·ln2 + r with n = round(x / ln2), |r| <= ln2 / 2, e^r by a degree-6
+// polynomial, 2^n built in the exponent bits. Relative error < 2e-7; x < −87.3 (e^x below the
+// smallest normal float), −inf included, gives 0; NaN gives NaN.
+// expm1: the Taylor series to degree 8 for |x| < 0.5 (relative error < 1e-8, where exp(x) − 1
+// would lose digits), exp(x) − 1 elsewhere.
+// No library call, so both vectorize in both target clones.
 #pragma once
 
 #include <cstdint>
@@ -15,10 +18,11 @@
 namespace mlan::cpu {
 
 typedef int32_t VecInt __attribute__((vector_size(32)));
+typedef uint32_t VecUint __attribute__((vector_size(32)));
 
 MLAN_ALWAYS_INLINE Vec<float> splat(float value) { return Vec<float>{} + value; }
 
-MLAN_ALWAYS_INLINE Vec<float> exp_nonpositive(Vec<float> x) {
+MLAN_ALWAYS_INLINE Vec<float> exp_vec(Vec<float> x) {
   const VecInt underflow = x < splat(-87.33654f);             // also -inf; NaN compares false
   const Vec<float> clamped = x < splat(-87.33654f) ? splat(-87.33654f) : x;
   // round(clamped / ln2) by the 1.5·2^23 trick (round to nearest even, |value| < 2^22)
@@ -32,7 +36,9 @@ MLAN_ALWAYS_INLINE Vec<float> exp_nonpositive(Vec<float> x) {
   poly = poly * r + splat(1.6666665459e-1f);
   poly = poly * r + splat(5.0000001201e-1f);
   const Vec<float> e_r = poly * (r * r) + r + splat(1.0f);
-  const VecInt exponent = (__builtin_convertvector(n, VecInt) + 127) << 23;   // 2^n, n >= -126
+  // 2^n for −126 <= n <= 127 (NaN lanes: 2^0; the NaN of e_r wins), shifted unsigned
+  const Vec<float> n_ordered = n == n ? n : splat(0.0f);          // no NaN into the conversion
+  const VecUint exponent = __builtin_convertvector(__builtin_convertvector(n_ordered, VecInt) + 127, VecUint) << 23;
   Vec<float> two_n;
   __builtin_memcpy(&two_n, &exponent, sizeof(two_n));
   const Vec<float> result = e_r * two_n;
@@ -42,6 +48,19 @@ MLAN_ALWAYS_INLINE Vec<float> exp_nonpositive(Vec<float> x) {
   Vec<float> out;
   __builtin_memcpy(&out, &bits, sizeof(out));
   return out;
+}
+
+MLAN_ALWAYS_INLINE Vec<float> expm1_vec(Vec<float> x) {
+  const Vec<float> magnitude = x < splat(0.0f) ? -x : x;
+  Vec<float> series = splat(1.0f / 40320.0f);
+  series = series * x + splat(1.0f / 5040.0f);
+  series = series * x + splat(1.0f / 720.0f);
+  series = series * x + splat(1.0f / 120.0f);
+  series = series * x + splat(1.0f / 24.0f);
+  series = series * x + splat(1.0f / 6.0f);
+  series = series * x + splat(0.5f);
+  series = (series * x + splat(1.0f)) * x;
+  return magnitude < splat(0.5f) ? series : exp_vec(x) - splat(1.0f);
 }
 
 }  // namespace mlan::cpu

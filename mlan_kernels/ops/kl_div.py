@@ -100,23 +100,26 @@ def _row_blocks(total: int, mask: Optional[Tensor], block: int):
     return [selected[start:start + block] for start in range(0, selected.numel(), block)]
 
 
-def _log_probs(logits: Tensor, dtype: torch.dtype):
-    """(log_softmax, lse) of a block of rows [n, V] in `dtype`."""
-    values = logits.to(dtype)
-    lse = torch.logsumexp(values, dim=-1, keepdim=True)
-    return values - lse, lse.squeeze(-1)
-
-
 def _chunked_forward(logits_p, logits_q, mask):
+    """The cpu kernels' formula in torch ops (csrc/cpu/kl_div_kernels.h): with e = e^(x−max x),
+    f = e^(y−max y), d = (x−max x) − (y−max y), KL = Σe·d/Σe + log1p(Σe·expm1(−d)/Σe) (f where
+    x − max x < −80), which keeps its accuracy when p ≈ q, unlike log Σf − log Σe."""
     dtype = compute_dtype(logits_p.dtype)
     total = logits_p.shape[0]
     kl, lse_p, lse_q = (logits_p.new_zeros(total, dtype=dtype) for _ in range(3))
     for rows in _row_blocks(total, mask, CHUNK_ROWS):
-        log_p, block_lse_p = _log_probs(logits_p[rows], dtype)
-        log_q, block_lse_q = _log_probs(logits_q[rows], dtype)
-        prob_p = log_p.exp()
-        kl[rows] = log_p.sub_(log_q).mul_(prob_p).masked_fill_(prob_p.gt(0).logical_not_(), 0.0).sum(-1)
-        lse_p[rows], lse_q[rows] = block_lse_p, block_lse_q
+        x, y = logits_p[rows].to(dtype), logits_q[rows].to(dtype)
+        max_x, max_y = x.amax(-1, keepdim=True), y.amax(-1, keepdim=True)
+        e, f = x - max_x, y - max_y                       # shifted logits, then their exps
+        d = e - f
+        supported = e > -80.0        # below, p_v < e^-80 only counts in Σe (and expm1(−d) stays finite)
+        e.exp_()
+        f.exp_()
+        sum_e, sum_f = e.sum(-1), f.sum(-1)
+        weighted = (e * d).masked_fill_(supported.logical_not(), 0.0).sum(-1)
+        differences = torch.where(supported, d.neg_().expm1_().mul_(e), f).sum(-1)
+        kl[rows] = weighted / sum_e + torch.log1p(differences / sum_e)
+        lse_p[rows], lse_q[rows] = max_x.squeeze(-1) + sum_e.log(), max_y.squeeze(-1) + sum_f.log()
     return kl, lse_p, lse_q
 
 

@@ -45,8 +45,8 @@ def evaluation_counts(model, dataset, indices_by_modality: dict, batch_size: int
             entry = counts[modality] = {"loss_sum": 0.0, "tokens": 0, "by_task": {}}
             for batch in iterate_batches(dataset, indices, batch_size, pad_id):
                 inputs = batch_to(batch, device)
-                with autocast():
-                    logits = model(**inputs).logits.float()
+                with autocast():                      # no labels: the model computes no loss
+                    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
                 labels = model.assemble_labels(inputs["labels"], inputs["attention_mask"],
                                                inputs["has_image"])
                 targets = labels[:, 1:]

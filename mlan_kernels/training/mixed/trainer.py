@@ -42,8 +42,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _all_reduce_mean(values, world_size):
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _all_reduce_mean(values, world_size, device):
+    """Mean over ranks of a list of floats; `device` is the training device (nccl needs CUDA
+    tensors, gloo CPU ones)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if world_size > 1:
         torch.distributed.all_reduce(tensor)
         tensor /= world_size
@@ -87,7 +89,7 @@ class MixedTrainer:
                 lambda batch: self.module(**batch).logits, *self.sides,
                 probe_every=config.probe_every, probe_mode="eval", model=self.module,
                 eps=config.kappa_eps,
-                reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size)))
+                reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size, self.device)))
         self.step, self.counter = 0, None
         self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
                         "tokens": TokenCounter().as_dict(), "probe_due": False}
@@ -236,8 +238,7 @@ class MixedTrainer:
             if self.step % config.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history['lr'][-1]:.2e}")
         bar.close()
-        last_eval = self.history["eval"][-1]["step"] if self.history["eval"] else None
-        if self.step >= config.steps and last_eval != self.step:
+        if self.step >= config.steps and self._final_eval_missing():
             self._record_eval()
         self.save()
         totals = self._across_ranks()
@@ -250,11 +251,22 @@ class MixedTrainer:
         losses = self.history["loss"]
         if self.world_size > 1:
             keys = sorted(tokens)
-            summed = torch.tensor([float(tokens[key]) for key in keys], dtype=torch.float64)
+            summed = torch.tensor([float(tokens[key]) for key in keys], dtype=torch.float64,
+                                  device=self.device)
             torch.distributed.all_reduce(summed)
             tokens = {key: int(value) for key, value in zip(keys, summed.tolist())}
-            losses = _all_reduce_mean(losses, self.world_size)
+            losses = _all_reduce_mean(losses, self.world_size, self.device)
         return {"tokens": tokens, "loss": losses, "rank_weight_max_diff": self.rank_weight_difference()}
+
+    def _final_eval_missing(self) -> bool:
+        """Whether no evaluation was recorded at this step, decided by rank 0 and broadcast: every
+        rank must agree, since the evaluation gathers counts from all of them (a checkpoint of
+        an older version holds evaluations in rank 0's history only)."""
+        last = self.history["eval"][-1]["step"] if self.history["eval"] else None
+        missing = torch.tensor([int(last != self.step)], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.broadcast(missing, 0)
+        return bool(missing.item())
 
     def _record_eval(self):
         self.history["eval"].append({"step": self.step, **self.evaluate()})
@@ -269,12 +281,12 @@ class MixedTrainer:
         """max |w_rank - w_rank0| over all trainable parameters (0.0 when ranks agree)."""
         if self.world_size == 1:
             return 0.0
-        worst = torch.zeros((), dtype=torch.float64)
+        worst = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.module.parameters():
             if p.requires_grad:
                 reference = p.detach().clone()
                 torch.distributed.broadcast(reference, 0)
-                worst = torch.maximum(worst, (p.detach() - reference).abs().max().double().cpu())
+                worst = torch.maximum(worst, (p.detach() - reference).abs().max().double())
         torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
         return float(worst)
 
