@@ -59,10 +59,12 @@ MLAN_CPU_CLONES KlRowResult kl_forward_row(const float* x, const float* y, int64
     const Vec<float> sx = load_padded(x, start, vocab) - mx, sy = load_padded(y, start, vocab) - my;
     const Vec<float> ex = exp_vec(sx), ey = exp_vec(sy), d = sx - sy;
     const VecInt supported = ex > splat(0.0f);
+    const VecInt small = (d < splat(0.5f)) & (d > splat(-0.5f));
     sum_x += ex;
     sum_y += ey;
     weighted += supported ? ex * d : splat(0.0f);
-    differences += supported ? ex * expm1_vec(-d) : ey;
+    // ey − ex = ex·expm1(−d): by the series where |d| < 0.5, where the subtraction would cancel
+    differences += supported ? (small ? ex * expm1_small(-d) : ey - ex) : ey;
   }
   const float s_x = horizontal_sum<float>(sum_x), s_y = horizontal_sum<float>(sum_y);
   return {horizontal_sum<float>(weighted) / s_x + std::log1p(horizontal_sum<float>(differences) / s_x),

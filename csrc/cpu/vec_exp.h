@@ -3,8 +3,8 @@
 // exp: Cephes' expf: x = n·ln2 + r with n = round(x / ln2), |r| <= ln2 / 2, e^r by a degree-6
 // polynomial, 2^n built in the exponent bits. Relative error < 2e-7; x < −87.3 (e^x below the
 // smallest normal float), −inf included, gives 0; NaN gives NaN.
-// expm1: the Taylor series to degree 8 for |x| < 0.5 (relative error < 1e-8, where exp(x) − 1
-// would lose digits), exp(x) − 1 elsewhere.
+// expm1_small: the Taylor series to degree 8, for |x| < 0.5 (relative error < 1e-8, where
+// exp(x) − 1 would lose digits).
 // No library call, so both vectorize in both target clones.
 #pragma once
 
@@ -50,8 +50,8 @@ MLAN_ALWAYS_INLINE Vec<float> exp_vec(Vec<float> x) {
   return out;
 }
 
-MLAN_ALWAYS_INLINE Vec<float> expm1_vec(Vec<float> x) {
-  const Vec<float> magnitude = x < splat(0.0f) ? -x : x;
+// e^x − 1 for |x| < 0.5 (callers select it there): the Taylor series to degree 8.
+MLAN_ALWAYS_INLINE Vec<float> expm1_small(Vec<float> x) {
   Vec<float> series = splat(1.0f / 40320.0f);
   series = series * x + splat(1.0f / 5040.0f);
   series = series * x + splat(1.0f / 720.0f);
@@ -59,8 +59,7 @@ MLAN_ALWAYS_INLINE Vec<float> expm1_vec(Vec<float> x) {
   series = series * x + splat(1.0f / 24.0f);
   series = series * x + splat(1.0f / 6.0f);
   series = series * x + splat(0.5f);
-  series = (series * x + splat(1.0f)) * x;
-  return magnitude < splat(0.5f) ? series : exp_vec(x) - splat(1.0f);
+  return (series * x + splat(1.0f)) * x;
 }
 
 }  // namespace mlan::cpu

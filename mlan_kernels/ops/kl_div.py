@@ -117,7 +117,7 @@ def _chunked_forward(logits_p, logits_q, mask):
         f.exp_()
         sum_e, sum_f = e.sum(-1), f.sum(-1)
         weighted = (e * d).masked_fill_(supported.logical_not(), 0.0).sum(-1)
-        differences = torch.where(supported, d.neg_().expm1_().mul_(e), f).sum(-1)
+        differences = torch.where(supported, d.neg_().expm1_().mul_(e), f).sum(-1)   # Σ (f − e), exactly
         kl[rows] = weighted / sum_e + torch.log1p(differences / sum_e)
         lse_p[rows], lse_q[rows] = max_x.squeeze(-1) + sum_e.log(), max_y.squeeze(-1) + sum_f.log()
     return kl, lse_p, lse_q
