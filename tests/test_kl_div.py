@@ -240,6 +240,36 @@ def test_nearly_equal_rows_keep_relative_accuracy(backend, noise, shift):
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-11)
 
 
+def hard_rows(case):
+    """Rows that broke earlier versions of the accurate forward (found by a fuzz review)."""
+    generator = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(2, 256, generator=generator)
+    if case == "temperature":                    # p sharper than q: KL ~0.1–0.2
+        return 2.5 * z, z
+    if case == "confident_near":                 # one dominant token, q = p + 1e-3 noise: KL ~1e-10
+        p = 2 * torch.randn(2, 600, generator=generator)
+        p[:, 300] += 20
+        return p, p + 1e-3 * torch.randn(2, 600, generator=generator)
+    p, q = torch.zeros(1, 300), torch.zeros(1, 300)
+    if case == "q_zero_where_p_tiny":            # q = 0 where p ≈ e^-82 > 0: KL = +inf
+        p[0, 131], q[0, 131] = -82.0, NEG_INF
+    else:                                        # q = 0 where p underflows in fp32 (e^-120): finite
+        p[0, 1], q[0, 0] = 120.0, NEG_INF
+    return p, q
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["temperature", "confident_near", "q_zero_where_p_tiny", "q_zero_where_p_underflows"])
+def test_hard_rows(backend, case):
+    p, q = hard_rows(case)
+    got = kl_div_logits(p, q, reduction="none", backend=backend).double()
+    expected = kl_div_logits_reference(p.double(), q.double(), reduction="none")
+    if case == "q_zero_where_p_underflows":      # fp32 loses p_v = e^-120: the fp32 reference
+        expected = kl_div_logits_reference(p, q, reduction="none").double()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-2 if case == "confident_near" else 1e-4, atol=1e-11)
+
+
 @pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built")
 @pytest.mark.parametrize("vocab", [5, 300, 4099])
 def test_cpu_kernels_do_not_depend_on_the_thread_count(vocab):

@@ -102,8 +102,8 @@ def _row_blocks(total: int, mask: Optional[Tensor], block: int):
 
 def _chunked_forward(logits_p, logits_q, mask):
     """The cpu kernels' formula in torch ops (csrc/cpu/kl_div_kernels.h): with e = e^(x−max x),
-    f = e^(y−max y), d = (x−max x) − (y−max y), KL = Σe·d/Σe + log1p(Σe·expm1(−d)/Σe) (f where
-    x − max x < −80), which keeps its accuracy when p ≈ q, unlike log Σf − log Σe."""
+    f = e^(y−max y), d = (x−max x) − (y−max y), KL = Σe·d/Σe + log1p(Σ(f − e)/Σe) with f − e as
+    e·expm1(−d) where |d| < 0.5, which keeps its accuracy when p ≈ q, unlike log Σf − log Σe."""
     dtype = compute_dtype(logits_p.dtype)
     total = logits_p.shape[0]
     kl, lse_p, lse_q = (logits_p.new_zeros(total, dtype=dtype) for _ in range(3))
@@ -112,12 +112,14 @@ def _chunked_forward(logits_p, logits_q, mask):
         max_x, max_y = x.amax(-1, keepdim=True), y.amax(-1, keepdim=True)
         e, f = x - max_x, y - max_y                       # shifted logits, then their exps
         d = e - f
-        supported = e > -80.0        # below, p_v < e^-80 only counts in Σe (and expm1(−d) stays finite)
         e.exp_()
         f.exp_()
+        supported = e > 0
         sum_e, sum_f = e.sum(-1), f.sum(-1)
         weighted = (e * d).masked_fill_(supported.logical_not(), 0.0).sum(-1)
-        differences = torch.where(supported, d.neg_().expm1_().mul_(e), f).sum(-1)   # Σ (f − e), exactly
+        # Σ (f − e): e·expm1(−d) where |d| < 0.5 (there f − e would cancel), else f − e itself
+        gap = torch.where(d.abs() < 0.5, d.neg().expm1_().mul_(e), f - e)
+        differences = torch.where(supported, gap, f).sum(-1)
         kl[rows] = weighted / sum_e + torch.log1p(differences / sum_e)
         lse_p[rows], lse_q[rows] = max_x.squeeze(-1) + sum_e.log(), max_y.squeeze(-1) + sum_f.log()
     return kl, lse_p, lse_q
