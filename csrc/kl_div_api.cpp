@@ -60,22 +60,23 @@ void store_row(const float* values, int64_t vocab, scalar_t* row) {
 
 int64_t grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
 
-const bool* mask_data(const std::optional<at::Tensor>& mask, const at::Tensor& selected) {
-  return mask.has_value() && mask->defined() ? selected.data_ptr<bool>() : nullptr;
+// Checks logits_p/logits_q and the optional mask [T]; returns the selected-row flags (kept alive
+// in `selected`), or nullptr when every row is selected.
+const bool* check_inputs(const char* op, const at::Tensor& logits_p, const at::Tensor& logits_q,
+                         const std::optional<at::Tensor>& mask, at::Tensor& selected) {
+  check_logits(op, "logits_p", logits_p, logits_p);
+  check_logits(op, "logits_q", logits_q, logits_p);
+  if (!mask.has_value() || !mask->defined()) return nullptr;
+  check_rows(op, "mask", *mask, logits_p.size(0));
+  selected = mask->to(at::kBool).contiguous();
+  return selected.data_ptr<bool>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_forward_cpu(
     const at::Tensor& logits_p, const at::Tensor& logits_q, const std::optional<at::Tensor>& mask) {
-  constexpr const char* op = "mlan_C::kl_div_forward";
-  check_logits(op, "logits_p", logits_p, logits_p);
-  check_logits(op, "logits_q", logits_q, logits_p);
-  const int64_t rows = logits_p.size(0), vocab = logits_p.size(1);
   at::Tensor selected;
-  if (mask.has_value() && mask->defined()) {
-    check_rows(op, "mask", *mask, rows);
-    selected = mask->to(at::kBool).contiguous();
-  }
-  const bool* keep = mask_data(mask, selected);
+  const bool* keep = check_inputs("mlan_C::kl_div_forward", logits_p, logits_q, mask, selected);
+  const int64_t rows = logits_p.size(0), vocab = logits_p.size(1);
   const auto options = logits_p.options().dtype(at::kFloat);
   at::Tensor kl = at::zeros({rows}, options), lse_p = at::zeros({rows}, options),
              lse_q = at::zeros({rows}, options);
@@ -144,17 +145,11 @@ std::tuple<at::Tensor, at::Tensor> kl_div_backward_cpu(
     const std::optional<at::Tensor>& mask, const at::Tensor& lse_p, const at::Tensor& lse_q,
     const at::Tensor& kl) {
   constexpr const char* op = "mlan_C::kl_div_backward";
-  check_logits(op, "logits_p", logits_p, logits_p);
-  check_logits(op, "logits_q", logits_q, logits_p);
   at::Tensor selected;
-  if (mask.has_value() && mask->defined()) {
-    check_rows(op, "mask", *mask, logits_p.size(0));
-    selected = mask->to(at::kBool).contiguous();
-  }
+  const bool* keep = check_inputs(op, logits_p, logits_q, mask, selected);
   at::Tensor grad_p = at::empty(logits_p.sizes(), logits_p.options());
   at::Tensor grad_q = at::empty(logits_q.sizes(), logits_q.options());
-  kl_backward_into(op, grad_kl, logits_p, logits_q, mask_data(mask, selected), lse_p, lse_q, kl,
-                   grad_p, grad_q);
+  kl_backward_into(op, grad_kl, logits_p, logits_q, keep, lse_p, lse_q, kl, grad_p, grad_q);
   return {grad_p, grad_q};
 }
 
@@ -162,8 +157,8 @@ void kl_div_backward_inplace_cpu(const at::Tensor& grad_kl, at::Tensor& logits_p
                                  at::Tensor& logits_q, const at::Tensor& lse_p,
                                  const at::Tensor& lse_q, const at::Tensor& kl) {
   constexpr const char* op = "mlan_C::kl_div_backward_inplace";
-  check_logits(op, "logits_p", logits_p, logits_p);
-  check_logits(op, "logits_q", logits_q, logits_p);
+  at::Tensor unused;
+  check_inputs(op, logits_p, logits_q, std::nullopt, unused);
   TORCH_CHECK(logits_p.is_contiguous() && logits_q.is_contiguous(), op,
               ": logits_p and logits_q must be contiguous to be overwritten with their gradients");
   kl_backward_into(op, grad_kl, logits_p, logits_q, nullptr, lse_p, lse_q, kl, logits_p, logits_q);

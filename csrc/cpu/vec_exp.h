@@ -38,7 +38,8 @@ MLAN_ALWAYS_INLINE Vec<float> exp_vec(Vec<float> x) {
   const Vec<float> e_r = poly * (r * r) + r + splat(1.0f);
   // 2^n for −126 <= n <= 127 (NaN lanes: 2^0; the NaN of e_r wins), shifted unsigned
   const Vec<float> n_ordered = n == n ? n : splat(0.0f);          // no NaN into the conversion
-  const VecUint exponent = __builtin_convertvector(__builtin_convertvector(n_ordered, VecInt) + 127, VecUint) << 23;
+  const VecInt biased = __builtin_convertvector(n_ordered, VecInt) + 127;
+  const VecUint exponent = __builtin_convertvector(biased, VecUint) << 23;
   Vec<float> two_n;
   __builtin_memcpy(&two_n, &exponent, sizeof(two_n));
   const Vec<float> result = e_r * two_n;

@@ -31,9 +31,11 @@ MIN_AUTO_CHUNK = 64         # smallest automatic chunk: keeps each GEMM at least
 
 
 def auto_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk when chunk_size=None (tokens = T, all rows of hidden_p, before masking):
-    Liger's rule, one chunk's [chunk, V] logits about the size of the [T, H] hidden states (next power of 2 of T / ceil(V / H)), and at least
-    MIN_AUTO_CHUNK. E.g. T=4096, H=512, V=32000 -> 128; T=8192, H=4096, V=32000 -> 1024."""
+    """Tokens per chunk when chunk_size=None (tokens = T, all rows of hidden_p, before masking).
+
+    Liger's rule: one chunk's [chunk, V] logits about the size of the [T, H] hidden states, i.e.
+    the next power of 2 of T / ceil(V / H), and at least MIN_AUTO_CHUNK.
+    E.g. T=4096, H=512, V=32000 -> 128; T=8192, H=4096, V=32000 -> 1024."""
     target = -(-tokens // -(-vocab // max(hidden, 1)))
     chunk = MIN_AUTO_CHUNK
     while chunk < target:
@@ -115,8 +117,8 @@ def fused_linear_kl_backward_op(grad_kl: Tensor, hidden_p: Tensor, hidden_q: Ten
 @fused_linear_kl_backward_op.register_fake
 def _(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size, backend="auto"):
     dense = torch.contiguous_format
-    return (torch.empty_like(hidden_p, memory_format=dense), torch.empty_like(hidden_q, memory_format=dense),
-            torch.empty_like(weight))
+    return (torch.empty_like(hidden_p, memory_format=dense),
+            torch.empty_like(hidden_q, memory_format=dense), torch.empty_like(weight))
 
 
 def _linear_setup_context(ctx, inputs, output):

@@ -8,8 +8,9 @@
 Backends: "triton" (CUDA; CPU only under TRITON_INTERPRET=1, for tests), "cpu" (the compiled
 C++ kernels of csrc/cpu/kl_div_kernels.cpp: one row per task, SIMD exp; the CPU default for
 fp32/bf16/fp16) and "chunked" (plain torch over blocks of rows, never more than `CHUNK_ROWS`·V
-fp32 temporaries; the only fp64 path, and the fallback when the extension is not built). `kl_div_logits` (the user API) applies the reduction and the eager /
-torch.compile split of ops/mm_adapter.py: a plain autograd.Function eagerly, the registered
+fp32 temporaries; the only fp64 path, and the fallback when the extension is not built).
+`kl_div_logits` (the user API) applies the reduction and the eager / torch.compile split of
+ops/mm_adapter.py: a plain autograd.Function eagerly, the registered
 custom op (fake + autograd) while compiling.
 
 The fused linear + KL op (logits computed chunk by chunk) is in ops/fused_linear_kl.py.
@@ -197,7 +198,8 @@ def kl_rows_forward(logits_p, logits_q, mask, backend="auto"):
         zeros = logits_p.new_zeros(logits_p.shape[0], dtype=compute_dtype(logits_p.dtype))
         return zeros, zeros.clone(), zeros.clone()
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
-    return _FORWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)](logits_p, logits_q, mask)
+    forward = _FORWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)]
+    return forward(logits_p, logits_q, mask)
 
 
 def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto",
@@ -210,7 +212,8 @@ def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backen
     if inplace and (mask is not None or not (logits_p.is_contiguous() and logits_q.is_contiguous())):
         raise ValueError("inplace=True needs contiguous logits and mask=None")
     if logits_p.numel() == 0:
-        return (logits_p, logits_q) if inplace else (torch.zeros_like(logits_p), torch.zeros_like(logits_q))
+        return ((logits_p, logits_q) if inplace
+                else (torch.zeros_like(logits_p), torch.zeros_like(logits_q)))
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
     backward = _BACKWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)]
     return backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=inplace)

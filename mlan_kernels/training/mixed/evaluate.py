@@ -87,11 +87,3 @@ def summarize_counts(counts: dict) -> dict:
                              "loss": entry["loss_sum"] / max(entry["tokens"], 1), "samples": samples,
                              "by_task": {task: c / n for task, (c, n) in sorted(entry["by_task"].items())}}
     return results
-
-
-def evaluate(model, dataset, indices_by_modality: dict, batch_size: int, device, pad_id: int,
-             autocast, group_of=lambda sample_id: "all") -> dict:
-    """{modality: {"accuracy", "loss", "samples", "by_task"}} on one process (see
-    evaluation_counts; the trainer shards the indices over DDP ranks and merges the counts)."""
-    return summarize_counts(evaluation_counts(model, dataset, indices_by_modality, batch_size,
-                                              device, pad_id, autocast, group_of))
