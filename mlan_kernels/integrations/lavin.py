@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .clip import patch_clip_vision
+from .hf_compat import cache_keyword, new_dynamic_cache
 from .llama import patch_llama
 from .merge import merge_adapters, unmerge_adapters
 from .patching import freeze_all_but_adapters, record_routing_weights
@@ -173,7 +174,6 @@ class LavinModel(nn.Module):
         prompt length. With use_cache the LLaMA adapters use routing weights cached at prefill;
         without it every step recomputes the whole sequence (the same tokens).
         """
-        from transformers import DynamicCache
         check_sampling_args(temperature, top_p)
         if has_image is None:
             has_image = torch.full((input_ids.shape[0],), pixel_values is not None)
@@ -183,9 +183,10 @@ class LavinModel(nn.Module):
         if bool((inputs["lengths"] != inputs["lengths"][0]).any()):
             raise ValueError("generate needs equal assembled lengths in the batch (group samples "
                              "by modality and prompt length, or generate one at a time)")
-        cache = DynamicCache(config=self.llama.config) if use_cache else None
+        cache = new_dynamic_cache(self.llama.config) if use_cache else None
+        cache_argument = {cache_keyword(self.llama): cache} if use_cache else {}
         tokens, finished = [], torch.zeros_like(has_image)
-        logits = self.llama(inputs_embeds=inputs["inputs_embeds"], past_key_values=cache,
+        logits = self.llama(inputs_embeds=inputs["inputs_embeds"], **cache_argument,
                             attention_mask=inputs["attention_mask"], use_cache=use_cache).logits
         for step in range(max_new_tokens):
             next_token = next_tokens(logits[:, -1], temperature, top_p, generator)
@@ -199,7 +200,7 @@ class LavinModel(nn.Module):
                 length = cache.get_seq_length() + 1
                 mask = lavin_attention_mask(torch.full_like(inputs["lengths"], length), length,
                                             logits.dtype)[:, :, -1:]
-                logits = self.llama(input_ids=next_token[:, None], past_key_values=cache,
+                logits = self.llama(input_ids=next_token[:, None], **cache_argument,
                                     attention_mask=mask, use_cache=True).logits
             else:
                 ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)

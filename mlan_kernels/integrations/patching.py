@@ -13,8 +13,9 @@ untouched, and `unpatch` puts the very same norm object back (base outputs bit-i
 
 Routing token: position 0 of the adapter input (`MMAdapter` routes row b by x[b, 0]). During
 KV-cache decoding the input is only the new token, so the routing weights are computed at
-prefill and cached on the `AdaptedNorm`: a forward pre-hook on each decoder layer reads the
-layer's KV cache and sets `phase` on its AdaptedNorms:
+prefill and cached on the `AdaptedNorm`: a forward pre-hook on each decoder layer finds the
+layer's KV cache among its call arguments by type (whatever the release calls the keyword, see
+hf_compat.find_cache) and sets `phase` on its AdaptedNorms:
     "full"    no cache (training, recompute)      -> router on x[:, 0]
     "prefill" cache present but empty             -> router on x[:, 0], weights cached
     "decode"  cache already holds this layer's KV -> the cached [B, E] weights
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..modules import MMAdapter
+from .hf_compat import find_cache
 
 PLACEMENTS = ("attn", "block")
 STATE_ATTRIBUTE = "_mlan_patch_state"
@@ -143,8 +145,9 @@ def reset_routing_cache(model: nn.Module):
 
 
 def _routing_phase_hook(layer, args, kwargs):
-    """Forward pre-hook of a decoder layer: set each AdaptedNorm's phase from the KV cache."""
-    cache = kwargs.get("past_key_values")
+    """Forward pre-hook of a decoder layer: set each AdaptedNorm's phase from the KV cache
+    (a transformers Cache passed positionally or under any keyword)."""
+    cache = find_cache(args, kwargs)
     if cache is None:
         phase = "full"
     else:

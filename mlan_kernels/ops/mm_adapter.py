@@ -32,16 +32,19 @@ def _routing(x, router_weight, router_bias, weights, temperature, experts):
     return _router_softmax(x[:, 0], router_weight, router_bias, temperature)
 
 
-def _is_single_modality(routing_weights: Tensor, single_modality: Optional[bool]) -> bool:
+def _is_single_modality(x: Tensor, weights: Optional[Tensor], single_modality: Optional[bool]) -> bool:
     """Whether to use the single-modality fast path (one combined up-matrix for the batch).
 
-    None detects it: all samples have equal routing weights ([B, E] comparison, one device
-    sync on GPU). True is the caller's promise (MLAN batches are single-modality by
+    None detects it: every sample has the same routing input — the explicit `weights` rows, else
+    the routing tokens x[:, 0] (one device sync on GPU). The inputs are compared, not the
+    softmax outputs: a GEMM may round equal rows differently by their position (seen with MKL
+    on AVX-512). True is the caller's promise (MLAN batches are single-modality by
     construction) and skips the check; False always takes the general per-sample path.
     """
-    if routing_weights.shape[0] <= 1 or single_modality is not None:
-        return routing_weights.shape[0] <= 1 or bool(single_modality)
-    return bool((routing_weights == routing_weights[:1]).all())
+    if x.shape[0] <= 1 or single_modality is not None:
+        return x.shape[0] <= 1 or bool(single_modality)
+    source = weights if weights is not None else x[:, 0]
+    return bool((source == source[:1]).all())
 
 
 def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
@@ -55,7 +58,7 @@ def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, 
     name = dispatch.select_backend(x.device, x.dtype, backend)
     y, h = dispatch.get_backend(name).forward(
         x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale, dropout_p,
-        _seed(seed), groups, _is_single_modality(rw, single_modality))
+        _seed(seed), groups, _is_single_modality(x, weights, single_modality))
     return y, h, rw
 
 
