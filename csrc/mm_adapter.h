@@ -1,7 +1,7 @@
 // The compiled MM-Adapter kernels' C++ interface: raw pointers and plain structs, no ATen, so
 // the CPU kernels, the CUDA kernels (plain nvcc) and the ATen glue all include this one header.
 //
-// Notation (../shared/design/README.md): x [B, L, D], N = B*L tokens, rank r, E experts,
+// Notation (docs/mm_adapter.md): x [B, L, D], N = B*L tokens, rank r, E experts,
 // g groups, scale s. The token-wise work of
 //     H = dropout(x W_Aᵀ + b_A)                        [N, r]
 //     y = x + Σ_e coef[b, e] (H M_eᵀ + b_U[e])        coef = s · routing weights  [B, E]

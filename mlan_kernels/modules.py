@@ -1,6 +1,6 @@
 """`MMAdapter`: the nn.Module that holds the MM-Adapter parameters and calls the fused op.
 
-Parameters (names as in ../shared/design/README.md; D = dim, r = rank, E = experts, g = groups):
+Parameters (names as in docs/mm_adapter.md; D = dim, r = rank, E = experts, g = groups):
     down.weight   [r, D]       W_A, Xavier uniform       down.bias   [r]     b_A, 0
     up.weight     [E, D, r/g]  grouped W_U, 0            up.bias     [E, D]  b_U, 0
     router.weight [E, D]       W_R, nn.Linear init       router.bias [E]     b_R, nn.Linear init

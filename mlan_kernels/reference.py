@@ -1,6 +1,6 @@
 """The MM-Adapter math in plain torch: the oracle every backend is tested against.
 
-Notation (see ../shared/design/README.md): x [B, L, D], rank r, E experts, g groups.
+Notation (see docs/mm_adapter.md): x [B, L, D], rank r, E experts, g groups.
     z_b = (W_R x[b, 0] + b_R) / t          routing logits, fp32          [B, E]
     w_b = softmax(z_b)                      (or given as `weights`)       [B, E]
     H   = dropout(x W_Aᵀ + b_A)             shared by all experts         [B, L, r]

@@ -1,5 +1,5 @@
 """The benchmark grid: ops x shapes, and for each shape our backends and the baselines built on
-the same tensors (performance.md: eager reference, torch.compile(reference), PEFT-style LoRA,
+the same tensors (docs/performance.md: eager reference, torch.compile(reference), PEFT-style LoRA,
 unfused torch, a Python loop, and y.copy_(x) as the bandwidth ceiling).
 
     for spec in grid(["mm_adapter_fwdbwd"], "cpu", "paper"):

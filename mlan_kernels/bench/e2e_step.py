@@ -28,7 +28,7 @@ sync to detect it). LaVIN's mask that hides position 0 from later tokens is not 
 causal SDPA / flash attention keeps the base stack at its fastest; adapter cost is unaffected).
 
 Presets: "paper" = LLaMA-7B layer shape (D 4096, MLP 11008, 32 heads), 4 layers (the top of
-the 2-4 range of ../shared/design/performance.md: more adapter sites per step, ~1.6 GB of bf16
+the 2-4 range of docs/performance.md: more adapter sites per step, ~1.6 GB of bf16
 weights), batch 4 x seq 2048, bf16 on GPU; "small" = CPU-sized fp32 (D 512, 2 layers, batch 4
 x seq 256); "tiny" = tests. Timing (bench/timing.py): median and IQR over `iters` steps after
 `warmup`; CUDA events around each step (one sync before and after the loop), perf_counter on CPU.
@@ -60,7 +60,7 @@ PRESETS = {
     "small": dict(dim=512, intermediate=1376, heads=8, layers=2, batch=4, seq_len=256),
     "paper": dict(dim=4096, intermediate=11008, heads=32, layers=4, batch=4, seq_len=2048),
 }
-# LaVIN-7B adapter hyperparameters (lavin_integration.md).
+# LaVIN-7B adapter hyperparameters (docs/lavin_integration.md).
 ADAPTER = dict(rank=8, experts=2, groups=2, scale=1.0, temperature=10.0)
 
 

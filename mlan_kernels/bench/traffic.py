@@ -1,7 +1,7 @@
 """Minimum bytes each benchmarked op must move through memory: the roofline numerator.
 
 Achieved bandwidth = min_bytes / time; "% of copy" divides it by the bandwidth of a plain
-`y.copy_(x)` (2 · numel · element size bytes) measured in the same run (performance.md).
+`y.copy_(x)` (2 · numel · element size bytes) measured in the same run (docs/performance.md).
 Weights that are tiny next to the activations (the adapter's r·D, the router) are left out.
 `element` is the element size in bytes of the op's activations (x, logits, hidden, grads).
 """

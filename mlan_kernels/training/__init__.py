@@ -1,7 +1,7 @@
 """Training utilities: CoMMIT balance coefficient, dynamic LR scheduler, auxiliary loss.
 
 Everything CoMMIT-specific here is OUR INTERPRETATION of the paper (no public code); see
-../shared/design/commit_balance.md and the README section "Balancing vision and language
+docs/commit_balance.md and the README section "Balancing vision and language
 learning (CoMMIT)". Layering: imports ops / integrations, never the reverse.
 """
 from .auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side

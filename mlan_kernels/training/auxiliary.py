@@ -1,5 +1,5 @@
 """CoMMIT's auxiliary loss that "promotes updating of the generation distribution" — the form
-below is OUR INTERPRETATION (commit_balance.md; the paper gives no equation we can use):
+below is OUR INTERPRETATION (docs/commit_balance.md; the paper gives no equation we can use):
 
     L_aux = −λ · mean_answer_tokens KL(sg(p_prev) ‖ p)
 

@@ -1,4 +1,4 @@
-"""CoMMIT's multimodal balance coefficient κ, measured by probing (design: commit_balance.md).
+"""CoMMIT's multimodal balance coefficient κ, measured by probing (design: docs/commit_balance.md).
 
 The paper (Wu et al. 2024, arXiv 2407.20454) publishes no code or exact equations. It says
 that κ compares how much each side's update changes the generation distribution (a ratio of

@@ -1,5 +1,5 @@
 """Dynamic per-group learning rates from the balance coefficient κ̂ (CoMMIT's "dynamic learning
-scheduler"; the formula is OUR INTERPRETATION, see commit_balance.md):
+scheduler"; the formula is OUR INTERPRETATION, see docs/commit_balance.md):
 
     m_feat = clip(κ̂^(−α), m_min, m_max),   m_lang = clip(κ̂^(α), m_min, m_max)
     lr_group(step) = base_lr_group · base_schedule(step) · m_group
