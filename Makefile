@@ -6,20 +6,35 @@ NVCC_GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,cod
 
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
+# Exact versions of everything the suite last passed with (refresh: `make lock`, README).
+CONSTRAINTS := constraints.txt
+# The oldest transformers/peft we support (pyproject.toml's floors), checked by `make test-oldest`.
+CONSTRAINTS_OLDEST := constraints-oldest.txt
+# The tests that touch transformers or peft: what the floor check runs.
+HF_TESTS := tests/test_hf_compat.py tests/test_integration_llama.py tests/test_integration_lavin.py \
+	tests/test_integration_checkpoint.py tests/test_sampling.py tests/test_balance_monitor.py \
+	tests/test_data_collate.py tests/test_train_mixed.py
 # Compiled sources are part of what the editable install builds, so they re-trigger it.
 EXTENSION_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: venv demo demo-op test cuda-check cpp-test bench clean distclean
+.PHONY: venv demo demo-op test run-tests test-latest test-oldest lock sdist-check cuda-check cpp-test bench \
+	clean distclean
 
 venv: $(VENV)/.installed
 
 # torch first (the pinned CPU/CUDA build already on the machine), then the build tools that
-# `--no-build-isolation` needs, then the package itself; the stamp keeps repeated runs fast.
-$(VENV)/.installed: pyproject.toml setup.py $(EXTENSION_SOURCES)
-	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(VENV_PYTHON) -m pip install -q "setuptools>=64" wheel pybind11 ninja
-	$(VENV_PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench,peft]"
+# `--no-build-isolation` needs, then the package itself, every version from $(CONSTRAINTS);
+# the stamp keeps repeated runs fast. $(call install_into,VENV_DIR,PIP_FLAGS) does the same
+# for the other venvs (PIP_FLAGS: which versions).
+define install_into
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install -q $(2) setuptools wheel pybind11 ninja
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[test,bench,peft]"
+endef
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(EXTENSION_SOURCES)
+	$(call install_into,$(VENV),-c $(CONSTRAINTS))
 	touch $@
 
 # The main job: synthetic data (generated once into data/synthetic), a tiny LaVIN trained on
@@ -33,17 +48,55 @@ demo: venv
 demo-op: venv
 	$(VENV_PYTHON) python/demo_mm_adapter.py
 
-# pytest exits 5 when it collects nothing; that is a failure here, not a pass.
 test: venv
 	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; fi
-	@status=0; $(VENV_PYTHON) -m pytest tests -q || status=$$?; \
-	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests under tests/" >&2; fi; \
+	@$(MAKE) --no-print-directory run-tests TEST_PYTHON=$(VENV_PYTHON)
+
+# pytest exits 5 when it collects nothing; that is a failure here, not a pass.
+TEST_PYTHON ?= $(VENV_PYTHON)
+TEST_PATHS ?= tests
+run-tests:
+	@status=0; $(TEST_PYTHON) -m pytest $(TEST_PATHS) -q || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make: pytest collected no tests under $(TEST_PATHS)" >&2; fi; \
 	exit $$status
-	@if ls benchmarks/test_*.py >/dev/null 2>&1; then \
-		status=0; $(VENV_PYTHON) -m pytest benchmarks -q --benchmark-disable || status=$$?; \
-		if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests under benchmarks/" >&2; fi; \
+	@if [ "$(TEST_PATHS)" = tests ] && ls benchmarks/test_*.py >/dev/null 2>&1; then \
+		status=0; $(TEST_PYTHON) -m pytest benchmarks -q --benchmark-disable || status=$$?; \
+		if [ $$status -eq 5 ]; then echo "make: pytest collected no tests under benchmarks/" >&2; fi; \
 		exit $$status; \
 	fi
+
+# The whole suite on the newest transformers/peft/accelerate (and everything else) that pip
+# finds today, in .venv-latest; torch stays $(TORCH_SPEC). Then `make lock` pins what passed.
+test-latest:
+	$(call install_into,.venv-latest,--upgrade --upgrade-strategy eager)
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|peft|accelerate|tokenizers|safetensors) '
+	$(MAKE) --no-print-directory run-tests TEST_PYTHON=.venv-latest/bin/python
+
+# The floor: the transformers/peft versions pyproject.toml declares as the oldest supported,
+# in .venv-oldest, running the tests that touch them ($(HF_TESTS)).
+test-oldest:
+	$(call install_into,.venv-oldest,-c $(CONSTRAINTS_OLDEST))
+	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|peft|accelerate|tokenizers) '
+	$(MAKE) --no-print-directory run-tests TEST_PYTHON=.venv-oldest/bin/python TEST_PATHS="$(HF_TESTS)"
+
+# Rewrite $(CONSTRAINTS) from .venv-latest (run `make test-latest` first; commit if it passed).
+lock:
+	test -x .venv-latest/bin/python || { echo "make lock: run make test-latest first" >&2; exit 2; }
+	{ echo "# Exact versions the suite passed with; written by 'make lock' from .venv-latest."; \
+	  echo "# torch comes from TORCH_SPEC (Makefile), so it is not pinned here."; \
+	  .venv-latest/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(torch|mlan-kernels|pip)=='; } > $(CONSTRAINTS)
+
+# A source install as a user does it: build the sdist, install it without build isolation into
+# a scratch folder, and import the compiled extension from outside the source tree.
+sdist-check: venv
+	rm -rf build/sdist-check && mkdir -p build/sdist-check
+	$(VENV_PYTHON) -c 'from setuptools import build_meta; print(build_meta.build_sdist("build/sdist-check"))'
+	MAX_JOBS=2 $(VENV_PYTHON) -m pip install -q --no-build-isolation --no-deps \
+		--target build/sdist-check/site build/sdist-check/*.tar.gz
+	cd build/sdist-check && PYTHONPATH=site ../../$(VENV_PYTHON) -c 'import os, mlan_kernels, mlan_kernels._C as c; \
+		assert c.__file__.startswith(os.getcwd()), c.__file__; size = os.path.getsize(c.__file__); \
+		assert b".debug_info" not in open(c.__file__, "rb").read(), "debug info in a release build"; \
+		print("sdist-check:", c.__file__, f"{size / 2**20:.1f} MiB")'
 
 # Compile-only check of every CUDA source for Ampere and Hopper (no GPU needed, only nvcc).
 cuda-check:
@@ -76,4 +129,4 @@ clean:
 	find . -path ./$(VENV) -prune -o \( -name __pycache__ -type d -prune -exec rm -rf {} + \) -o \( -name '*.so' -type f -exec rm -f {} + \)
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest .venv-oldest

@@ -18,6 +18,8 @@ Environment switches:
     MLAN_SKIP_CUDA=1         build only the CPU kernels even when CUDA is available
     TORCH_CUDA_ARCH_LIST     GPU architectures to compile for (default here: "8.0;9.0")
     MAX_JOBS=N               parallel compile jobs (read by torch's BuildExtension; default here: CPUs)
+    MLAN_DEBUG=1             keep debug symbols (-g, and -lineinfo for nvcc); release builds
+                             strip them (-g0: Python's own CFLAGS carry -g, which made _C ~10 MB)
 """
 import glob
 import os
@@ -79,11 +81,13 @@ def get_extensions():
     cuda_sources = _sources("cuda/**/*.cu") + _sources("cuda/**/*.cpp")
     with_cuda = bool(cuda_sources) and _cuda_available(torch, cpp_extension)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    extra_compile_args = {"cxx": ["-O3", *openmp]}  # C++ standard: torch's default
+    debug = os.environ.get("MLAN_DEBUG", "0") == "1"
+    symbols = ["-g"] if debug else ["-g0"]        # last flag wins over Python's CFLAGS -g
+    extra_compile_args = {"cxx": ["-O3", *symbols, *openmp]}  # C++ standard: torch's default
     define_macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        extra_compile_args["nvcc"] = ["-O3"]
+        extra_compile_args["nvcc"] = ["-O3", *(["-lineinfo"] if debug else [])]
         define_macros.append(("MLAN_WITH_CUDA", "1"))
         extension = cpp_extension.CUDAExtension
     else:
@@ -91,7 +95,8 @@ def get_extensions():
         extension = cpp_extension.CppExtension
     return [extension(name=EXTENSION_NAME, sources=cpp_sources + cuda_sources,
                       include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
-                      extra_compile_args=extra_compile_args, extra_link_args=openmp)]
+                      extra_compile_args=extra_compile_args,
+                      extra_link_args=openmp + ([] if debug else ["-s"]))]
 
 
 def _build_command_class():

@@ -3,13 +3,15 @@
 Layering: this package imports `mlan_kernels.modules` / `ops` / `reference`, never the reverse.
 """
 from .clip import patch_clip_vision
+from .hf_compat import enable_gradient_checkpointing
 from .llama import patch_llama
 from .merge import is_merged, merge_adapters, unmerge_adapters
 from .patching import (AdaptedNorm, AdapterConfig, adapters, freeze_all_but_adapters,
                        patch_state, record_routing_weights, reset_routing_cache, set_backend,
                        set_single_modality, unpatch, unpatched)
 
-__all__ = ["AdaptedNorm", "AdapterConfig", "adapters", "freeze_all_but_adapters", "is_merged",
+__all__ = ["AdaptedNorm", "AdapterConfig", "adapters", "enable_gradient_checkpointing",
+           "freeze_all_but_adapters", "is_merged",
            "merge_adapters", "patch_clip_vision", "patch_llama", "patch_state",
            "record_routing_weights", "reset_routing_cache", "set_backend", "set_single_modality",
            "unmerge_adapters", "unpatch", "unpatched"]
