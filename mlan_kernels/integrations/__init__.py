@@ -3,6 +3,7 @@
 Layering: this package imports `mlan_kernels.modules` / `ops` / `reference`, never the reverse.
 """
 from .clip import patch_clip_vision
+from .families import MODEL_TYPES, patch
 from .hf_compat import enable_gradient_checkpointing
 from .llama import patch_llama
 from .merge import is_merged, merge_adapters, unmerge_adapters
@@ -10,7 +11,7 @@ from .patching import (AdaptedNorm, AdapterConfig, adapters, freeze_all_but_adap
                        patch_state, record_routing_weights, reset_routing_cache, set_backend,
                        set_single_modality, unpatch, unpatched)
 
-__all__ = ["AdaptedNorm", "AdapterConfig", "adapters", "enable_gradient_checkpointing",
+__all__ = ["MODEL_TYPES", "patch", "AdaptedNorm", "AdapterConfig", "adapters", "enable_gradient_checkpointing",
            "freeze_all_but_adapters", "is_merged",
            "merge_adapters", "patch_clip_vision", "patch_llama", "patch_state",
            "record_routing_weights", "reset_routing_cache", "set_backend", "set_single_modality",

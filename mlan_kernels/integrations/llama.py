@@ -1,37 +1,33 @@
-"""`patch_llama`: MM-Adapters in every decoder layer of a HuggingFace LLaMA (LaVIN's placement).
+"""`patch_llama`: MM-Adapters in every decoder layer of a HuggingFace language model (LaVIN's
+placement), for every decoder family in the model-type table (families.py): LLaMA 1/2/3,
+Mistral, Qwen2/2.5/3, Gemma 1/2/3 (text), Phi-3.
 
-    "attn":  h = x + Attn(Adapter(RMSNorm_attn(x))),  out = h + MLP(RMSNorm_mlp(h))
-    "block": additionally out = h + MLP(Adapter_mlp(RMSNorm_mlp(h)))
+    "attn":  h = x + Attn(Adapter(Norm_attn(x))),  out = h + MLP(Norm_mlp(h))
+    "block": additionally out = h + MLP(Adapter_mlp(Norm_mlp(h)))
 
-Works on `LlamaForCausalLM`, `LlamaModel`, and anything containing their decoder layers (a
-PEFT-wrapped model, a LaVIN assembly): layers are found by their attributes, not their class.
+Works on `*ForCausalLM`, `*Model`, and anything containing their decoder layers (a PEFT-wrapped
+model, a LaVIN assembly). A model type outside the table whose layers look like LLaMA's
+(input_layernorm, post_attention_layernorm, self_attn, mlp; e.g. LLaVA's "llava_llama") is
+patched with LLaMA's sites.
 """
-from .patching import Site, patch_component
-
-LLAMA_SITES = {
-    "attn": Site("attn", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "mlp": Site("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-}
+from .families import DECODER, blocks, patch
 
 
 def llama_decoder_layers(model):
-    """Decoder layers of `model` in order: modules with input_layernorm, self_attn and mlp."""
-    return [module for module in model.modules()
-            if all(hasattr(module, name) for name in ("input_layernorm", "post_attention_layernorm",
-                                                      "self_attn", "mlp"))]
+    """Decoder layers of `model` in order (modules with LLaMA's block attributes)."""
+    return blocks(model, DECODER)
 
 
 def patch_llama(model, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0, dropout=0.1,
                 placement="attn", freeze_base=True):
-    """Insert an MM-Adapter (width = hidden size D) after the pre-attention RMSNorm of every
-    decoder layer ("attn"), and after the pre-MLP RMSNorm too ("block"). In place; returns model.
+    """Insert an MM-Adapter (width = hidden size D) after the pre-attention norm of every
+    decoder layer ("attn"), and after the pre-MLP norm too ("block"). In place; returns model.
 
     Routing token: position 0 of each sample; at KV-cache decoding the weights cached at prefill
     are reused. freeze_base: only adapter parameters keep requires_grad. Patching again with the
     same hyperparameters is a no-op; with different ones it raises ValueError (unpatch first).
     Adapter parameters take the norm weight's device and dtype (so the `meta` device works).
     """
-    hyperparameters = dict(rank=rank, experts=experts, groups=groups, scale=scale,
-                           temperature=temperature, dropout=dropout, placement=placement)
-    return patch_component(model, "llama", llama_decoder_layers(model), LLAMA_SITES,
-                           hyperparameters, freeze_base, cache_aware=True)
+    return patch(model, freeze_base=freeze_base, component="llama", rank=rank, experts=experts,
+                 groups=groups, scale=scale, temperature=temperature, dropout=dropout,
+                 placement=placement)

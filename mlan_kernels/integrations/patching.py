@@ -54,11 +54,14 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class Site:
-    """Where one adapter goes inside a layer: the norm attribute it wraps and the nn.Linear
-    modules (paths relative to the layer) that read the adapter output (used by merging)."""
+    """Where one adapter goes inside a layer: the norm attribute it wraps, the nn.Linear
+    modules (paths relative to the layer) that read the adapter output (used by merging), and
+    the routing token: "first" = position 0 of each sample, "mean" = the mean over positions
+    (vision towers without a CLS token)."""
     name: str            # "attn" | "mlp"
     norm_attribute: str  # e.g. "input_layernorm"
     consumers: tuple     # e.g. ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    routing: str = "first"
 
 
 class AdaptedNorm(nn.Module):
@@ -93,9 +96,12 @@ class AdaptedNorm(nn.Module):
                     f"{self.key}: decoding with a KV cache needs the routing weights cached at "
                     f"prefill for the same batch (got {None if weights is None else list(weights.shape)} "
                     f"for batch {normed.shape[0]}); beam search / cache reordering is not supported")
-        elif self.phase == "prefill" or self.record_routing:
+        elif self.site.routing == "mean" and normed.shape[1] > 0:   # differentiable [B, E]
+            weights = self.adapter.routing_weights(normed.mean(1, keepdim=True))
+        if self.phase == "prefill" or self.record_routing:
             with torch.no_grad():
-                self.cached_routing_weights = self.adapter.routing_weights(normed).detach()
+                self.cached_routing_weights = (self.adapter.routing_weights(normed).detach()
+                                               if weights is None else weights.detach())
         return self.adapter(normed, weights=weights, backend=self.backend,
                             single_modality=self.single_modality)
 
@@ -230,17 +236,6 @@ def model_config(model):
         if config is not None and hasattr(config, "hidden_size"):
             return config
     raise ValueError(f"cannot find a config with hidden_size in {type(model).__name__}")
-
-
-def patch_component(model, component, layers, site_table, hyperparameters, freeze_base, cache_aware):
-    """patch_layers for one model family: site_table {"attn": Site, "mlp": Site}; the "mlp"
-    site is used for placement "block". hyperparameters: AdapterConfig's fields as a dict."""
-    config = AdapterConfig(**hyperparameters)
-    sites = [site_table["attn"]] + ([site_table["mlp"]] if config.placement == "block" else [])
-    hf_config = model_config(model)
-    info = {"model_class": type(model).__name__, "hidden_size": hf_config.hidden_size,
-            "num_layers": hf_config.num_hidden_layers}
-    return patch_layers(model, layers, sites, component, config, freeze_base, cache_aware, info)
 
 
 def freeze_all_but_adapters(model: nn.Module, extra=()):

@@ -59,3 +59,38 @@ def lavin_7b_on_meta():
     llama_config, clip_config = lavin_7b_configs()
     with torch.device("meta"):
         return LlamaForCausalLM(llama_config), CLIPVisionModel(clip_config)
+
+
+# Per-family settings for tiny_model: grouped-query attention everywhere (2 KV heads for 4
+# query heads), sliding windows where the family has them, tied embeddings where it ties.
+TINY_FAMILY_SETTINGS = {
+    "llama": {}, "qwen2": {}, "phi3": {"pad_token_id": 0},
+    "mistral": {"sliding_window": 16},
+    "qwen3": {"head_dim": 8},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8},
+}
+TINY_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
+def tiny_model(model_type, seed=0, **overrides):
+    """A tiny random model of a family in the model-type table (families.py), eval mode, eager
+    attention: `*ForCausalLM` for decoders (D=32, 2 layers, 4 heads, 2 KV heads, vocab 97),
+    the vision model for "clip_vision_model" / "siglip_vision_model" (D=32, 2 blocks, 28 px,
+    14 px patches). ValueError when the installed transformers lacks that model type."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    if model_type in TINY_VISION_TYPES:
+        values = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, image_size=28, patch_size=14)
+    else:
+        values = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, vocab_size=97,
+                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                      **TINY_FAMILY_SETTINGS.get(model_type, {}))
+    values.update(overrides)
+    config = AutoConfig.for_model(model_type, **values)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    builder = AutoModel if model_type in TINY_VISION_TYPES else AutoModelForCausalLM
+    return builder.from_config(config, attn_implementation="eager").eval()
