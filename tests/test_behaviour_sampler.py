@@ -38,3 +38,77 @@ def test_a_leftover_smaller_than_the_world_is_dropped_and_full_batches_only_with
         shards = [list(sampler) for sampler in samplers]
         assert [len(batches) for batches in shards] == [2, 2]     # one full batch per modality
         assert all(len(batch) == BATCH_SIZE for batches in shards for batch in batches)
+
+
+def test_small_mega_batches_still_cover_the_epoch():
+    """Several mega-batches per modality (mega_batch_size = one global batch): every sample of the
+    epoch is still trained on once, and the per-rank length agrees with what is yielded."""
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=36, seed=1)
+    samplers = [ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, BATCH_SIZE, WORLD_SIZE,
+                                           rank, mega_batch_size=6, seed=2)
+                for rank in range(WORLD_SIZE)]
+    shards = [list(sampler) for sampler in samplers]
+    assert [len(batches) for batches in shards] == [len(samplers[0])] * WORLD_SIZE == [6, 6]
+    assert sorted(i for batches in shards for batch in batches for i in batch) == \
+        sorted(mixture.epoch_indices(0))
+
+
+def test_one_process_defaults_and_a_batch_of_one():
+    """Without world_size/rank one process gets every sample, batch_size samples a step; a
+    leftover of one sample is a batch of its own when kept."""
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=10)
+    sampler = ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 2, drop_last=False)
+    batches = list(sampler)
+    assert [len(batch) for batch in batches].count(2) == 4 and len(batches) == len(sampler) == 6
+    assert sorted(i for batch in batches for i in batch) == sorted(mixture.epoch_indices(0))
+    ones = ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 1)
+    assert len(list(ones)) == len(ones) == 10
+
+
+def test_a_mixture_of_one_sample():
+    assert len(MixtureSampler([7], [], 1.0)) == 1 and list(MixtureSampler([7], [], 1.0)) == [7]
+
+
+def test_draws_with_replacement_are_reproducible_per_seed_and_epoch():
+    def draw(seed, epoch):
+        return MixtureSampler([1, 2, 3], [4, 5], 0.5, num_samples=40, seed=seed,
+                              replacement=True).epoch_indices(epoch)
+    assert draw(3, 0) == draw(3, 0) and draw(3, 0) != draw(3, 1) and draw(3, 0) != draw(4, 0)
+
+
+def test_padding_ratio_sums_over_all_batches():
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=12)
+    sampler = ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 2)
+    batches = [[0, 1], [2, 3, 4], [5]]
+    positions = [max(LENGTHS[i] for i in b) * len(b) for b in batches]
+    padded = [p - sum(LENGTHS[i] for i in b) for p, b in zip(positions, batches)]
+    assert sampler.padding_ratio(batches) == pytest.approx(sum(padded) / sum(positions))
+    assert sampler.padding_ratio([]) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(batch_size=0), "batch_size"), (dict(world_size=0), "world_size"),
+    (dict(rank=-1), "rank"), (dict(seed=-1), "seed"), (dict(mega_batch_size=0), "mega_batch_size"),
+    (dict(mixture_seed=-1), "seed"), (dict(num_samples=0), "num_samples"),
+    (dict(share=1.5), "language_share"),
+])
+def test_every_bad_argument_is_named_first_in_its_error(kwargs, name):
+    mixture_args = dict(num_samples=kwargs.pop("num_samples", 12), seed=kwargs.pop("mixture_seed", 0))
+    share = kwargs.pop("share", 0.5)
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        mixture = MixtureSampler(list(range(20)), list(range(20, 40)), share, **mixture_args)
+        ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, **{"batch_size": 2, **kwargs})
+
+
+@pytest.mark.parametrize("modality, share, indices", [("text", 1.0, ([0, 1], [30])),
+                                                      ("image", 0.0, ([0], [30, 31]))])
+def test_asking_for_more_samples_than_exist_names_the_modality(modality, share, indices):
+    with pytest.raises(ValueError, match=rf"needs 3 {modality} samples, only 2 exist"):
+        MixtureSampler(*indices, share, num_samples=3)
+
+
+def test_lengths_must_reach_the_largest_index():
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5)
+    with pytest.raises(ValueError, match="lengths must cover every mixture index"):
+        ModalityLengthBatchSampler(mixture, LENGTHS[:39], HAS_IMAGE[:39], 2)
+    ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 2)             # exactly enough
