@@ -26,12 +26,9 @@ _OP_TESTS = ["tests/test_reference.py", "tests/test_mm_adapter_op.py", "tests/te
              "tests/test_module.py", "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router"]
 _KL_TESTS = ["tests/test_kl_div.py", "tests/test_kl_fused_linear.py",
              "tests/test_behaviour_fused_linear_kl.py"]
-# mutmut needs a green baseline: the KV-cache generation tests fail on transformers 5.24 until
-# patching.py's routing hook reads that version's cache argument; drop the -k once it does.
 _INTEGRATION_TESTS = ["tests/test_integration_llama.py", "tests/test_integration_lavin.py",
                       "tests/test_behaviour_merge.py", "tests/test_behaviour_lavin.py",
-                      "tests/test_behaviour_routing.py",
-                      "-k", "not kv_cache and not generate_with_cache"]
+                      "tests/test_behaviour_routing.py", "tests/test_hf_compat.py"]
 _TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_train_mixed.py",
                   "-k", "not ddp and not fsdp2 and not console_scripts"]
 TESTS = {
