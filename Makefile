@@ -18,7 +18,7 @@ HF_TESTS := tests/test_hf_compat.py tests/test_families.py tests/test_integratio
 EXTENSION_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
 .PHONY: venv demo demo-op test run-tests test-latest test-oldest lock sdist-check cuda-check cpp-test bench \
-	clean distclean
+	clean distclean mutation
 
 venv: $(VENV)/.installed
 
@@ -123,6 +123,16 @@ BENCH_ARGS ?=
 bench: venv
 	$(VENV_PYTHON) -m benchmarks.run $(BENCH_ARGS)
 	$(VENV_PYTHON) -m pytest benchmarks --benchmark-only -q
+
+# Mutation testing (mutmut 3, the `mutation` extra; not part of `make test` or CI): one module at
+# a time, e.g. `make mutation MODULE=mlan_kernels/integrations/merge.py`; several modules
+# separated by spaces, or MODULE=all for every module in python/mutation.py's table.
+# Scores and how long each module took: docs/testing.md.
+MODULE ?=
+mutation: venv
+	@test -n "$(MODULE)" || { echo "make mutation: pass MODULE=mlan_kernels/<path>.py (or all)" >&2; exit 2; }
+	@$(VENV_PYTHON) -c "import mutmut" 2>/dev/null || $(VENV_PYTHON) -m pip install -q "mutmut>=3.8,<4"
+	$(VENV_PYTHON) python/mutation.py $(MODULE)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

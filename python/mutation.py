@@ -1,0 +1,121 @@
+"""Mutation testing of one module with mutmut 3 (`make mutation MODULE=mlan_kernels/...py`).
+
+mutmut copies the package into a scratch directory, rewrites every function of MODULE into a
+trampoline over its mutants (one plausible one-token bug each: `<` -> `<=`, `+` -> `-`, a
+constant changed, an argument dropped, ...), runs the module's tests once to learn which test
+reaches which function, then runs only those tests against each mutant. A mutant is killed
+when a test fails; a surviving one is a bug no test would notice (or an equivalent change).
+
+The scratch directory is build/mutation/<module>/ (its own setup.cfg: mutmut's config lives
+there, not in pyproject.toml); `cd` there and run `../../../.venv/bin/mutmut show <name>` to
+read a survivor. Not part of `make test` or CI: one module takes minutes (docs/testing.md).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tests that exercise each module. Subprocess-based tests (DDP, FSDP) are left out: they
+# import the unmutated package in a fresh interpreter, so they cost time and kill nothing.
+_OP_TESTS = ["tests/test_reference.py", "tests/test_mm_adapter_op.py", "tests/test_op_paths.py",
+             "tests/test_module.py", "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router"]
+_KL_TESTS = ["tests/test_kl_div.py", "tests/test_kl_fused_linear.py",
+             "tests/test_behaviour_fused_linear_kl.py"]
+_INTEGRATION_TESTS = ["tests/test_integration_llama.py", "tests/test_integration_lavin.py",
+                      "tests/test_behaviour_merge.py", "tests/test_behaviour_lavin.py",
+                      "tests/test_behaviour_routing.py", "tests/test_hf_compat.py"]
+_TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_train_mixed.py",
+                  "-k", "not ddp and not fsdp2 and not console_scripts"]
+TESTS = {
+    "mlan_kernels/reference.py": _OP_TESTS,
+    "mlan_kernels/reference_kl.py": _KL_TESTS + ["tests/test_grad_scale.py"],
+    "mlan_kernels/ops/mm_adapter.py": _OP_TESTS,
+    "mlan_kernels/ops/validation.py": ["tests/test_validation.py", "tests/test_mm_adapter_op.py"],
+    "mlan_kernels/ops/kl_div.py": _KL_TESTS,
+    "mlan_kernels/ops/fused_linear_kl.py": _KL_TESTS,
+    "mlan_kernels/ops/grad_scale.py": ["tests/test_grad_scale.py"],
+    "mlan_kernels/backends/reference.py": _OP_TESTS,
+    "mlan_kernels/backends/compiled.py": _OP_TESTS + ["tests/test_compiled_backend.py"],
+    "mlan_kernels/backends/triton.py": _OP_TESTS,
+    "mlan_kernels/integrations/patching.py": _INTEGRATION_TESTS,
+    "mlan_kernels/integrations/merge.py": _INTEGRATION_TESTS,
+    "mlan_kernels/integrations/lavin.py": _INTEGRATION_TESTS,
+    "mlan_kernels/checkpoint.py": ["tests/test_integration_checkpoint.py",
+                                   "tests/test_behaviour_lavin.py"],
+    "mlan_kernels/data/sampler.py": ["tests/test_data_sampler_batches.py",
+                                     "tests/test_data_sampler_mixture.py",
+                                     "tests/test_behaviour_sampler.py"],
+    "mlan_kernels/training/balance.py": ["tests/test_balance_auxiliary.py",
+                                         "tests/test_balance_monitor.py", "tests/test_scheduler.py"],
+    "mlan_kernels/training/scheduler.py": ["tests/test_scheduler.py",
+                                           "tests/test_behaviour_trainer.py"],
+    "mlan_kernels/training/mixed/trainer.py": _TRAINER_TESTS,
+}
+
+def prepare(module: str, tests: list, work: Path) -> None:
+    """A fresh scratch directory: links to the package, tests and pyproject, and setup.cfg."""
+    if work.exists():
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    for name in ("mlan_kernels", "tests", "pyproject.toml"):
+        (work / name).symlink_to(ROOT / name)
+    lines = ["[mutmut]", "source_paths = mlan_kernels", f"only_mutate = {module}",
+             "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests] + [
+             "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
+             "process_isolation = forkserver", "use_git_change_detection = false"]
+    (work / "setup.cfg").write_text("\n".join(lines) + "\n")
+
+
+def tally(work: Path, module: str) -> dict:
+    """{status: [mutant names]} from mutmut's per-file results (mutants/<module>.meta)."""
+    from mutmut.stats import status_by_exit_code
+    meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+    results = {}
+    for name, code in meta["exit_code_by_key"].items():
+        results.setdefault(status_by_exit_code[code], []).append(name)
+    return results
+
+
+def run_module(module: str, tests: list, max_children: int) -> int:
+    """mutmut on one module; prints the score and every mutant not killed. Returns mutmut's code."""
+    work = ROOT / "build" / "mutation" / module.replace("/", "_").removesuffix(".py")
+    prepare(module, tests, work)
+    mutmut = Path(sys.executable).parent / "mutmut"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.perf_counter()
+    run = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)],
+                         cwd=work, env=env)
+    seconds = time.perf_counter() - start
+    results = tally(work, module)
+    counts = {status: len(names) for status, names in sorted(results.items())}
+    total = sum(counts.values())
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    print(f"\n{module}: {killed}/{total} killed ({100 * killed / max(total, 1):.1f} %), "
+          f"{counts} in {seconds / 60:.1f} min (scratch: {work.relative_to(ROOT)})")
+    for status, names in sorted(results.items()):
+        for name in names if status not in ("killed", "timeout") else ():
+            print(f"  {status}: {name}")
+    return run.returncode
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="+", help="e.g. mlan_kernels/integrations/merge.py, or all")
+    parser.add_argument("--tests", nargs="+", help="pytest arguments (default: the module's table entry)")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    modules = list(TESTS) if args.modules == ["all"] else args.modules
+    unknown = [module for module in modules if module not in TESTS and not args.tests]
+    if unknown:
+        parser.error(f"no test list for {unknown}; pass --tests (known: {', '.join(TESTS)})")
+    codes = [run_module(module, args.tests or TESTS[module], args.max_children) for module in modules]
+    return max(codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
