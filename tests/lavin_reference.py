@@ -161,14 +161,16 @@ def _attach(llama, clip, trainables):
     (lavin/mm_adapter.py 89-131): after the norm in front of attention (and of the MLP for
     "block"). Returns the hook handles."""
     hooks = []
-    for layer, holder in zip(llama.model.layers, trainables.layers):
+    llama_layers = [m for m in llama.modules() if hasattr(m, "input_layernorm")]
+    clip_layers = [m for m in clip.modules() if hasattr(m, "layer_norm1") and hasattr(m, "mlp")]
+    for layer, holder in zip(llama_layers, trainables.layers, strict=True):
         hooks.append(layer.input_layernorm.register_forward_hook(
             lambda module, args, out, adapter=holder.adapter_attn: adapter(out)))
         if hasattr(holder, "adapter_mlp"):
             hooks.append(layer.post_attention_layernorm.register_forward_hook(
                 lambda module, args, out, adapter=holder.adapter_mlp: adapter(out)))
     visual = getattr(trainables.backbone, "visual", trainables.backbone)
-    for layer, holder in zip(clip.vision_model.encoder.layers, visual.transformer.resblocks):
+    for layer, holder in zip(clip_layers, visual.transformer.resblocks, strict=True):
         hooks.append(layer.layer_norm1.register_forward_hook(_sequence_first(holder.adapter_attn)))
         if hasattr(holder, "adapter_mlp"):
             hooks.append(layer.layer_norm2.register_forward_hook(_sequence_first(holder.adapter_mlp)))

@@ -4,6 +4,8 @@
 
 Routing token: the CLS token (position 0) of each image, per image (LaVIN routed a whole CLIP
 batch by its first image, LaVIN issue #33; our op routes every row by its own x[b, 0]).
+LavinModel(compat="lavin") switches the adapters to LaVIN's sequence-first routing
+(AdaptedNorm.sequence_first) to reproduce LaVIN-trained weights.
 """
 from .patching import Site, patch_component
 
