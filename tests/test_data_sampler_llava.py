@@ -179,3 +179,18 @@ def test_fixed_mixture_draws_the_subset_once(replacement):
     assert sum(i < 100 for i in subsets[0]) == 35
     with pytest.raises(ValueError, match="resample_each_epoch must be True or False"):
         MixtureSampler(text, image, 0.5, resample_each_epoch="no")
+
+
+def test_readme_grouping_table_is_what_the_script_measures():
+    import argparse
+    import importlib.util
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location(
+        "sampler_grouping", os.path.join(root, "benchmarks", "sampler_grouping.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lines = script.table(argparse.Namespace(world=8, batch=8, accum=1, share=0.875))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    assert all(f"  {line}\n" in readme for line in lines), lines
