@@ -135,8 +135,6 @@ def test_generate_in_compat_mode_follows_lavins_prompt_layout(tmp_path, indicato
             sequence = torch.cat([sequence, tokens[:, step:step + 1]], 1)
 
 
-@pytest.mark.xfail(strict=False, reason="KV-cached generate on transformers 5.24 (past_key_values "
-                   "deprecated; fixed separately): fails in both modes until that fix lands")
 @pytest.mark.parametrize("indicators", [[1, 1], [0, 0]])
 def test_generate_with_cache_equals_recompute_in_compat_mode(tmp_path, indicators):
     model, _ = compat_pair(tmp_path)
