@@ -2,7 +2,7 @@
 
     save_adapters(model, "out/")  ->  out/adapter_model.safetensors, out/adapter_config.json
     load_adapters(model, "out/")      # into a patched (or unpatched: patched here) model
-    load_lavin_adapters(model, "lavin_checkpoint.pth")
+    load_lavin_adapters(model, "checkpoint-19.pth")   # LaVIN's training file (lavin_format.py)
 
 Tensor names are the adapters' stable keys ("llama.layers.3.attn.down.weight"), plus
 "neck.*" and "modality_embedding.weight" for a LavinModel, so wrapping the model (PEFT,
@@ -11,7 +11,6 @@ safetensors for our format, `torch.load(weights_only=True)` for LaVIN .pth files
 """
 import json
 import os
-import re
 
 import torch
 
@@ -19,22 +18,12 @@ from .integrations.clip import patch_clip_vision
 from .integrations.lavin import LavinModel
 from .integrations.llama import patch_llama
 from .integrations.patching import adapters, patch_state
-from .modules import MMAdapter
+from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
+from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PATCHERS = {"llama": patch_llama, "clip": patch_clip_vision}
-# LaVIN parameter names (lavin/model.py, lavin/mm_adapter.py) -> ours.
-LAVIN_ADAPTER_PATTERNS = (
-    (re.compile(r"^(?:module\.)?layers\.(\d+)\.adapter_(attn|mlp)\.$"), "llama"),
-    (re.compile(r"^(?:module\.)?backbone\.(?:visual\.)?transformer\.resblocks\.(\d+)\.adapter_(attn|mlp)\.$"), "clip"),
-)
-LAVIN_ADAPTER_PREFIX = re.compile(r"^(.*\.adapter_(?:attn|mlp)\.)")
-LAVIN_EXTRA_NAMES = {"adapter_proj.conv_A.weight": "neck.down.weight",
-                     "adapter_proj.conv_A.bias": "neck.down.bias",
-                     "adapter_proj.conv_B.weight": "neck.up.weight",
-                     "adapter_proj.conv_B.bias": "neck.up.bias",
-                     "adapter_modality_embedding.weight": "modality_embedding.weight"}
 
 
 def _lavin_module(model):
@@ -129,38 +118,58 @@ def _copy_into(model, tensors, strict=True):
     return missing, unexpected
 
 
-def from_lavin_state_dict(state_dict):
-    """LaVIN names -> ours: {"llama.layers.3.attn.down.weight": ..., "neck.up.bias": ...}.
+def _names(names, limit=20):
+    """A list of names for an error message: the first `limit`, then how many more."""
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... (+{len(names) - limit} more)' if len(names) > limit else ''}]"
 
-    LaVIN keys: `layers.{i}.adapter_attn.*` (LLaMA), `backbone.visual.transformer.resblocks.{i}.
-    adapter_attn.*` (CLIP; `backbone.transformer...` too), `adapter_mlp` for "block",
-    `adapter_proj.conv_A/conv_B` (neck), `adapter_modality_embedding.weight`. Other keys are
-    ignored. Conversion of each adapter goes through MMAdapter.from_lavin_state_dict.
-    """
-    ours, prefixes = {}, set()
-    for key, value in state_dict.items():
-        if key in LAVIN_EXTRA_NAMES:
-            ours[LAVIN_EXTRA_NAMES[key]] = value
-        match = LAVIN_ADAPTER_PREFIX.match(key)
-        if match:
-            prefixes.add(match.group(1))
-    for prefix in sorted(prefixes):
-        for pattern, component in LAVIN_ADAPTER_PATTERNS:
-            match = pattern.match(prefix)
-            if match:
-                adapter = MMAdapter.from_lavin_state_dict(state_dict, prefix=prefix)
-                site = f"{component}.layers.{match.group(1)}.{match.group(2)}"
-                ours.update({f"{site}.{name}": tensor for name, tensor in adapter.state_dict().items()})
-    return ours
+
+def _plan_copy(model, tensors, strict, source):
+    """Check {checkpoint name: tensor} against the model's adapter tensors without touching
+    them -> ([(target, tensor)], missing, unexpected). Shape mismatches always raise; missing
+    or unexpected names raise when strict. Errors name `source`."""
+    targets = adapter_state_dict(model)
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    if strict and (missing or unexpected):
+        raise ValueError(f"{source}: adapter checkpoint mismatch: missing {_names(missing)}, "
+                         f"unexpected {_names(unexpected)} (strict=False loads the rest)")
+    pairs = []
+    for name in sorted(set(targets) & set(tensors)):
+        if tuple(targets[name].shape) != tuple(tensors[name].shape):
+            raise ValueError(f"{source}: {name}: checkpoint shape {list(tensors[name].shape)} != "
+                             f"model shape {list(targets[name].shape)}")
+        pairs.append((targets[name], tensors[name]))
+    return pairs, missing, unexpected
 
 
 def load_lavin_adapters(model, checkpoint, weights_only=True, strict=True):
-    """Load LaVIN adapter weights (a state dict, or a .pth path read with torch.load(
-    weights_only=True); a {"model": state_dict} wrapper is unwrapped) into a patched model.
-    Temperature/scale/dropout stay the model's (LaVIN checkpoints do not store them).
-    Returns (missing, unexpected) names in our naming; strict raises on either."""
+    """Load LaVIN adapter weights into a patched model (a LavinModel for the neck and modality
+    embedding), atomically: everything is read and checked before the first tensor changes,
+    so a failure leaves the model exactly as it was.
+
+    checkpoint: a path to LaVIN's training file ({"model": ..., "optimizer", "epoch", "scaler",
+    "args": argparse.Namespace}, names with or without DDP's "module."), read with
+    torch.load(weights_only=True) allowing only argparse.Namespace beyond tensors; or an
+    in-memory dict of the same forms. Entries whose name contains "adapter" must be finite
+    floating-point tensors. Temperature/scale/dropout stay the model's (LaVIN checkpoints do
+    not store them with the weights). Returns (missing, unexpected): our names the file lacks;
+    our names the model lacks plus LaVIN adapter names not understood. strict (default) raises
+    ValueError listing both when either is non-empty.
+    """
+    source = "checkpoint dict"
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-    if isinstance(checkpoint.get("model"), dict):
-        checkpoint = checkpoint["model"]
-    return _copy_into(model, from_lavin_state_dict(checkpoint), strict=strict)
+        source = os.fspath(checkpoint)
+        checkpoint = read_lavin_file(source, weights_only=weights_only)
+    tensors = lavin_adapter_tensors(lavin_model_dict(checkpoint, source), source)
+    ours, not_understood = lavin_to_ours(tensors, source)
+    pairs, missing, unexpected = _plan_copy(model, ours, strict=False, source=source)
+    unexpected = unexpected + not_understood
+    if strict and (missing or unexpected):
+        raise ValueError(f"{source}: LaVIN checkpoint mismatch: missing {_names(missing)}, "
+                         f"unexpected {_names(unexpected)} (strict=False loads the rest)")
+    with torch.no_grad():
+        for target, tensor in pairs:
+            target.copy_(tensor)
+    return missing, unexpected
+

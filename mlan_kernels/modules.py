@@ -58,7 +58,11 @@ class MMAdapter(nn.Module):
     (LaVIN 10 for 7B, 5 for 13B); dropout: p on the hidden H, active in training mode only.
     Parameters are created with `device` / `dtype` (fp32 parameters with bf16/fp16
     activations are supported, as in LaVIN's fp32 master weights under autocast).
+    routing_dtype (attribute, default None): when set (LaVIN compat: torch.float16), the
+    router's weights are rounded through that dtype, as LaVIN's `.half()` does
+    (lavin/mm_adapter.py line 46); the gradient passes through the rounding unchanged.
     """
+    routing_dtype = None
 
     def __init__(self, dim, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0,
                  dropout=0.1, device=None, dtype=None):
@@ -96,6 +100,8 @@ class MMAdapter(nn.Module):
         backend are passed to `mm_adapter` (None: detect equal routing weights; False: never).
         In training mode the dropout seed is drawn from torch's RNG (follows torch.manual_seed).
         """
+        if weights is None and self.routing_dtype is not None:
+            weights = self.routing_weights(x)
         return mm_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                           self.router.weight, self.router.bias, weights, scale=self.scale,
                           temperature=self.temperature,
@@ -106,8 +112,12 @@ class MMAdapter(nn.Module):
         """x: [B, L, D] -> the router's [B, E] softmax weights on x[:, 0] (fp32; fp64 for fp64 x).
 
         Differentiable (for auxiliary routing losses); wrap in torch.no_grad() to only inspect.
+        Rounded through routing_dtype when that is set.
         """
-        return _router_softmax(x[:, 0], self.router.weight, self.router.bias, self.temperature)
+        weights = _router_softmax(x[:, 0], self.router.weight, self.router.bias, self.temperature)
+        if self.routing_dtype is None:
+            return weights
+        return weights.to(self.routing_dtype).to(weights.dtype)
 
     def extra_repr(self):
         return (f"dim={self.dim}, rank={self.rank}, experts={self.experts}, groups={self.groups}, "

@@ -6,6 +6,8 @@
 Routing token: CLIP routes each image by its own CLS token (position 0). LaVIN routed a whole
 CLIP batch by its first image (LaVIN issue #33); our op routes every image by its own token.
 SigLIP has no CLS token and routes each image by the mean of its patch tokens.
+build_lavin(compat="lavin") switches CLIP adapters to LaVIN's sequence-first routing
+(AdaptedNorm.sequence_first) to reproduce LaVIN-trained weights.
 """
 from .families import CLIP, blocks, patch
 

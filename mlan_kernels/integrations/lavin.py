@@ -9,6 +9,17 @@ Attention: causal, padding masked, and no token other than itself attends to pos
 the modality token's hidden state (the routing token of every LLaMA adapter) depends only on
 the modality. Labels: -100 on the modality token, image tokens and padding.
 Text-only samples never go through CLIP (LaVIN fed them a zero image).
+
+compat="lavin" reproduces LaVIN's own code (lavin/model.py, lavin/mm_adapter.py), so weights
+trained by LaVIN give LaVIN's outputs on the same base:
+    [ modality token | text[0] (BOS) | prefix | K image tokens (image samples) | text[1:] ]
+    prefix = image_prefix_ids ("Image: ") or text_prefix_ids ("Image: N/A"), in the LLaMA
+    tokenizer; in forward (training) each sequence is truncated to the input's padded length T
+    (LaVIN cuts to its max_seq_len); generate does not truncate (LaVIN's generator does not).
+    CLIP adapters route sequence-first: token position l of every image by image 0's token l
+    (image 0 = sample 0's image, a zero image when sample 0 is text-only, as LaVIN's data
+    loader feeds zeros; only that one zero image is run). Routing weights of every adapter are
+    rounded to fp16 (LaVIN's `.half()`).
 """
 import torch
 from torch import nn
@@ -17,11 +28,12 @@ from .clip import patch_clip_vision
 from .hf_compat import cache_keyword, new_dynamic_cache
 from .llama import patch_llama
 from .merge import merge_adapters, unmerge_adapters
-from .patching import freeze_all_but_adapters, record_routing_weights
+from .patching import adapted_norms, freeze_all_but_adapters, record_routing_weights
 from .sampling import check_sampling_args, next_tokens
 
 IGNORE_INDEX = -100
 MODALITIES = {"text": 0, "image": 1}
+COMPAT_MODES = (None, "lavin")
 
 
 class VisualNeck(nn.Module):
@@ -43,21 +55,63 @@ class VisualNeck(nn.Module):
         return self.up(nn.functional.silu(self.down(features.to(self.down.weight.dtype))))
 
 
+def _prefix_ids(name, ids, vocab_size):
+    """Token ids of a LaVIN prefix as a 1-D int64 tensor (checked against the vocabulary)."""
+    if ids is None:
+        raise ValueError(f'compat="lavin" needs {name} (the LLaMA tokenizer\'s ids of '
+                         f'{"Image: " if name.startswith("image") else "Image: N/A"}, no BOS)')
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D sequence of ints, got {ids.dtype} shape {list(ids.shape)}")
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {ids.tolist()}")
+    return ids.long()
+
+
+def _check_compat(llama, compat, image_prefix_ids, text_prefix_ids):
+    """Validate the compat arguments -> {"image_prefix_ids": [P] int64, "text_prefix_ids": ...}
+    ({} for compat=None)."""
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    if compat is None:
+        if image_prefix_ids is not None or text_prefix_ids is not None:
+            raise ValueError('image_prefix_ids / text_prefix_ids are only used with compat="lavin"')
+        return {}
+    vocab = llama.get_input_embeddings().num_embeddings
+    return {name: _prefix_ids(name, ids, vocab) for name, ids in
+            (("image_prefix_ids", image_prefix_ids), ("text_prefix_ids", text_prefix_ids))}
+
+
 class LavinModel(nn.Module):
     """LaVIN on HuggingFace modules. llama: a patched LlamaForCausalLM; clip: a patched
-    CLIPVisionModel. Build it with `build_lavin` (patches and freezes)."""
+    CLIPVisionModel. Build it with `build_lavin` (patches and freezes).
 
-    def __init__(self, llama, clip, neck_hidden=128, clip_every=4, device=None):
+    compat: None (our layout, per-image CLIP routing, fp32 routing weights) or "lavin" (LaVIN's
+    layout, truncation, sequence-first CLIP routing and fp16 routing weights; see the module
+    docstring), which needs image_prefix_ids / text_prefix_ids ([P] ints each). The compat
+    routing is set on the adapters present when the model is built (patch first)."""
+
+    def __init__(self, llama, clip, neck_hidden=128, clip_every=4, device=None, compat=None,
+                 image_prefix_ids=None, text_prefix_ids=None):
         super().__init__()
         self.llama, self.clip, self.clip_every = llama, clip, clip_every
         dim = llama.config.hidden_size
         if clip.config.num_hidden_layers % clip_every != 0:
             raise ValueError(f"clip_every={clip_every} must divide the CLIP depth "
                              f"{clip.config.num_hidden_layers}")
+        prefixes = _check_compat(llama, compat, image_prefix_ids, text_prefix_ids)
         device = device or llama.get_input_embeddings().weight.device
+        self.compat = compat
         self.neck = VisualNeck(clip.config.hidden_size, neck_hidden, dim, device=device,
                                dtype=torch.float32)
         self.modality_embedding = nn.Embedding(2, dim, device=device, dtype=torch.float32)
+        if compat == "lavin":
+            for name, ids in prefixes.items():
+                self.register_buffer(name, ids.to(device), persistent=False)
+            for adapted in adapted_norms(llama) + adapted_norms(clip):
+                adapted.adapter.routing_dtype = torch.float16      # LaVIN's .half()
+            for adapted in adapted_norms(clip):
+                adapted.sequence_first = True                       # LaVIN's CLIP is [L, N, D]
 
     @property
     def image_token_count(self):
@@ -81,17 +135,30 @@ class LavinModel(nn.Module):
         if pixel_values.shape[0] != count:
             raise ValueError(f"pixel_values must have one row per sample or per image sample "
                              f"({has_image.shape[0]} or {count}), got {pixel_values.shape[0]}")
+        if self.compat == "lavin" and not bool(has_image[0]):
+            # LaVIN routes every image by image 0 = sample 0's zero image: run that one too
+            zero = torch.zeros_like(pixel_values[:1])
+            return self.image_tokens(torch.cat([zero, pixel_values]))[1:]
         return self.image_tokens(pixel_values)
 
+    def _layout(self, has_image_b):
+        """(text tokens before the inserted block, [P] prefix ids or None) of one sample:
+        ours (0, None); compat="lavin" (1, "Image: " or "Image: N/A" ids)."""
+        if self.compat != "lavin":
+            return 0, None
+        return 1, self.image_prefix_ids if has_image_b else self.text_prefix_ids
+
     def build_inputs(self, input_ids, pixel_values=None, has_image=None, attention_mask=None,
-                     labels=None, image_tokens=None):
+                     labels=None, image_tokens=None, truncate=None):
         """Assemble the LLaMA inputs.
 
         input_ids [B, T] (right padded, attention_mask [B, T] of 0/1); has_image [B] bool
         (default: all True when pixel_values is given); pixel_values [B or #images, 3, H, W];
         labels [B, T] or None; image_tokens: precomputed [#images, K, D] (skips CLIP).
-        Returns dict(inputs_embeds [B, S, D], attention_mask [B, 1, S, S] additive,
-        labels [B, S] or None, lengths [B]) with S = max_b (1 + K·has_image_b + T_b).
+        truncate: cut each sequence to T (default: only with compat="lavin", as LaVIN's
+        training does). Returns dict(inputs_embeds [B, S, D], attention_mask [B, 1, S, S]
+        additive, labels [B, S] or None, lengths [B]) with S = max_b length_b, length_b =
+        1 + P_b + K·has_image_b + T_b (P_b: compat prefix length, else 0), cut to T if truncate.
         """
         batch = input_ids.shape[0]
         if has_image is None:
@@ -101,6 +168,7 @@ class LavinModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if image_tokens is None:
             image_tokens = self._image_tokens_per_sample(has_image, pixel_values)
+        truncate = self.compat == "lavin" if truncate is None else truncate
         embed = self.llama.get_input_embeddings()
         dtype = embed.weight.dtype
         text = embed(input_ids)
@@ -108,29 +176,37 @@ class LavinModel(nn.Module):
         sequences, image_index = [], 0
         for b in range(batch):
             n = int(attention_mask[b].sum())
-            parts = [modality[b:b + 1]]
+            split, prefix = self._layout(bool(has_image[b]))
+            parts = [modality[b:b + 1], text[b, :split]]
+            if prefix is not None:
+                parts.append(embed(prefix))
             if has_image[b]:
                 parts.append(image_tokens[image_index].to(dtype))
                 image_index += 1
-            sequences.append(torch.cat(parts + [text[b, :n]]))
+            sequence = torch.cat(parts + [text[b, split:n]])
+            sequences.append(sequence[:input_ids.shape[1]] if truncate else sequence)
         lengths = torch.tensor([s.shape[0] for s in sequences], device=input_ids.device)
         inputs_embeds = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
         out = {"inputs_embeds": inputs_embeds, "lengths": lengths,
                "attention_mask": lavin_attention_mask(lengths, inputs_embeds.shape[1], dtype),
                "labels": None}
         if labels is not None:
-            out["labels"] = self.assemble_labels(labels, attention_mask, has_image)
+            out["labels"] = self.assemble_labels(labels, attention_mask, has_image, truncate)
         return out
 
-    def assemble_labels(self, labels, attention_mask, has_image):
+    def assemble_labels(self, labels, attention_mask, has_image, truncate=None):
         """labels [B, T] (text positions) -> [B, S] in assembled positions (see build_inputs):
-        -100 on the modality token, the K image tokens of image samples and padding."""
+        -100 on the modality token, the inserted prefix and image tokens, and padding."""
         has_image = torch.as_tensor(has_image, dtype=torch.bool, device=labels.device)
+        truncate = self.compat == "lavin" if truncate is None else truncate
         rows = []
         for b in range(labels.shape[0]):
-            prefix = 1 + self.image_token_count * int(has_image[b])
+            split, prefix = self._layout(bool(has_image[b]))
+            inserted = (0 if prefix is None else prefix.numel()) + self.image_token_count * int(has_image[b])
             n = int(attention_mask[b].sum())
-            rows.append(torch.cat([labels.new_full((prefix,), IGNORE_INDEX), labels[b, :n]]))
+            row = torch.cat([labels.new_full((1,), IGNORE_INDEX), labels[b, :split],
+                             labels.new_full((inserted,), IGNORE_INDEX), labels[b, split:n]])
+            rows.append(row[:labels.shape[1]] if truncate else row)
         return nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=IGNORE_INDEX)
 
     def forward(self, input_ids, pixel_values=None, has_image=None, attention_mask=None,
@@ -179,7 +255,8 @@ class LavinModel(nn.Module):
             has_image = torch.full((input_ids.shape[0],), pixel_values is not None)
         has_image = torch.as_tensor(has_image, dtype=torch.bool, device=input_ids.device)
         image_tokens = self._image_tokens_per_sample(has_image, pixel_values)
-        inputs = self.build_inputs(input_ids, has_image=has_image, image_tokens=image_tokens)
+        inputs = self.build_inputs(input_ids, has_image=has_image, image_tokens=image_tokens,
+                                   truncate=False)
         if bool((inputs["lengths"] != inputs["lengths"][0]).any()):
             raise ValueError("generate needs equal assembled lengths in the batch (group samples "
                              "by modality and prompt length, or generate one at a time)")
@@ -204,7 +281,8 @@ class LavinModel(nn.Module):
                                     attention_mask=mask, use_cache=True).logits
             else:
                 ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
-                full = self.build_inputs(ids, has_image=has_image, image_tokens=image_tokens)
+                full = self.build_inputs(ids, has_image=has_image, image_tokens=image_tokens,
+                                         truncate=False)
                 logits = self.llama(inputs_embeds=full["inputs_embeds"], use_cache=False,
                                     attention_mask=full["attention_mask"]).logits
         return torch.stack(tokens, 1)
@@ -225,15 +303,20 @@ def lavin_attention_mask(lengths, total, dtype):
 
 def build_lavin(llama, clip, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0,
                 clip_temperature=None, dropout=0.1, placement="attn", neck_hidden=128,
-                clip_every=4, freeze_base=True):
+                clip_every=4, freeze_base=True, compat=None, image_prefix_ids=None,
+                text_prefix_ids=None):
     """Patch `llama` (LlamaForCausalLM) and `clip` (CLIPVisionModel) with MM-Adapters and
     assemble a LavinModel. freeze_base: only adapters, neck and modality embedding train.
-    clip_temperature defaults to temperature."""
+    clip_temperature defaults to temperature. compat="lavin" reproduces LaVIN's code (module
+    docstring); image_prefix_ids / text_prefix_ids: the tokenizer's ids of "Image: " and
+    "Image: N/A" without BOS (LaVIN's engine.py encodes them with bos=False)."""
+    _check_compat(llama, compat, image_prefix_ids, text_prefix_ids)   # a bad call changes nothing
     common = dict(rank=rank, experts=experts, groups=groups, scale=scale, dropout=dropout,
                   placement=placement, freeze_base=False)
     patch_llama(llama, temperature=temperature, **common)
     patch_clip_vision(clip, temperature=clip_temperature or temperature, **common)
-    model = LavinModel(llama, clip, neck_hidden=neck_hidden, clip_every=clip_every)
+    model = LavinModel(llama, clip, neck_hidden=neck_hidden, clip_every=clip_every, compat=compat,
+                       image_prefix_ids=image_prefix_ids, text_prefix_ids=text_prefix_ids)
     if freeze_base:
         freeze_all_but_adapters(model, extra=(model.neck, model.modality_embedding))
     return model

@@ -69,8 +69,11 @@ class AdaptedNorm(nn.Module):
 
     key: a stable name such as "llama.layers.3.attn" (checkpoints use it, so wrapping the
     model in PEFT or another container does not change adapter names). backend is passed to
-    the op ("auto" | "reference" | "triton" | ...).
+    the op ("auto" | "reference" | "triton" | ...). sequence_first (LaVIN compat, CLIP): the
+    adapter sees [L, B, D], as in LaVIN's sequence-first CLIP, so position l of every sample is
+    routed by sample 0's token l; routing weights are then [L, E].
     """
+    sequence_first = False
 
     def __init__(self, norm: nn.Module, adapter: MMAdapter, key: str, site: Site):
         super().__init__()
@@ -88,6 +91,8 @@ class AdaptedNorm(nn.Module):
         normed = self.norm(hidden_states)
         if normed.dim() != 3:
             raise ValueError(f"{self.key}: adapter input must be [B, L, D], got {list(normed.shape)}")
+        if self.sequence_first:
+            normed = normed.transpose(0, 1)
         weights = None
         if self.phase == "decode":
             weights = self.cached_routing_weights
@@ -102,8 +107,9 @@ class AdaptedNorm(nn.Module):
             with torch.no_grad():
                 self.cached_routing_weights = (self.adapter.routing_weights(normed).detach()
                                                if weights is None else weights.detach())
-        return self.adapter(normed, weights=weights, backend=self.backend,
-                            single_modality=self.single_modality)
+        out = self.adapter(normed, weights=weights, backend=self.backend,
+                           single_modality=self.single_modality)
+        return out.transpose(0, 1) if self.sequence_first else out
 
     def extra_repr(self):
         return f"key={self.key!r}, backend={self.backend!r}"
