@@ -76,6 +76,11 @@ def build_model(args, vocab_size: int):
     return build_lavin(llama, clip, rank=4, dropout=0.0).train()
 
 
+# transformers 5.x renamed gradient_checkpointing (a deprecated alias there) to activation_checkpointing
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in
+                 TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
+
+
 def training_arguments(args) -> TrainingArguments:
     return TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -84,8 +89,7 @@ def training_arguments(args) -> TrainingArguments:
         logging_steps=10, save_steps=args.save_steps, save_strategy="steps", report_to=[],
         seed=args.seed, deepspeed=args.deepspeed, use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False, disable_tqdm=True,
-        # only when asked: transformers 5.x warns that the name is deprecated
-        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}))
+        **({CHECKPOINTING: True} if args.gradient_checkpointing else {}))
 
 
 def make_trainer(args) -> MlanTrainer:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -42,7 +43,12 @@ def tiny_model(vocab_size, lora=False):
         llama = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["gate_proj", "up_proj"]))
     clip = tiny_clip(seed=1, hidden_size=32, layers=4, heads=4, intermediate_size=64)
     torch.manual_seed(2)
-    return build_lavin(llama, clip, rank=4, dropout=0.0).train()
+    model = build_lavin(llama, clip, rank=4, dropout=0.0).train()
+    if lora:       # LaVIN's trainable set plus LoRA (build_lavin keeps CLIP's base trainable when
+        for name, parameter in model.named_parameters():      # a sub-model is PEFT-wrapped)
+            parameter.requires_grad_(".lora_" in name or ".adapter." in name
+                                     or name.startswith(("neck.", "modality_embedding.")))
+    return model
 
 
 def make_trainer(dataset, out, steps=8, callbacks=None, model=None, **options):
@@ -124,20 +130,36 @@ def test_resume_from_checkpoint_continues_exactly(data, tmp_path):
     assert_same_weights(weights(resumed.model), weights(straight.model), atol=1e-6)
 
 
-def test_gradient_checkpointing_and_torch_compile_train_the_same(data, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(data, tmp_path_factory):
+    """Adapter weights after 2 steps of the default setup (the reference for the variants)."""
+    trainer = make_trainer(data[0], tmp_path_factory.mktemp("plain"), steps=2, save_steps=100)
+    trainer.train()
+    return weights(trainer.model)
+
+
+# transformers 5.x renamed gradient_checkpointing (a deprecated alias there) to activation_checkpointing
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in
+                 TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
+
+
+def test_gradient_checkpointing_trains_the_same(data, plain_run, tmp_path):
     dataset, _ = data
-    plain = make_trainer(dataset, tmp_path / "plain", steps=3, save_steps=100)
-    plain.train()
-    checkpointed = make_trainer(dataset, tmp_path / "gc", steps=3, save_steps=100,
-                                gradient_checkpointing=True)
-    assert checkpointed.model.llama.is_gradient_checkpointing
-    checkpointed.train()
-    assert_same_weights(weights(checkpointed.model), weights(plain.model), atol=1e-6)
-    compiled = make_trainer(dataset, tmp_path / "compiled", steps=3, save_steps=3,
-                            torch_compile=True, torch_compile_backend="aot_eager")
-    compiled.train()
-    assert_same_weights(weights(compiled.model), weights(plain.model), atol=1e-5)
-    load_adapters(tiny_model(dataset.tokenizer.vocab_size), tmp_path / "compiled" / "checkpoint-3")
+    trainer = make_trainer(dataset, tmp_path, steps=2, save_steps=100, **{CHECKPOINTING: True})
+    llama = trainer.model.llama
+    assert getattr(llama, "is_activation_checkpointing", None) or llama.is_gradient_checkpointing
+    trainer.train()
+    assert_same_weights(weights(trainer.model), plain_run, atol=1e-6)
+
+
+def test_torch_compile_trains_the_same_and_saves_clean_names(data, plain_run, tmp_path):
+    dataset, _ = data
+    trainer = make_trainer(dataset, tmp_path, steps=2, save_steps=2, torch_compile=True,
+                           torch_compile_backend="aot_eager")
+    trainer.train()
+    assert trainer.model_wrapped is not trainer.model              # it did run compiled
+    assert_same_weights(weights(trainer.model), plain_run, atol=1e-5)
+    load_adapters(tiny_model(dataset.tokenizer.vocab_size), tmp_path / "checkpoint-2")
 
 
 def test_peft_wrapped_llama_trains_saves_and_resumes(data, tmp_path):
@@ -147,12 +169,14 @@ def test_peft_wrapped_llama_trains_saves_and_resumes(data, tmp_path):
                            model=tiny_model(dataset.tokenizer.vocab_size, lora=True))
     lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
     start = {n: p.detach().clone() for n, p in lora.items()}
-    trainer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)    # nothing trainable outside the checkpoints
+        trainer.train()
     language = [g for g in trainer.optimizer.param_groups if g[GROUP_KEY] == "language"][0]
     assert all(any(p is q for q in language["params"]) for p in lora.values())
     assert any(not torch.equal(start[n], p) for n, p in lora.items())
     saved = tmp_path / "checkpoint-3"
-    assert (saved / "peft" / WEIGHTS_NAME).is_file() and (saved / WEIGHTS_NAME).is_file()
+    assert (saved / "peft" / "llama" / WEIGHTS_NAME).is_file() and (saved / WEIGHTS_NAME).is_file()
     fresh = make_trainer(dataset, tmp_path / "again", steps=3,
                          model=tiny_model(dataset.tokenizer.vocab_size, lora=True))
     fresh._load_from_checkpoint(str(saved))
