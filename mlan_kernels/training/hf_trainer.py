@@ -228,8 +228,10 @@ class MlanTrainer(Trainer):
         save_adapters(model, output_dir)
         for name, wrapper in peft_models(model).items():       # e.g. peft/llama/
             wrapper.save_pretrained(os.path.join(output_dir, PEFT_FOLDER, name))
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(output_dir)
+        processor = (self.processing_class if hasattr(self, "processing_class")
+                     else getattr(self, "tokenizer", None))       # transformers < 4.46: tokenizer
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(output_dir)
         self._warn_uncovered(model)
 
     def _warn_uncovered(self, model):
