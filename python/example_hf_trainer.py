@@ -2,7 +2,7 @@
 MlanTrainer (MLAN mixture + modality/length-grouped batches, one param group per CoMMIT side)
 with BalanceCallback (κ probes, per-side LR multipliers) -> adapter-only checkpoints.
 
-    python python/example_hf_trainer.py                       # synthetic data, CPU, ~1 minute
+    python python/example_hf_trainer.py                       # synthetic data, CPU, 60 steps
     python python/example_hf_trainer.py --data my_llava_dir   # train.jsonl/.json + tokenizer.json
     torchrun --nproc_per_node 2 python/example_hf_trainer.py  # DDP (gloo on CPU)
     python python/example_hf_trainer.py --deepspeed python/deepspeed_zero2.json   # CUDA only
