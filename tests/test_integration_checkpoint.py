@@ -9,7 +9,8 @@ import torch
 from mlan_kernels.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict,
                                      load_adapters, load_lavin_adapters, save_adapters)
 from mlan_kernels.integrations import adapters, patch_llama
-from mlan_kernels.integrations.tiny import tiny_llama
+from mlan_kernels.integrations.lavin import build_lavin
+from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 
 from test_integration_lavin import PIXELS, HAS_IMAGE, tiny_lavin
 from test_integration_llama import loss_and_grads, randomize_adapters, token_ids
@@ -106,3 +107,17 @@ def test_peft_lora_and_mm_adapters_train_together_and_save_separately(tmp_path):
     from safetensors.torch import load_file
     lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert lora and not any(".adapter." in name for name in lora)
+
+
+def test_build_lavin_with_a_peft_wrapped_llama_freezes_the_clip_base():
+    """PEFT's flags are kept inside the wrapped LLaMA (LoRA trains, its base stays frozen), and
+    every part outside it is frozen as usual: the CLIP base, not only the LLaMA base."""
+    peft = pytest.importorskip("peft")
+    llama = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = build_lavin(llama, tiny_clip(), neck_hidden=16)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in trainable)
+    assert any(name.startswith("clip.") and ".adapter." in name for name in trainable)
+    outside = {name for name in trainable if "lora_" not in name and ".adapter." not in name}
+    assert outside == {name for name, _ in model.named_parameters()
+                       if name.startswith(("neck.", "modality_embedding."))}

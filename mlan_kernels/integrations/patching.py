@@ -247,11 +247,14 @@ def model_config(model):
 def freeze_all_but_adapters(model: nn.Module, extra=()):
     """requires_grad=False on every parameter except MM-Adapters (and modules in `extra`).
 
-    On a PEFT-wrapped model the flags PEFT set are kept (its base is already frozen and its
-    own adapters, e.g. LoRA, stay trainable); only the MM-Adapters are switched on.
+    Inside a PEFT-wrapped part of the model the flags PEFT set are kept (its base is already
+    frozen and its own adapters, e.g. LoRA, stay trainable); every other part is frozen (e.g. the
+    CLIP tower of a LaVIN assembly whose LLaMA alone is PEFT-wrapped).
     """
-    if not is_peft_model(model):
-        for parameter in model.parameters():
+    peft_owned = {id(p) for module in model.modules() if hasattr(module, "peft_config")
+                  for p in module.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in peft_owned:
             parameter.requires_grad_(False)
     for adapted in adapted_norms(model):
         adapted.adapter.requires_grad_(True)
