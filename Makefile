@@ -25,12 +25,14 @@ venv: $(VENV)/.installed
 # torch first (the pinned CPU/CUDA build already on the machine), then the build tools that
 # `--no-build-isolation` needs, then the package itself, every version from $(CONSTRAINTS);
 # the stamp keeps repeated runs fast. $(call install_into,VENV_DIR,PIP_FLAGS) does the same
-# for the other venvs (PIP_FLAGS: which versions).
+# for the other venvs (PIP_FLAGS: which versions). torch is installed first and then held at
+# that exact build (torch-pin.txt): an --upgrade would swap the machine's CPU wheel for another.
 define install_into
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q $(2) "$(TORCH_SPEC)"
-	$(1)/bin/python -m pip install -q $(2) setuptools wheel pybind11 ninja
-	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[test,bench,peft]"
+	$(1)/bin/python -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(1)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(1)/torch-pin.txt
+	$(1)/bin/python -m pip install -q -c $(1)/torch-pin.txt $(2) setuptools wheel pybind11 ninja
+	$(1)/bin/python -m pip install -q -c $(1)/torch-pin.txt $(2) --no-build-isolation -e ".[test,bench,peft]"
 endef
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(EXTENSION_SOURCES)
