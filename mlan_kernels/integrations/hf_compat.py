@@ -4,6 +4,8 @@ Each helper finds things by type or by the signature the installed release has, 
 keyword name that a release may rename:
 - `find_cache`: a decoder layer's KV cache among its call arguments. Its keyword has been
   `past_key_value` (4.45-4.55), `past_key_values` (4.56-5.23) and `cache` (5.24+).
+- `cached_length`: tokens a cache holds for one layer (4.45's HybridCache refuses the
+  per-layer query).
 - `cache_keyword` / `new_dynamic_cache`: how to hand a fresh `DynamicCache` to a model's
   top-level forward (`DynamicCache(config=...)` exists from 4.56 on).
 - `enable_gradient_checkpointing`: non-reentrant checkpointing through whichever method the
@@ -33,6 +35,16 @@ def find_cache(args, kwargs):
         if isinstance(value, cache_type):
             return value
     return None
+
+
+def cached_length(cache, layer_index: int) -> int:
+    """Tokens `cache` holds for decoder layer `layer_index`. transformers 4.45's HybridCache
+    (Gemma 2) refuses get_seq_length(layer_idx); its preallocated keys are read directly."""
+    try:
+        return int(cache.get_seq_length(layer_index))
+    except ValueError:
+        keys = cache.key_cache[layer_index]                 # [B, heads, max_length, head_dim]
+        return int(keys[0, 0].any(dim=-1).sum())
 
 
 def cache_keyword(model) -> str:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .clip import patch_clip_vision
+from .families import family_of
 from .hf_compat import cache_keyword, new_dynamic_cache
 from .llama import patch_llama
 from .merge import merge_adapters, unmerge_adapters
@@ -105,6 +106,9 @@ class LavinModel(nn.Module):
         self.neck = VisualNeck(clip.config.hidden_size, neck_hidden, dim, device=device,
                                dtype=torch.float32)
         self.modality_embedding = nn.Embedding(2, dim, device=device, dtype=torch.float32)
+        # The per-block image summary the neck reads: CLIP's CLS token, or the mean patch token
+        # for towers without one (SigLIP), as their adapters route (families.py).
+        self.image_summary = family_of(clip, "clip").sites["attn"].routing
         if compat == "lavin":
             for name, ids in prefixes.items():
                 self.register_buffer(name, ids.to(device), persistent=False)
@@ -118,10 +122,12 @@ class LavinModel(nn.Module):
         return self.clip.config.num_hidden_layers // self.clip_every
 
     def image_tokens(self, pixel_values):
-        """pixel_values [N, 3, H, W] -> [N, K, D] (CLS after every clip_every-th block, necked)."""
+        """pixel_values [N, 3, H, W] -> [N, K, D]: the summary token (CLS; mean patch for SigLIP)
+        after every clip_every-th block, through the neck."""
         hidden = self.clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-        cls = torch.stack([hidden[i][:, 0] for i in range(self.clip_every, len(hidden), self.clip_every)], 1)
-        return self.neck(cls)
+        blocks = [hidden[i] for i in range(self.clip_every, len(hidden), self.clip_every)]
+        summary = [h.mean(1) if self.image_summary == "mean" else h[:, 0] for h in blocks]
+        return self.neck(torch.stack(summary, 1))
 
     def _image_tokens_per_sample(self, has_image, pixel_values):
         """[num image samples, K, D], or None when the batch has no image (CLIP skipped)."""
@@ -305,8 +311,9 @@ def build_lavin(llama, clip, rank=8, experts=2, groups=2, scale=1.0, temperature
                 clip_temperature=None, dropout=0.1, placement="attn", neck_hidden=128,
                 clip_every=4, freeze_base=True, compat=None, image_prefix_ids=None,
                 text_prefix_ids=None):
-    """Patch `llama` (LlamaForCausalLM) and `clip` (CLIPVisionModel) with MM-Adapters and
-    assemble a LavinModel. freeze_base: only adapters, neck and modality embedding train.
+    """Patch `llama` (a causal LM of any decoder family in families.py: LLaMA, Mistral, Qwen,
+    Gemma, Phi-3) and `clip` (a CLIP or SigLIP vision model) with MM-Adapters and assemble a
+    LavinModel; the neck maps the tower's hidden size to the decoder's. freeze_base: only adapters, neck and modality embedding train.
     clip_temperature defaults to temperature. compat="lavin" reproduces LaVIN's code (module
     docstring); image_prefix_ids / text_prefix_ids: the tokenizer's ids of "Image: " and
     "Image: N/A" without BOS (LaVIN's engine.py encodes them with bos=False)."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..modules import MMAdapter
-from .hf_compat import find_cache
+from .hf_compat import cached_length, find_cache
 
 PLACEMENTS = ("attn", "block")
 STATE_ATTRIBUTE = "_mlan_patch_state"
@@ -164,7 +164,7 @@ def _routing_phase_hook(layer, args, kwargs):
         phase = "full"
     else:
         layer_index = getattr(getattr(layer, "self_attn", None), "layer_idx", 0) or 0
-        phase = "decode" if cache.get_seq_length(layer_index) > 0 else "prefill"
+        phase = "decode" if cached_length(cache, layer_index) > 0 else "prefill"
     for child in layer.children():
         if isinstance(child, AdaptedNorm):
             child.phase = phase
