@@ -2,7 +2,6 @@
 the documented list, bad options and paths fail before step 0 as one line with exit status 2,
 non-finite values stop the run (or skip the step), and a crash between any two filesystem
 operations of a checkpoint save never loses the newest complete checkpoint."""
-import json
 import os
 import shutil
 import subprocess
@@ -236,6 +235,16 @@ def save_at(trainer, directory, step):
     trainer.save(str(directory))
 
 
+def save_crashing(monkeypatch, k, trainer, directory, step):
+    """save_at with a crash at the k-th filesystem operation (none when k is past the last)."""
+    with monkeypatch.context() as patch:
+        crash_at(patch, k)
+        try:
+            save_at(trainer, directory, step)
+        except Crash:
+            pass
+
+
 def test_a_save_performs_the_expected_operations(trainer, tmp_path, monkeypatch):
     save_at(trainer, tmp_path / "ckpt", 1)
     done = crash_at(monkeypatch, None)
@@ -263,23 +272,13 @@ def test_a_crash_at_any_point_of_two_saves_keeps_the_newest_complete_checkpoint(
     for k1 in range(operations(base, 2) + 1):
         root = tmp_path / f"k{k1}"
         shutil.copytree(base, root)
-        with monkeypatch.context() as patch:
-            crash_at(patch, k1)
-            try:
-                save_at(trainer, root / "ckpt", 2)
-            except Crash:
-                pass
+        save_crashing(monkeypatch, k1, trainer, root / "ckpt", 2)
         first = saved_step(root / "ckpt")
         assert first in (1, 2), (k1, os.listdir(root))
         for k2 in range(operations(root, 3) + 1):
             again = tmp_path / f"k{k1}-{k2}"
             shutil.copytree(root, again)
-            with monkeypatch.context() as patch:
-                crash_at(patch, k2)
-                try:
-                    save_at(trainer, again / "ckpt", 3)
-                except Crash:
-                    pass
+            save_crashing(monkeypatch, k2, trainer, again / "ckpt", 3)
             second = saved_step(again / "ckpt")
             assert second is not None and second >= first, (k1, k2, os.listdir(again))
             save_at(trainer, again / "ckpt", 4)           # and the next save cleans up
