@@ -14,11 +14,15 @@ import os
 
 import torch
 
+from .checkpoint_validation import (HYPERPARAMETERS, check_against_model, read_adapter_config,
+                                    read_adapter_tensors)
 from .integrations.clip import patch_clip_vision
 from .integrations.lavin import LavinModel
 from .integrations.llama import patch_llama
-from .integrations.patching import adapters, patch_state
+from .integrations.merge import is_merged
+from .integrations.patching import AdapterConfig, adapters, patch_state, unpatch
 from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
+from .modules import MMAdapter
 from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,26 +84,63 @@ def _component_root(model, name):
 
 def load_adapters(model, directory, patch=True):
     """Load a save_adapters directory into `model` (bit-exact). A component that is not patched
-    yet is patched with the saved hyperparameters when patch=True; one patched with other
-    hyperparameters, a hidden-size mismatch, or missing/unexpected tensors raise ValueError."""
-    from safetensors.torch import load_file
-    with open(os.path.join(directory, CONFIG_NAME)) as handle:
-        saved = json.load(handle)
-    for name, record in saved["components"].items():
+    yet is patched with the saved hyperparameters when patch=True.
+
+    All or nothing: the files are read and checked first (config fields, finite floating-point
+    tensors), then components are patched, then names and shapes are compared; only when all
+    of that passes are weights copied. Any failure raises (ValueError naming the file and the
+    key, FileNotFoundError) with the model exactly as it was: components patched here are
+    unpatched again, and torch's RNG state is left as it was.
+    """
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    components = read_adapter_config(config_path)
+    tensors = read_adapter_tensors(weights_path)
+    if is_merged(model):
+        raise ValueError("load_adapters: the model's adapters are merged into its projections; "
+                         "call unmerge_adapters(model) first")
+    to_patch = {}
+    for name, record in components.items():
+        hyper = {key: record[key] for key in HYPERPARAMETERS}
         current = patch_state(model, name)
-        hyper = {key: record[key] for key in ("rank", "experts", "groups", "scale", "temperature",
-                                              "dropout", "placement")}
-        if current is None and patch:
-            PATCHERS[name](_component_root(model, name), **hyper)
-            current = patch_state(model, name)
-        if current is None or current["config"].to_dict() != hyper:
-            raise ValueError(f"{name}: checkpoint adapters {hyper} do not match the model's "
-                             f"{None if current is None else current['config']}")
-        if current["info"]["hidden_size"] != record["hidden_size"]:
-            raise ValueError(f"{name}: checkpoint hidden size {record['hidden_size']} != model "
-                             f"hidden size {current['info']['hidden_size']}")
-    _copy_into(model, load_file(os.path.join(directory, WEIGHTS_NAME)))
+        if current is None:
+            if not patch:
+                raise ValueError(f"{config_path}: component {name!r} is not patched in the model "
+                                 f"(patch it, or pass patch=True)")
+            try:          # the same checks patching runs, on a meta-device adapter
+                AdapterConfig(**hyper)
+                MMAdapter(record["hidden_size"], **{key: hyper[key] for key in HYPERPARAMETERS[:-1]},
+                          device="meta")
+            except ValueError as error:
+                raise ValueError(f"{config_path}: components[{name!r}]: {error}") from None
+            to_patch[name] = hyper
+        elif current["config"].to_dict() != hyper:
+            raise ValueError(f"{config_path}: {name}: checkpoint adapters {hyper} do not match "
+                             f"the model's {current['config']}")
+        _check_hidden_size(config_path, name, record, current)
+    patched = []
+    try:
+        with torch.random.fork_rng():           # fresh adapters are overwritten: keep the RNG
+            for name, hyper in to_patch.items():
+                PATCHERS[name](_component_root(model, name), **hyper)
+                patched.append(name)
+                _check_hidden_size(config_path, name, components[name], patch_state(model, name))
+        targets = adapter_state_dict(model)
+        check_against_model(weights_path, tensors, targets)
+    except BaseException:
+        for name in reversed(patched):
+            unpatch(model, name)
+        raise
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
     return model
+
+
+def _check_hidden_size(config_path, name, record, current):
+    if current is not None and current["info"]["hidden_size"] != record["hidden_size"]:
+        raise ValueError(f"{config_path}: {name}: checkpoint hidden size {record['hidden_size']} "
+                         f"!= model hidden size {current['info']['hidden_size']}")
 
 
 def _copy_into(model, tensors, strict=True):

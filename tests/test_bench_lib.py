@@ -159,3 +159,27 @@ def test_tensor_memory_counts_live_storages_once():
         del hidden
     assert memory.live_bytes == w.grad.numel() * 4          # only the gradient is left
     assert memory.peak_bytes >= 3 * (2 * 3 * 5 * 4) and memory.largest_bytes == 120
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--ops", "nope"], "--ops: unknown ['nope']; expected a comma list of"),
+    (["--backends", "tpu"], "--backends: unknown ['tpu']"),
+    (["--baselines", "eagr"], "--baselines: unknown ['eagr']"),
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--iters", "many"], "argument --iters: invalid int value: 'many'"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--json", "{dir}"], "--json {dir}: is a directory"),
+    (["--csv", "{file}/x.csv"], "--csv {file}/x.csv: cannot be created"),
+    (["--out-dir", "{file}"], "--out-dir {file}: exists and is not a directory"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: torch.cuda")]))
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys, options, expected):
+    from mlan_kernels.bench.cli import main
+    (tmp_path / "file").write_text("x")
+    paths = {"dir": str(tmp_path), "file": str(tmp_path / "file")}
+    status = main(["--device", "cpu", *[option.format(**paths) for option in options]]
+                  if options[0] != "--device" else options)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("mlan-bench: error: ") and expected.format(**paths) in lines[0]

@@ -119,3 +119,63 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "data.json").write_text(json.dumps({"id": "not a list"}))
     with pytest.raises(ValueError, match="JSON list"):
         load_records(tmp_path / "data.json")
+
+
+# ---------------------------------------------------------------- hostile lines
+HOSTILE_LINES = {
+    "deep_list": ("[" * 50_000 + "]" * 50_000, "not_json"),
+    "deep_object": ('{"a":' * 50_000 + "1" + "}" * 50_000, "not_json"),
+    "deep_conversations": ('{"id": "deep", "conversations": ' + "[" * 900 + "]" * 900 + "}",
+                           "bad_turn"),
+    "overlong_image_path": ({"id": "long", "image": "a" * 5000 + ".png",   # OSError from stat
+                             "conversations": [turn("human", "q"), turn("gpt", "a")]}, "error"),
+    "huge_id": ({"id": "x" * 100_000, "conversations": []}, "empty_conversation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_one_hostile_line_is_a_counted_skip(image_dir, case):
+    line, reason = HOSTILE_LINES[case]
+    path = write_jsonl(image_dir / "data.jsonl", [good("first"), line, good("last")])
+    with pytest.warns(UserWarning) as caught:
+        records, report = load_records(path)
+    assert [r.id for r in records] == ["first", "last"]
+    assert (report.loaded, report.skipped, report.reasons) == (2, 1, {reason: 1})
+    assert all(len(str(w.message)) < 400 for w in caught)       # a huge id is cut in the warning
+
+
+def test_a_line_that_is_not_utf8_skips_only_that_line(image_dir):
+    path = image_dir / "data.jsonl"
+    path.write_bytes(json.dumps(good("first")).encode() + b"\n\xff\xfe{broken\n"
+                     + json.dumps(good("last")).encode() + b"\n")
+    with pytest.warns(UserWarning, match="line 2: not_utf8"):
+        records, report = load_records(path)
+    assert [r.id for r in records] == ["first", "last"] and report.reasons == {"not_utf8": 1}
+
+
+def test_a_deeply_nested_json_file_is_a_value_error(tmp_path):
+    (tmp_path / "data.json").write_text("[" * 50_000 + "]" * 50_000)
+    with pytest.raises(ValueError, match="data.json.*JSON list"):
+        load_records(tmp_path / "data.json")
+
+
+def test_images_above_the_pixel_limit_are_rejected_before_decoding(image_dir, monkeypatch):
+    Image.new("L", (12000, 12000)).save(image_dir / "images" / "bomb.png", optimize=True)
+    Image.new("RGB", (64, 64)).save(image_dir / "images" / "small.png")
+    assert (image_dir / "images" / "bomb.png").stat().st_size < 1_000_000   # tiny file, 144 Mpx
+    decoded = []
+    original_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load",
+                        lambda self: decoded.append(self.size) or original_load(self))
+    path = write_jsonl(image_dir / "data.jsonl", [good("bomb", "images/bomb.png"),
+                                                  good("small", "images/small.png")])
+    with pytest.warns(UserWarning, match="record 'bomb': image_too_large.*12000x12000"):
+        records, report = load_records(path)
+    assert [r.id for r in records] == ["small"] and report.reasons == {"image_too_large": 1}
+    assert (12000, 12000) not in decoded
+    _, report = load_records(path, max_image_pixels=32 * 32)      # configurable
+    assert report.reasons == {"image_too_large": 2}
+    _, report = load_records(path, max_image_pixels=None)         # no limit
+    assert report.loaded == 2
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive int or None"):
+        load_records(path, max_image_pixels=0)

@@ -121,3 +121,88 @@ def test_build_lavin_with_a_peft_wrapped_llama_freezes_the_clip_base():
     outside = {name for name in trainable if "lora_" not in name and ".adapter." not in name}
     assert outside == {name for name, _ in model.named_parameters()
                        if name.startswith(("neck.", "modality_embedding."))}
+
+
+# ---------------------------------------------------------------- atomic load_adapters
+def _snapshot(model):
+    """Everything a failed load must leave as it was: module tree, tensors, flags, RNG."""
+    return ([(name, type(module).__name__) for name, module in model.named_modules()],
+            {name: tensor.clone() for name, tensor in model.state_dict().items()},
+            {name: p.requires_grad for name, p in model.named_parameters()},
+            torch.get_rng_state())
+
+
+def _assert_unchanged(model, before):
+    tree, state, flags, rng = _snapshot(model)
+    assert tree == before[0]
+    assert state.keys() == before[1].keys()
+    assert all(torch.equal(state[name], before[1][name]) for name in state)
+    assert flags == before[2] and torch.equal(rng, before[3])
+
+
+def _edit_config(directory, edit):
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    edit(config)
+    (directory / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def _edit_tensors(directory, edit):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(directory / WEIGHTS_NAME)
+    edit(tensors)
+    save_file(tensors, directory / WEIGHTS_NAME)
+
+
+FIRST = "llama.layers.0.attn.down.weight"
+BAD_ADAPTER_DIRECTORIES = {
+    "truncated": (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-64]),
+                  "adapter_model.safetensors: unreadable"),
+    "missing_key": (lambda d: _edit_tensors(d, lambda t: t.pop("llama.layers.1.attn.up.bias")),
+                    "missing \\['llama.layers.1.attn.up.bias'\\]"),
+    "extra_key": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(2))),
+                  "unexpected \\['extra'\\]"),
+    "wrong_rank_tensor": (lambda d: _edit_tensors(d, lambda t: t.update({FIRST: torch.zeros(4, 32)})),
+                          f"tensor '{FIRST}' has shape \\[4, 32\\]"),
+    "wrong_rank_config": (lambda d: _edit_config(d, lambda c: c["components"]["llama"].update(rank=4)),
+                          "has shape|do not match"),
+    "unknown_component": (lambda d: _edit_config(d, lambda c: c["components"].update(vit={})),
+                          "components\\['vit'\\]: unknown component; expected one of"),
+    "missing_field": (lambda d: _edit_config(d, lambda c: c["components"]["llama"].pop("temperature")),
+                      "components\\['llama'\\]: missing field\\(s\\) \\['temperature'\\]"),
+    "bad_placement": (lambda d: _edit_config(d, lambda c: c["components"]["llama"].update(placement="x")),
+                      "placement must be one of|do not match"),
+    "nan": (lambda d: _edit_tensors(d, lambda t: t[FIRST].view(-1).__setitem__(3, float("nan"))),
+            f"tensor '{FIRST}' holds non-finite values"),
+    "integer": (lambda d: _edit_tensors(d, lambda t: t.update({FIRST: t[FIRST].to(torch.int32)})),
+                f"tensor '{FIRST}' has dtype torch.int32; adapter weights must be floating point"),
+    "config_list": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"),
+                    "adapter_config.json: expected a JSON object, got list"),
+    "config_not_json": (lambda d: (d / CONFIG_NAME).write_text("{"), "adapter_config.json: not a JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTER_DIRECTORIES))
+@pytest.mark.parametrize("target", ["unpatched", "patched"])
+def test_a_failing_load_leaves_the_model_exactly_as_it_was(tmp_path, case, target):
+    damage, message = BAD_ADAPTER_DIRECTORIES[case]
+    save_adapters(randomize_adapters(patch_llama(tiny_llama(layers=2))), tmp_path)
+    damage(tmp_path)
+    model = tiny_llama(layers=2, seed=1)
+    if target == "patched":
+        model = randomize_adapters(patch_llama(model))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        load_adapters(model, tmp_path)
+    _assert_unchanged(model, before)
+
+
+def test_a_load_that_fails_after_patching_unpatches_again(tmp_path, monkeypatch):
+    """The shape check runs after patching an unpatched model: its failure removes the patch."""
+    save_adapters(patch_llama(tiny_llama(layers=2)), tmp_path)
+    _edit_tensors(tmp_path, lambda t: t.update({FIRST: torch.zeros(8, 32, dtype=torch.float64)[:4]}))
+    model = tiny_llama(layers=2, seed=1)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="shape"):
+        load_adapters(model, tmp_path)
+    _assert_unchanged(model, before)
+    assert adapters(model) == {}

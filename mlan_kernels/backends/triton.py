@@ -17,8 +17,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(name, device, dtype):
-    """None when tensors of this device/dtype can run here, else the reason."""
-    return None if dtype in _DTYPES else f"triton backend supports {_DTYPES}, got {dtype}"
+    """None when tensors of this device/dtype can run here, else the reason. The interpreter
+    (TRITON_INTERPRET=1) runs the kernels in numpy, which has no bfloat16: its bf16 dots
+    return garbage, so bf16 is refused there (the dispatcher falls back with one warning)."""
+    if dtype not in _DTYPES:
+        return f"triton backend supports {_DTYPES}, got {dtype}"
+    if dtype == torch.bfloat16 and _interpreted(device):
+        return "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 correctly"
+    return None
 
 
 def _interpreted(device) -> bool:

@@ -20,6 +20,7 @@ from .cases import BASELINES, OPS, build_case, grid
 from .runner import run_case
 
 E2E_OP = "e2e_step"
+OUR_BACKENDS = ("reference", "triton", "cuda", "cpu", "chunked", "foreach")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -28,8 +29,17 @@ def _names(text):
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
+class UsageError(ValueError):
+    """A command-line error: main() prints it as one line `mlan-bench: error: ...`, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(prog="mlan-bench", description=__doc__.splitlines()[0],
+    result = _Parser(prog="mlan-bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     result.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -64,23 +74,52 @@ def parser() -> argparse.ArgumentParser:
     return result
 
 
+def _subset(option, names, known):
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(f"--{option}: unknown {unknown}; expected a comma list of {list(known)}")
+
+
+def _writable_parent(option, path):
+    """UsageError unless a file can be created at `path` (checked before any measurement)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"--{option} {path}: is a directory, expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--{option} {path}: cannot be created ({parent} is not a writable directory)")
+
+
 def resolve(args):
     """(device, dtype, kernel ops, run e2e?, baselines, warmup) from the parsed arguments."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("mlan-bench: --device cuda but torch.cuda.is_available() is False")
+        raise UsageError("--device cuda: torch.cuda.is_available() is False (accepted here: auto, cpu)")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ops = _names(args.ops) or list(OPS) + [E2E_OP]
-    unknown = [op for op in ops if op not in OPS and op != E2E_OP]
-    if unknown:
-        raise SystemExit(f"mlan-bench: unknown --ops {unknown}; expected some of {list(OPS) + [E2E_OP]}")
+    _subset("ops", ops, list(OPS) + [E2E_OP])
+    _subset("backends", _names(args.backends) or [], OUR_BACKENDS)
     baselines = _names(args.baselines) or []
+    _subset("baselines", baselines, BASELINES)
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     baselines = [name for name in baselines if name != "compile" or compile_on]
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 3)
-    if args.iters < 1 or warmup < 0:
-        raise SystemExit("mlan-bench: --iters must be >= 1 and --warmup >= 0")
+    if args.iters < 1:
+        raise UsageError(f"--iters must be >= 1, got {args.iters}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    for option in ("json", "csv"):
+        _writable_parent(option, getattr(args, option))
+    if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        raise UsageError(f"--plot {args.plot}: exists and is not a directory")
     return device, dtype, [op for op in ops if op != E2E_OP], E2E_OP in ops, baselines, warmup
 
 
@@ -129,10 +168,15 @@ def write_outputs(args, env, rows, command) -> list:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    """Exit status 0; 1 when a row fails its check; 2 for a usage error, printed as one line."""
+    try:
+        args = parser().parse_args(argv)
+        device, dtype, ops, e2e, baselines, warmup = resolve(args)
+    except UsageError as error:
+        print(f"mlan-bench: error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype, ops, e2e, baselines, warmup = resolve(args)
     env = report.environment(device, dtype)
     print(f"mlan-bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"{env['threads']} threads, {env['dtype']}, shapes {args.shapes}", file=sys.stderr)

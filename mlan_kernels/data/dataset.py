@@ -72,7 +72,8 @@ class InstructionDataset(Dataset):
     sample = dict(id: str, input_ids: long [T], labels: long [T] (-100 = no loss),
                   pixel_values: float32 [3, image_size, image_size] or None (text-only),
                   has_image: bool)
-    max_length: cut longer samples (see `truncate`); `self.truncated` counts them.
+    max_length: cut longer samples (see `truncate`); `self.truncated` counts them,
+    `self.answers_truncated` those that lost answer tokens.
     An image that passed loading but cannot be read at __getitem__ does not crash training:
     a warning names the id, pixel_values are zeros and `self.image_errors` is incremented
     (per process: DataLoader workers count in their own copy).
@@ -90,14 +91,17 @@ class InstructionDataset(Dataset):
         self.image_size = image_size
         self.max_length = max_length
         self.truncated = 0
+        self.answers_truncated = 0              # samples that lost answer (label) tokens
         self.image_errors = 0
         self.samples = [self._tokenize(record) for record in self.records]
 
     def _tokenize(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, labels = tokenize_turns(record.turns, self.tokenizer)
         if self.max_length is not None and len(input_ids) > self.max_length:
+            answer_tokens = sum(label != IGNORE_INDEX for label in labels)
             input_ids, labels = truncate(input_ids, labels, self.max_length)
             self.truncated += 1
+            self.answers_truncated += sum(label != IGNORE_INDEX for label in labels) < answer_tokens
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
     def _pixels(self, record: Record) -> torch.Tensor:

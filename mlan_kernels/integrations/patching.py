@@ -142,7 +142,7 @@ def set_single_modality(model: nn.Module, value, component: str = "llama"):
     no check; MLAN's modality-grouped batches through a LaVIN LLaMA, whose router reads the
     modality token), False = never, None = detect per call (one device sync on GPU).
     Do not set True on CLIP adapters: they route on each image's CLS token."""
-    if value not in (True, False, None):
+    if value is not None and not isinstance(value, bool):
         raise ValueError(f"value must be True, False or None, got {value!r}")
     for adapted in adapted_norms(model):
         if component is None or adapted.key.split(".")[0] == component:

@@ -32,6 +32,14 @@ def _routing(x, router_weight, router_bias, weights, temperature, experts):
     return _router_softmax(x[:, 0], router_weight, router_bias, temperature)
 
 
+def _routes_by_first(single_modality: Optional[bool], batch: int) -> bool:
+    """single_modality=True means: every sample of the batch is routed by sample 0 (its router
+    output on x[0, 0], or weights[0]). The promise is not checked (no device sync); when
+    samples do differ, every backend computes exactly this, and gradients follow it (the
+    router and x[0, 0], or weights[0], receive the whole batch's routing gradient)."""
+    return single_modality is True and batch > 1
+
+
 def _is_single_modality(x: Tensor, weights: Optional[Tensor], single_modality: Optional[bool]) -> bool:
     """Whether to use the single-modality fast path (one combined up-matrix for the batch).
 
@@ -39,7 +47,8 @@ def _is_single_modality(x: Tensor, weights: Optional[Tensor], single_modality: O
     the routing tokens x[:, 0] (one device sync on GPU). The inputs are compared, not the
     softmax outputs: a GEMM may round equal rows differently by their position (seen with MKL
     on AVX-512). True is the caller's promise (MLAN batches are single-modality by
-    construction) and skips the check; False always takes the general per-sample path.
+    construction): sample 0's weights are used for all (see _routes_by_first); False always
+    takes the general per-sample path.
     """
     if x.shape[0] <= 1 or single_modality is not None:
         return x.shape[0] <= 1 or bool(single_modality)
@@ -51,7 +60,12 @@ def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, 
                   weights, scale, temperature, dropout_p, seed, groups, single_modality, backend):
     """Routing (fp32, per sample) + the chosen backend's fused forward -> (y, h, routing_weights)."""
     experts = up_weight.shape[0]
-    rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
+    if _routes_by_first(single_modality, x.shape[0]):
+        first = _routing(x[:1], router_weight, router_bias,
+                         None if weights is None else weights[:1], temperature, experts)
+        rw = first.expand(x.shape[0], experts).contiguous()
+    else:
+        rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
     if x.numel() == 0:
         h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=compute_dtype(x.dtype))
         return x.clone(), h, rw
@@ -116,13 +130,14 @@ def _(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias,
 
 def _setup_context(ctx, inputs, output):
     (x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
-     temperature, dropout_p, seed, groups, _single_modality, backend) = inputs
+     temperature, dropout_p, seed, groups, single_modality, backend) = inputs
     _, h, rw = output
     ctx.mark_non_differentiable(h)
     ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
     ctx.hyper = (scale, temperature, dropout_p, groups, backend)
     ctx.traced = True  # set by the custom op's autograd: the backward must stay an opaque op
     ctx.weights_given = weights is not None
+    ctx.by_first = _routes_by_first(single_modality, x.shape[0])
     ctx.dtypes = (weights.dtype if weights is not None else None,
                   router_weight.dtype if router_weight is not None else None)
 
@@ -139,6 +154,8 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
         grad_w = grad_w + grad_rw
     weights_dtype, router_dtype = ctx.dtypes
     no_grads = (None,) * 7                      # scale .. backend are not differentiable
+    if ctx.by_first:                            # every row was row 0: its gradient is the sum
+        grad_w = torch.cat([grad_w.sum(0, keepdim=True), torch.zeros_like(grad_w[1:])])
     if ctx.weights_given:
         return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype)) + no_grads
     if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
@@ -176,12 +193,14 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     when None and dropout_p > 0; under torch.compile the draw comes from the compiled RNG, so
     masks differ from eager ones for the same torch.manual_seed, while staying reproducible).
     single_modality: None = detect equal routing weights (one device sync) and take the fast
-    path; True = the caller guarantees a single-modality batch (no check); False = never.
+    path; True = route every sample by sample 0 (the caller's single-modality promise, not
+    checked); False = never. Anything else raises TypeError.
     backend: "auto" | "reference" | "triton" | "cuda" | "cpu".
     Returns y [B, L, D] in x.dtype (and the [B, E] fp32 routing weights if asked).
     """
     validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, router_weight,
-                             router_bias, weights, scale, temperature, dropout_p, groups)
+                             router_bias, weights, scale, temperature, dropout_p, groups,
+                             single_modality)
     if dropout_p == 0:
         seed = None
     elif seed is None:

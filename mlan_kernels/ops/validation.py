@@ -26,9 +26,17 @@ def _check_shape(name, value, expected):
         raise ValueError(f"{name} must have shape {list(expected)}, got {list(value.shape)}")
 
 
+def check_single_modality(value):
+    """single_modality must be exactly None, True or False (a truthy string is not a promise)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"single_modality must be None, True or False, got {value!r}")
+
+
 def validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, router_weight,
-                             router_bias, weights, scale, temperature, dropout_p, groups):
+                             router_bias, weights, scale, temperature, dropout_p, groups,
+                             single_modality=None):
     """Raise ValueError/TypeError naming the first bad argument. Returns (B, L, D, r, E)."""
+    check_single_modality(single_modality)
     _check_tensor("x", x, 3, ACTIVATION_DTYPES)
     _check_tensor("down_weight", down_weight, 2, PARAMETER_DTYPES)
     _check_tensor("down_bias", down_bias, 1, PARAMETER_DTYPES)
@@ -61,11 +69,15 @@ def validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, rout
         _check_shape("router_bias", router_bias, (experts,))
     else:
         _check_shape("weights", weights, (batch, experts))
-        # The sum check reads values: skipped while compiling and on GPU (no device sync per call).
-        if (weights.numel() and not torch.compiler.is_compiling() and weights.device.type == "cpu"
-                and not torch.allclose(weights.detach().float().sum(-1),
-                                                  torch.ones(batch, device=weights.device), atol=1e-3)):
-            raise ValueError("weights must be routing weights summing to 1 over the last (expert) dimension")
+        # The value checks read values: skipped while compiling and on GPU (no device sync per call).
+        if weights.numel() and not torch.compiler.is_compiling() and weights.device.type == "cpu":
+            values = weights.detach().float()
+            if not bool((values >= 0).all()):      # also false for nan
+                raise ValueError("weights must be routing weights: non-negative (and not nan), "
+                                 "summing to 1 over the last (expert) dimension")
+            if not torch.allclose(values.sum(-1), torch.ones(batch), atol=1e-3):
+                raise ValueError("weights must be routing weights summing to 1 over the last "
+                                 "(expert) dimension")
 
     for name, value in (("scale", scale), ("temperature", temperature), ("dropout_p", dropout_p)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

@@ -18,7 +18,9 @@ import sys
 import torch
 
 from .config import build_parser, config_from_args
+from .preflight import check_device, check_paths, check_run_directory
 from .report import plot_shares, write_run
+from .swap import find_checkpoint
 from .throughput import backend_throughput
 from .trainer import MixedTrainer
 
@@ -118,10 +120,41 @@ def format_table(rows, chance) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def run_directories(config) -> list:
+    """The directories the runs of `config` write to (one per share with --shares)."""
+    if not config.shares:
+        return [config.out]
+    return [os.path.join(config.out, f"share-{share:g}") for share in config.shares]
+
+
+def prepare(argv):
+    """Parse and check everything that can be checked before step 0 (ValueError otherwise)."""
     config = config_from_args(build_parser().parse_args(argv))
     if config.sweep and not config.shares:
         config.shares = list(SWEEP_SHARES)
+    check_device(config.device)
+    check_paths(config)
+    for directory in [config.out] + (run_directories(config) if config.shares else []):
+        check_run_directory(directory)
+    return config
+
+
+def main(argv=None) -> int:
+    """Exit status 0; 2 for a user error (bad option, path, data, resume mismatch), 1 when
+    training stops on a non-finite loss (trainer.NonFiniteError); both print one line `mlan-train: error: ...`
+    (MLAN_TRACEBACK=1 raises instead, with the traceback)."""
+    try:
+        return run(prepare(argv))
+    except (ValueError, OSError, FloatingPointError) as error:
+        if os.environ.get("MLAN_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"mlan-train: error: {message}", file=sys.stderr)
+        return 1 if isinstance(error, FloatingPointError) else 2
+
+
+def run(config) -> int:
+    """Train every share of `config` (already checked by prepare) and print the table."""
     if config.threads:
         torch.set_num_threads(config.threads)
     rank, world_size = init_distributed(config)
@@ -134,7 +167,7 @@ def main(argv=None) -> int:
         resume = config.resume
         if config.shares and resume:     # --resume names the sweep's directory: each share's own
             resume = os.path.join(resume, f"share-{share:g}", "checkpoint")
-            resume = resume if os.path.exists(resume) else None
+            resume = resume if find_checkpoint(resume) else None
         run_config = dataclasses.replace(config, language_share=share, out=out, resume=resume)
         trainer = MixedTrainer(run_config, rank, world_size)
         summary = trainer.train(stop_after=config.stop_after)

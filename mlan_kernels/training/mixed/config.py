@@ -8,8 +8,17 @@ runs with `--no-train-base` (the default whenever --llama is given).
 """
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ...data.records import MAX_IMAGE_PIXELS
+from ...dispatch import BACKENDS
+
+NAN_POLICIES = ("error", "skip-step")
+# A --max-length that cuts answer tokens of more records than this share is refused
+# (--allow-truncation overrides): such runs would silently train on half answers or none.
+MAX_TRUNCATED_SHARE = 0.01
 
 
 @dataclass
@@ -41,6 +50,10 @@ class TrainConfig:
     image_size: int = 28
     patch_size: int = 4
     max_length: Optional[int] = None          # tokens per sample (default 64 tiny, 512 with --llama)
+    allow_truncation: bool = False            # train even if --max-length cuts answer tokens of
+                                              # more than MAX_TRUNCATED_SHARE of the records
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # images above width x height are skipped at load
+                                              # (read from the header; 0 = no limit)
     # adapters (LaVIN: r=8, 2 experts, 2 groups, temperature 10, scale 1, dropout 0.1 at attn)
     rank: int = 8
     experts: int = 2
@@ -57,6 +70,9 @@ class TrainConfig:
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"
     balance_alpha: float = 0.0                # 0 = constant multipliers (κ only measured)
+    nan_policy: str = "error"                 # non-finite loss or gradient: "error" stops the run
+                                              # naming the step; "skip-step" skips that update
+                                              # (as AMP's GradScaler does) and counts it
     # bookkeeping
     eval_every: int = 0                       # 0 = only at the end
     eval_samples: Optional[int] = None        # cap on held-out samples per modality
@@ -76,10 +92,22 @@ class TrainConfig:
     stop_after: int = 0                       # end this invocation after N steps (checkpointed)
 
 
+class UsageError(ValueError):
+    """A command-line error (argparse's): main() prints it as one line and exits 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error raises UsageError instead of printing usage and exiting, so
+    every user error of the program leaves through the same one-line path."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentParser:
     """An argparse parser with one --option per TrainConfig field (booleans: --x / --no-x)."""
     defaults = defaults or TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="mlan-train", description=__doc__.split("\n\n")[0])
     for item in dataclasses.fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
@@ -115,32 +143,86 @@ def max_length(config) -> int:
     return config.max_length or (512 if config.llama else 64)
 
 
+FLOAT_RANGES = {            # option: (check, accepted values); every float must also be finite
+    "language_share": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "adapter_scale": (lambda v: True, "a finite number"),
+    "adapter_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "kappa_eps": (lambda v: v > 0, "> 0"),
+    "balance_alpha": (lambda v: v >= 0, ">= 0"),
+}
+POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
+                 "clip_layers", "image_size", "patch_size", "rank", "experts", "groups")
+NON_NEGATIVE_INTS = ("probe_every", "save_every", "eval_every", "stop_after", "threads",
+                     "max_image_pixels")
+SEED_LIMIT = 2**32
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def validate(config: TrainConfig):
-    """ValueError naming the option for out-of-range settings."""
-    checks = [
-        ("language_share", 0.0 <= config.language_share <= 1.0, "in [0, 1]"),
-        ("steps", config.steps > 0, "> 0"),
-        ("batch_size", config.batch_size > 0, "> 0"),
-        ("grad_accum", config.grad_accum > 0, "> 0"),
-        ("lr", config.lr > 0, "> 0"),
+    """ValueError naming the option and the accepted values for the first bad setting."""
+    checks = []
+    for name, (check, expected) in FLOAT_RANGES.items():
+        value = getattr(config, name)
+        checks.append((name, math.isfinite(value) and check(value),
+                       expected if expected.startswith("a finite") else f"finite and {expected}"))
+    checks += [(name, getattr(config, name) > 0, "> 0") for name in POSITIVE_INTS]
+    checks += [(name, getattr(config, name) >= 0, ">= 0") for name in NON_NEGATIVE_INTS]
+    checks += [
+        ("seed", 0 <= config.seed < SEED_LIMIT, "in [0, 2^32)"),
         ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
-        ("probe_every", config.probe_every >= 0, ">= 0"),
         ("probe_on", config.probe_on in ("image", "any"), "'image' or 'any'"),
-        ("kappa_eps", config.kappa_eps > 0, "> 0"),
-        ("balance_alpha", config.balance_alpha >= 0, ">= 0"),
+        ("nan_policy", config.nan_policy in NAN_POLICIES, " or ".join(map(repr, NAN_POLICIES))),
+        ("backend", config.backend in ("auto",) + BACKENDS, f"one of {('auto',) + BACKENDS}"),
+        ("device", _device_ok(config.device), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("clip_layers", config.clip_layers % 4 == 0, "a multiple of 4 (LaVIN's neck taps every 4th block)"),
-        ("shares", all(0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),
+        ("shares", all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),
+        ("log_every", config.log_every >= 1, ">= 1"),
     ]
     optional_positive = [("samples_per_epoch", config.samples_per_epoch),
-                         ("eval_samples", config.eval_samples), ("max_length", config.max_length)]
+                         ("eval_samples", config.eval_samples)]
     checks += [(name, value is None or value > 0, "> 0") for name, value in optional_positive]
-    checks += [("log_every", config.log_every >= 1, ">= 1"),
-               ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
-               ("save_every", config.save_every >= 0, ">= 0"),
-               ("eval_every", config.eval_every >= 0, ">= 0"),
-               ("stop_after", config.stop_after >= 0, ">= 0")]
+    checks.append(("max_length", config.max_length is None or config.max_length >= 2,
+                   ">= 2 (<s> + one answer token)"))
     for name, ok, expected in checks:
         if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(config, name)!r}")
+            raise ValueError(f"{_flag(name)} must be {expected}, got {getattr(config, name)!r}")
+    _validate_shapes(config)
     if config.balance_alpha > 0 and config.probe_every == 0:
         raise ValueError("--balance-alpha needs κ probes: set --probe-every > 0")
+
+
+def _device_ok(device: str) -> bool:
+    kind, _, index = device.partition(":")
+    return (device in ("auto", "cpu", "cuda")) or (kind == "cuda" and index.isdigit())
+
+
+def _validate_shapes(config: TrainConfig):
+    """Options that must fit together (the tiny models', the adapters'): one clear error
+    here instead of a shape error from deep inside the model."""
+    pairs = [(config.rank % config.groups == 0, f"--groups {config.groups} must divide --rank {config.rank}")]
+    if not config.llama:
+        head_dim = config.dim // config.heads
+        pairs += [(config.dim % config.heads == 0 and head_dim % 2 == 0,
+                   f"--dim {config.dim} must be --heads {config.heads} x an even head size "
+                   f"(rotary embeddings rotate pairs)"),
+                  (config.dim % config.groups == 0,
+                   f"--groups {config.groups} must divide --dim {config.dim}")]
+    if not config.clip:
+        pairs += [(config.clip_dim % 4 == 0, f"--clip-dim must be a multiple of 4 (the tiny CLIP's "
+                                             f"heads), got {config.clip_dim}"),
+                  (config.clip_dim % config.groups == 0,
+                   f"--groups {config.groups} must divide --clip-dim {config.clip_dim}"),
+                  (config.image_size % config.patch_size == 0,
+                   f"--image-size {config.image_size} must be a positive multiple of "
+                   f"--patch-size {config.patch_size}")]
+    for ok, message in pairs:
+        if not ok:
+            raise ValueError(message)

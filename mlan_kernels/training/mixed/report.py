@@ -48,6 +48,8 @@ def run_summary(trainer, totals: dict) -> dict:
         "kappa": probes,
         "probe_seconds_mean": statistics.fmean([r["probe_seconds"] for r in probes]) if probes else None,
         "rank_weight_max_diff": totals["rank_weight_max_diff"],
+        "skipped_steps": history.get("skipped_steps", []),     # --nan-policy skip-step
+        "resumed": history.get("resumed", []),                 # [{"checkpoint", "step"}]
     }
 
 

@@ -9,20 +9,24 @@ A checkpoint directory holds
                               history (its shard's losses and token counts)
 Loading restores all of it, so a resumed run continues with bit-identical losses (CPU,
 deterministic kernels). torch.load uses weights_only=True: nothing in it executes code.
+The directory is replaced crash-safely (swap.py); COMPLETE marks a whole checkpoint.
 """
+import dataclasses
 import os
-import shutil
 
 import torch
 
 from ...checkpoint import save_adapters
+from .swap import find_checkpoint, mark_complete, recover, staging_path, swap_in
 
 STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetensors", "rank{rank}.pt"
-# options that decide the model, the data order or the schedule: a resume must not change them
-RESUME_KEYS = ("data", "language_share", "samples_per_epoch", "batch_size", "grad_accum", "seed",
-               "steps", "warmup_steps", "llama", "clip", "dim", "layers", "heads", "clip_dim",
-               "clip_layers", "image_size", "patch_size", "max_length", "rank", "experts", "groups",
-               "train_base", "probe_every", "probe_on", "balance_alpha", "kappa_eps", "world_size")
+# The options a resume may change: they decide how often to evaluate, log and save, where
+# output goes, how this invocation runs (threads, progress bar, plots, when to stop) and what
+# is measured after training. Every other option decides the model, the data, the data order,
+# the optimization or the schedule, and must equal the checkpoint's (else the run refuses).
+RESUME_MAY_CHANGE = ("out", "resume", "eval_every", "log_every", "save_every", "progress",
+                     "plots", "threads", "stop_after", "compare_backends", "make_data", "shares",
+                     "sweep")
 
 
 def _scheduler_state(scheduler) -> dict:
@@ -37,15 +41,17 @@ def _barrier(world_size):
 
 
 def save_checkpoint(directory, trainer, rank: int = 0, world_size: int = 1):
-    """Write the checkpoint of `trainer` (a MixedTrainer) to `directory`, all ranks together:
-    everything goes to `directory`.tmp first and replaces `directory` only when complete, so a
-    crash mid-save leaves the previous checkpoint intact. Every rank writes its RNG state and
-    its own history (losses and token counts of its shard); rank 0 writes the rest."""
+    """Write the checkpoint of `trainer` (a MixedTrainer) to `directory`, all ranks together.
+    Everything goes to `directory`.tmp first and replaces `directory` only when complete (see
+    swap.py): a crash at any point leaves the newest complete checkpoint findable by
+    find_checkpoint. Every rank writes its RNG state and its own history (losses and token
+    counts of its shard); rank 0 writes the rest. Non-finite weights are never saved."""
     from safetensors.torch import save_file
     directory = os.path.normpath(directory)
-    staging, old = directory + ".tmp", directory + ".old"
+    staging = staging_path(directory)
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        _check_finite_parameters(trainer.module, f"step {trainer.step}: refusing to save")
+        recover(directory)
         os.makedirs(staging)
     _barrier(world_size)
     torch.save({"cpu": torch.get_rng_state(),
@@ -66,32 +72,81 @@ def save_checkpoint(directory, trainer, rank: int = 0, world_size: int = 1):
                    os.path.join(staging, STATE_NAME))
     _barrier(world_size)
     if rank == 0:
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(directory):
-            os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        mark_complete(staging, trainer.step)
+        swap_in(directory)
     _barrier(world_size)
 
 
-def load_checkpoint(directory, trainer, rank: int = 0):
-    """Restore `trainer` from save_checkpoint's directory (ValueError when an option that
-    decides the model, the data order or the schedule differs, or a rank's state is missing)."""
+def _check_finite_parameters(module, context):
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad and not bool(torch.isfinite(parameter.detach()).all()):
+            raise FloatingPointError(f"{context}: parameter {name} holds non-finite values")
+
+
+def changed_options(saved: dict, current: dict, defaults: dict) -> list:
+    """[(option, checkpoint value, this run's value)] for every option outside
+    RESUME_MAY_CHANGE that differs; an option the checkpoint predates counts as its default."""
+    changed = []
+    for key, value in current.items():
+        if key in RESUME_MAY_CHANGE:
+            continue
+        before = saved.get(key, defaults.get(key))
+        if before != value:
+            changed.append((key, before, value))
+    return changed
+
+
+def _refuse_changed_options(where, saved, current):
+    from .config import TrainConfig
+    changed = changed_options(saved, current, dataclasses.asdict(TrainConfig()))
+    if changed:
+        listed = "; ".join(f"--{key.replace('_', '-')}: checkpoint {before!r}, this run {value!r}"
+                           for key, before, value in changed)
+        allowed = ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE)
+        raise ValueError(f"--resume {where}: options differ from the checkpoint's ({listed}); "
+                         f"only {allowed} may change on resume")
+
+
+def _check_state(where, state, tensors, steps):
+    """The restored step is an int in [0, steps]; weights and optimizer state are finite."""
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= steps:
+        raise ValueError(f"--resume {where}: trainer step {step!r} is not an int in [0, --steps "
+                         f"{steps}]")
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"--resume {where}: parameter {name} holds non-finite values")
+    for index, entry in state["optimizer"].get("state", {}).items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(
+                    torch.isfinite(value).all()):
+                raise ValueError(f"--resume {where}: optimizer state {key} of parameter "
+                                 f"{index} holds non-finite values")
+
+
+def load_checkpoint(directory, trainer, rank: int = 0) -> str:
+    """Restore `trainer` from the newest complete checkpoint at `directory` (see
+    find_checkpoint; returns its path). Everything is read and checked before the trainer is
+    touched: ValueError when an option outside RESUME_MAY_CHANGE differs (naming each one and
+    both values), a rank's state is missing, the step is outside [0, steps] or a weight or
+    optimizer state is not finite."""
     from safetensors.torch import load_file
-    state = torch.load(os.path.join(directory, STATE_NAME), weights_only=True)
-    saved, current = state["config"], trainer.config_dict()
-    for key in RESUME_KEYS:
-        if saved.get(key) != current.get(key):
-            raise ValueError(f"--resume {directory}: checkpoint has {key}={saved.get(key)!r}, "
-                             f"this run {current.get(key)!r}")
-    rank_path = os.path.join(directory, RANK_NAME.format(rank=rank))
+    found = find_checkpoint(directory)
+    if found is None:
+        raise ValueError(f"--resume {directory}: no complete checkpoint there (nor a leftover "
+                         f"{directory}.tmp / .old of an interrupted save)")
+    state = torch.load(os.path.join(found, STATE_NAME), weights_only=True)
+    _refuse_changed_options(found, state["config"], trainer.config_dict())
+    rank_path = os.path.join(found, RANK_NAME.format(rank=rank))
     if not os.path.exists(rank_path):
-        raise ValueError(f"--resume {directory}: no state for rank {rank} ({rank_path})")
-    tensors = load_file(os.path.join(directory, TRAINABLE_NAME))
+        raise ValueError(f"--resume {found}: no state for rank {rank} ({rank_path})")
+    tensors = load_file(os.path.join(found, TRAINABLE_NAME))
     parameters = dict(trainer.module.named_parameters())
     missing = sorted(set(tensors) ^ {n for n, p in parameters.items() if p.requires_grad})
     if missing:
-        raise ValueError(f"--resume {directory}: trainable parameters differ: {missing[:5]}")
+        raise ValueError(f"--resume {found}: trainable parameters differ: {missing[:5]}")
+    _check_state(found, state, tensors, trainer.config.steps)
+    rank_state = torch.load(rank_path, weights_only=True)
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
@@ -101,8 +156,8 @@ def load_checkpoint(directory, trainer, rank: int = 0):
     trainer.batches.load_state_dict(state["batches"])
     if trainer.monitor is not None and state["monitor"] is not None:
         trainer.monitor.load_state_dict(state["monitor"])
-    rank_state = torch.load(rank_path, weights_only=True)
     trainer.history, trainer.step = rank_state["history"], state["step"]
     torch.set_rng_state(rank_state["cpu"])
     if rank_state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rank_state["cuda"])
+    return found

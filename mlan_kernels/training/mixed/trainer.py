@@ -9,6 +9,7 @@ trains on a disjoint shard of the same single-modality global batch.
 """
 import contextlib
 import dataclasses
+import math
 import os
 import time
 
@@ -24,7 +25,7 @@ from ..balance import FEATURE, LANGUAGE, BalanceMonitor
 from ..scheduler import BalanceScheduler, CosineWithWarmup
 from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
-from .config import max_length
+from .config import MAX_TRUNCATED_SHARE, max_length
 from .model import build_model, param_groups, side_parameters, trains_base
 from .state import load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
@@ -40,6 +41,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient with --nan-policy error: the run stops (the last
+    checkpoint is kept as it was)."""
 
 
 def _all_reduce_mean(values, world_size, device):
@@ -109,7 +115,8 @@ class MixedTrainer:
                     f"{modality} would never train; lower --batch-size or raise --samples-per-epoch")
 
     def _dataset(self, name):
-        records, report = load_records(os.path.join(self.config.data, name))
+        records, report = load_records(os.path.join(self.config.data, name),
+                                       max_image_pixels=self.config.max_image_pixels or None)
         if self.rank == 0 and report.skipped:
             print(f"{name}: skipped {report.skipped} bad records {report.reasons}")
         dataset = InstructionDataset(records, self.tokenizer, image_size=self._image_size(),
@@ -117,9 +124,21 @@ class MixedTrainer:
         if self.rank == 0 and dataset.truncated:
             print(f"{name}: {dataset.truncated} of {len(dataset)} samples truncated to "
                   f"--max-length {max_length(self.config)} tokens")
+        self._check_truncation(name, dataset)
         self.load_reports[name] = {"loaded": report.loaded, "skipped": report.skipped,
-                                   "reasons": report.reasons, "truncated": dataset.truncated}
+                                   "reasons": report.reasons, "truncated": dataset.truncated,
+                                   "answers_truncated": dataset.answers_truncated}
         return dataset
+
+    def _check_truncation(self, name, dataset):
+        """ValueError when --max-length cuts answer tokens of more than MAX_TRUNCATED_SHARE of
+        the records (unless --allow-truncation)."""
+        share = dataset.answers_truncated / max(len(dataset), 1)
+        if share > MAX_TRUNCATED_SHARE and not self.config.allow_truncation:
+            raise ValueError(
+                f"--max-length {max_length(self.config)} cuts answer tokens of {share:.1%} of "
+                f"{name}'s records ({dataset.answers_truncated} of {len(dataset)}; at most "
+                f"{MAX_TRUNCATED_SHARE:.0%} accepted): raise --max-length or pass --allow-truncation")
 
     def _image_size(self):
         if self.config.clip:
@@ -128,8 +147,11 @@ class MixedTrainer:
         return self.config.image_size
 
     def config_dict(self) -> dict:
+        """The options as they take effect (defaults resolved: train_base, max_length, the
+        device type) plus the world size: run.json's record and what a resume compares."""
         return dataclasses.asdict(self.config) | {"train_base": trains_base(self.config),
                                                   "max_length": max_length(self.config),
+                                                  "device": self.device.type,
                                                   "world_size": self.world_size}
 
     def autocast(self):
@@ -155,7 +177,8 @@ class MixedTrainer:
         return inputs, out, bool(batch["has_image"].any())        # host tensor: no sync
 
     def train_step(self, batch_iter, counter):
-        """One optimizer step; returns (loss, probe record or None)."""
+        """One optimizer step; returns (loss, probe record or None). A non-finite loss or
+        gradient norm raises NonFiniteError (--nan-policy error) or skips the update."""
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
         loss = 0.0
@@ -163,12 +186,16 @@ class MixedTrainer:
             inputs, out, image_batch = self._micro_step(next(batch_iter), counter,
                                                         micro + 1 == config.grad_accum)
             loss += float(out.loss.detach()) / config.grad_accum
+        # the clip reads gradients only: before the probe, which reads parameters only
+        norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm or None)
+        if not (math.isfinite(loss) and bool(torch.isfinite(norms).all())):
+            self._non_finite(loss, norms)
+            return loss, None
         if self.monitor is not None and self._probe_now(image_batch):
             labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
                                                  inputs["has_image"])
             self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels),
                                      probe=True)
-        norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm or None)
         self.optimizer.step()
         record = None
         if self.monitor is not None:
@@ -182,6 +209,19 @@ class MixedTrainer:
         self.history["lr"].append(self.scheduler.get_last_lr()[-1])
         self.scheduler.step()
         return loss, record
+
+    def _non_finite(self, loss, norms):
+        """--nan-policy: "error" raises naming the step; "skip-step" drops this update (the
+        schedule still advances, as with AMP's GradScaler) and records the step."""
+        what = (f"step {self.step}: non-finite loss {loss:g} or gradient norms "
+                f"(feature {float(norms[0]):g}, language {float(norms[1]):g})")
+        if self.config.nan_policy == "error":
+            raise NonFiniteError(f"{what}; the run stops, the last checkpoint is kept; lower "
+                                 f"--lr or pass --nan-policy skip-step")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.history.setdefault("skipped_steps", []).append(self.step)
+        self.history["lr"].append(self.scheduler.get_last_lr()[-1])
+        self.scheduler.step()
 
     def _probe_now(self, image_batch: bool) -> bool:
         """Probe when one is due (every probe_every steps) and, with probe_on="image", the
@@ -212,7 +252,8 @@ class MixedTrainer:
         the run summary dict (see report.py), other ranks None."""
         config = self.config
         if config.resume:
-            load_checkpoint(config.resume, self, self.rank)
+            found = load_checkpoint(config.resume, self, self.rank)
+            self.history.setdefault("resumed", []).append({"checkpoint": found, "step": self.step})
         counter = self.counter = TokenCounter(**{key: value for key, value in self.history["tokens"].items()
                                                  if key != "total_tokens"})
         batch_iter = self._batches()

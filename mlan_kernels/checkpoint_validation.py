@@ -1,0 +1,84 @@
+"""Checks that `load_adapters` runs on a save_adapters directory before it touches the model.
+
+Everything that can be known from the files alone is checked here: the config is a JSON object
+whose "components" name known components with every hyperparameter field, and the weights file
+holds finite floating-point tensors. Each error is a ValueError naming the file and the key.
+"""
+import json
+import math
+import os
+
+import torch
+
+COMPONENTS = ("llama", "clip")
+HYPERPARAMETERS = ("rank", "experts", "groups", "scale", "temperature", "dropout", "placement")
+RECORD_FIELDS = HYPERPARAMETERS + ("hidden_size",)
+INTEGER_FIELDS = ("rank", "experts", "groups", "hidden_size")
+NUMBER_FIELDS = ("scale", "temperature", "dropout")
+
+
+def read_adapter_config(path) -> dict:
+    """{component: record} of adapter_config.json at `path`, each record holding at least
+    RECORD_FIELDS with JSON types that can be right (AdapterConfig checks the values)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no adapter config (expected a save_adapters directory)")
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: not a JSON adapter config ({type(error).__name__}: {error})")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    components = saved.get("components")
+    if not isinstance(components, dict) or not components:
+        raise ValueError(f"{path}: key 'components' must be a non-empty object "
+                         f"{{component: hyperparameters}}, got {components!r:.80}")
+    for name, record in components.items():
+        where = f"{path}: components[{name!r}]"
+        if name not in COMPONENTS:
+            raise ValueError(f"{where}: unknown component; expected one of {list(COMPONENTS)}")
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        missing = [key for key in RECORD_FIELDS if key not in record]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        for key in INTEGER_FIELDS:
+            if isinstance(record[key], bool) or not isinstance(record[key], int):
+                raise ValueError(f"{where}[{key!r}]: expected an int, got {record[key]!r}")
+        for key in NUMBER_FIELDS:
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where}[{key!r}]: expected a finite number, got {value!r}")
+    return components
+
+
+def read_adapter_tensors(path) -> dict:
+    """{name: tensor} of adapter_model.safetensors at `path`; every tensor floating and finite."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no adapter weights (expected a save_adapters directory)")
+    try:
+        tensors = load_file(path)
+    except Exception as error:       # SafetensorError (truncated, bad header), OSError, ...
+        raise ValueError(f"{path}: unreadable safetensors file ({type(error).__name__}: {error})")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapter weights "
+                             f"must be floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds non-finite values (nan or inf)")
+    return tensors
+
+
+def check_against_model(path, tensors: dict, targets: dict):
+    """ValueError unless `tensors` has exactly the names and shapes of `targets` (the model's
+    adapter_state_dict)."""
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter tensors do not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    for name, tensor in tensors.items():
+        if tuple(targets[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, the "
+                             f"model's is {list(targets[name].shape)}")

@@ -1,0 +1,62 @@
+"""Checks `mlan-train` runs before step 0, so that no training time is spent on a run that
+would fail later: the device exists, every input path is a local file or directory (a missing
+--llama is an error here, never a hub lookup), and every run directory can be written.
+Each failure is a ValueError naming the option and what was expected."""
+import os
+import tempfile
+
+import torch
+
+from .swap import find_checkpoint
+
+CHECKPOINT_NAME = "checkpoint"
+
+
+def check_device(device: str):
+    """--device cuda[:N] needs a CUDA build of torch and that many GPUs."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available to torch "
+                         f"(accepted here: 'auto' or 'cpu')")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_paths(config):
+    """--data, --llama, --clip, --tokenizer and --resume must exist locally."""
+    if not config.make_data and not os.path.isdir(config.data):
+        raise ValueError(f"--data {config.data}: not a directory (pass --make-data to generate "
+                         f"the synthetic task there)")
+    for option in ("llama", "clip"):
+        path = getattr(config, option)
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"--{option} {path}: expected a local HuggingFace model directory "
+                             f"with config.json (checkpoints are never downloaded)")
+    if config.tokenizer is not None and not os.path.exists(config.tokenizer):
+        raise ValueError(f"--tokenizer {config.tokenizer}: no such file or directory")
+    if config.resume and not config.shares and find_checkpoint(config.resume) is None:
+        raise ValueError(f"--resume {config.resume}: no complete checkpoint there (nor a "
+                         f"leftover {config.resume}.tmp / .old of an interrupted save)")
+    if config.resume and config.shares and not os.path.isdir(config.resume):
+        raise ValueError(f"--resume {config.resume}: with --shares/--sweep, expected the "
+                         f"sweep's --out directory")
+
+
+def check_run_directory(path, option="--out"):
+    """Create `path` if needed and make sure files can be written in it, and that the
+    checkpoint names inside it are free for directories."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: not a writable directory ({error.strerror or error})")
+    for suffix in ("", ".tmp", ".old"):
+        checkpoint = os.path.join(path, CHECKPOINT_NAME + suffix)
+        if os.path.exists(checkpoint) and not os.path.isdir(checkpoint):
+            raise ValueError(f"{option} {path}: {checkpoint} exists and is not a directory "
+                             f"(checkpoints are written there)")
