@@ -80,3 +80,29 @@ def test_gpu_matches_plain_loop(backend):
     torch.testing.assert_close(norms.cpu(), expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads(ours), grads(reference)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+def test_triton_tables_are_built_once_per_parameter_set_and_stay_correct():
+    """A training loop calls scale_grads_ every step on the same parameters: the layout and
+    address tables are built (and uploaded) once; a new grad storage gets a new address table
+    and still the reference's result."""
+    from mlan_kernels.ops import grad_scale
+    grad_scale._layout_tables.cache_clear()
+    grad_scale._address_table.cache_clear()
+    ours, reference = make_groups(), make_groups()
+    for _ in range(3):
+        scale_grads_(ours, [0.5, 2.0, 1.0], max_norm=1.0, backend="triton")
+        scale_grads_reference(reference, [0.5, 2.0, 1.0], max_norm=1.0)
+    assert grad_scale._layout_tables.cache_info().misses == 1
+    assert grad_scale._address_table.cache_info().misses == 1
+    for got, want in zip(grads(ours), grads(reference)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    ours[0][0].grad = ours[0][0].grad.clone()               # a new storage, same shapes
+    reference[0][0].grad = reference[0][0].grad.clone()
+    scale_grads_(ours, [0.5, 2.0, 1.0], max_norm=1.0, backend="triton")
+    scale_grads_reference(reference, [0.5, 2.0, 1.0], max_norm=1.0)
+    assert grad_scale._layout_tables.cache_info().misses == 1
+    assert grad_scale._address_table.cache_info().misses == 2
+    for got, want in zip(grads(ours), grads(reference)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -12,12 +12,15 @@ tensor, and one torch._foreach_mul_. No value is copied between host and device 
 the only per-parameter Python work is collecting `.grad`.
 backend="triton": two multi-tensor launches per dtype for ALL groups together
 (triton/grad_scale_kernels.py: sum of squares per block, then scale), plus a few [G]-sized
-torch ops; the block table is rebuilt (host work + one pinned copy) on every call. Tested under
+torch ops; the block tables are cached per parameter set (shapes and groups), the address
+table per set of grad addresses, so a training loop uploads nothing after the first step
+while its grads keep their storage. Tested under
 the Triton interpreter on CPU; not yet measured on a GPU.
 
 For SGD-family optimizers and per-group clipping only: Adam/AdamW ignore a constant gradient
 scale per tensor, so balance multipliers for them go through the LR (training/scheduler.py).
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -33,21 +36,40 @@ def _collect(groups):
     return [[param.grad for param in params if param.grad is not None] for params in groups]
 
 
-def _block_table(grads, owners, block):
-    """int64 tables on the grads' device: addresses, numels, groups [N]; block_tensor,
-    block_start, block_group [NB] (see triton/grad_scale_kernels.py)."""
-    numels = torch.tensor([grad.numel() for grad in grads], dtype=torch.int64)
-    counts = (numels + block - 1) // block
-    block_tensor = torch.repeat_interleave(torch.arange(len(grads)), counts)
+@functools.lru_cache(maxsize=16)
+def _layout_tables(device: torch.device, block: int, numels: tuple, owners: tuple):
+    """int64 tables on `device` that depend only on the parameter set's shapes, cached per set
+    (built and uploaded once, not per call): numel, group [N]; block_tensor, block_start,
+    block_group [NB] (see triton/grad_scale_kernels.py)."""
+    numel = torch.tensor(numels, dtype=torch.int64)
+    counts = (numel + block - 1) // block
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first_block = torch.cumsum(counts, 0) - counts
     block_start = (torch.arange(block_tensor.numel()) - first_block[block_tensor]) * block
     owner = torch.tensor(owners, dtype=torch.int64)
-    tables = dict(address=torch.tensor([grad.data_ptr() for grad in grads], dtype=torch.int64),
-                  numel=numels, group=owner, block_tensor=block_tensor, block_start=block_start,
-                  block_group=owner[block_tensor])
-    device = grads[0].device
+    return _to_device(dict(numel=numel, group=owner, block_tensor=block_tensor,
+                           block_start=block_start, block_group=owner[block_tensor]), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _address_table(device: torch.device, addresses: tuple):
+    """int64 [N] grad addresses on `device`, cached: grads kept between steps (or re-allocated
+    at the same addresses by the caching allocator) are not uploaded again."""
+    return _to_device({"address": torch.tensor(addresses, dtype=torch.int64)}, device)["address"]
+
+
+def _to_device(tables, device):
     if device.type == "cuda":
         return {key: value.pin_memory().to(device, non_blocking=True) for key, value in tables.items()}
+    return tables
+
+
+def _block_table(grads, owners, block):
+    """The kernels' tables for `grads` (owners: each grad's group index): address [N] plus the
+    cached layout tables of _layout_tables."""
+    device = grads[0].device
+    tables = dict(_layout_tables(device, block, tuple(grad.numel() for grad in grads), tuple(owners)))
+    tables["address"] = _address_table(device, tuple(grad.data_ptr() for grad in grads))
     return tables
 
 
