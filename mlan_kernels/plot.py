@@ -25,12 +25,16 @@ def read_jsonl(path) -> list:
     return rows
 
 
+def _nan(value):
+    return float("nan") if value is None else value       # e.g. κ̂ before the first unskipped probe
+
+
 def _series(axis, rows, keys, log=False):
     steps = [row["step"] for row in rows]
     drawn = False
     for key in keys:
         if any(key in row for row in rows):
-            axis.plot(steps, [row.get(key, float("nan")) for row in rows], marker=".", label=key)
+            axis.plot(steps, [_nan(row.get(key)) for row in rows], marker=".", label=key)
             drawn = True
     if drawn:
         axis.legend(loc="best", fontsize="small")

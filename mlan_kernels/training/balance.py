@@ -13,6 +13,12 @@ language-side parameters φ:
     κ_t = (KL_feat + ε) / (KL_lang + ε),   κ̂_t = β κ̂_{t−1} + (1 − β) κ_t   (κ̂ = κ at the 1st probe)
 κ > 1: the feature side moved the output more than the language side.
 
+Stable κ̂ (ours, docs/commit_balance.md "Noise of κ"): ema="log" averages log κ instead of κ,
+    log κ̂_t = β log κ̂_{t−1} + (1 − β) log κ_t,
+so one outlier moves log κ̂ by at most (1 − β)·|log κ_t − log κ̂_{t−1}| instead of making κ̂ jump
+to ≈ (1 − β)·κ_t; min_kl > 0 skips a probe whose two KLs are both below it (κ̂ unchanged, the
+record says skipped=True): κ of two sub-min_kl KLs is a ratio of rounding noise.
+
 Usage (one training step):
     monitor = BalanceMonitor(lambda batch: model(**batch).logits, *balance_groups(model))
     logits = model(**batch).logits; loss = ...; loss.backward()
@@ -21,6 +27,7 @@ Usage (one training step):
     record = monitor.after_step(loss=loss)                   # None on other steps
 """
 import json
+import math
 import time
 from typing import Callable, Iterable, Optional
 
@@ -31,6 +38,7 @@ from ..integrations.patching import adapters
 from ..ops.kl_div import kl_div_logits
 
 FEATURE, LANGUAGE = "feature", "language"
+EMA_MODES = ("linear", "log")
 
 
 def _lavin_parts(model: nn.Module):
@@ -94,7 +102,10 @@ class BalanceMonitor:
     under model.eval() and p_t is recomputed that way (a third no-grad forward, in before_step).
     log_path: a JSONL file, one row per probe. reduce_kl: optional callable
     (kl_feat, kl_lang) -> (kl_feat, kl_lang) applied before κ, e.g. the mean over data-parallel
-    ranks so every rank computes the same κ̂ (and the same learning rates). Memory: one copy of each group, twice (θ_t, φ_t,
+    ranks so every rank computes the same κ̂ (and the same learning rates).
+    ema: "linear" (default, the design doc's EMA of κ) or "log" (EMA of log κ, ours; robust to
+    single-probe outliers). min_kl: probes with kl_feat < min_kl and kl_lang < min_kl are
+    skipped (κ̂ unchanged, record["skipped"] = True); 0 (default) skips none. Memory: one copy of each group, twice (θ_t, φ_t,
     and θ_{t+1}, φ_{t+1} while swapping) — a few MB for LaVIN's adapters.
     """
 
@@ -102,7 +113,8 @@ class BalanceMonitor:
                  language_params: Iterable[nn.Parameter], probe_every: int = 10, beta: float = 0.9,
                  eps: float = 1e-12, probe_mode: str = "train", model: Optional[nn.Module] = None,
                  log_path: Optional[str] = None, backend: str = "auto",
-                 reduce_kl: Optional[Callable[[float, float], tuple]] = None):
+                 reduce_kl: Optional[Callable[[float, float], tuple]] = None,
+                 ema: str = "linear", min_kl: float = 0.0):
         if not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every must be a positive int, got {probe_every!r}")
         if not 0.0 <= beta < 1.0:
@@ -111,6 +123,12 @@ class BalanceMonitor:
             raise ValueError(f"probe_mode must be 'train' or 'eval', got {probe_mode!r}")
         if probe_mode == "eval" and model is None:
             raise ValueError("probe_mode='eval' needs `model` (to switch it to eval mode)")
+        if ema not in EMA_MODES:
+            raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
+        if not (math.isfinite(min_kl) and min_kl >= 0):
+            raise ValueError(f"min_kl must be finite and >= 0, got {min_kl!r}")
+        self.ema, self.min_kl = ema, float(min_kl)
+        self.skipped = 0
         self.forward_logits, self.model = forward_logits, model
         self.feature_params, self.language_params = list(feature_params), list(language_params)
         if not self.feature_params or not self.language_params:
@@ -181,9 +199,13 @@ class BalanceMonitor:
         if self.reduce_kl is not None:
             kl_feat, kl_lang = self.reduce_kl(kl_feat, kl_lang)
         kappa = (kl_feat + self.eps) / (kl_lang + self.eps)
-        self.kappa_hat = kappa if self.kappa_hat is None else self.beta * self.kappa_hat + (1 - self.beta) * kappa
+        skipped = kl_feat < self.min_kl and kl_lang < self.min_kl
+        if skipped:
+            self.skipped += 1
+        else:
+            self.kappa_hat = self.update_ema(self.kappa_hat, kappa)
         record = dict(step=pending["step"], kl_feat=kl_feat, kl_lang=kl_lang, kappa=kappa,
-                      kappa_ema=self.kappa_hat,
+                      kappa_ema=self.kappa_hat, skipped=skipped,
                       probe_seconds=pending["seconds"] + time.perf_counter() - start)
         if loss is not None:
             extra = dict(loss=loss, **extra)
@@ -195,13 +217,27 @@ class BalanceMonitor:
                 handle.write(json.dumps(record) + "\n")
         return record
 
+    def update_ema(self, kappa_hat: Optional[float], kappa: float) -> float:
+        """κ̂ after one probe's κ (κ at the first probe): linear or log EMA (self.ema)."""
+        if kappa_hat is None:
+            return kappa
+        if self.ema == "log":
+            return math.exp(self.beta * math.log(kappa_hat) + (1 - self.beta) * math.log(kappa))
+        return self.beta * kappa_hat + (1 - self.beta) * kappa
+
     @property
     def mean_probe_seconds(self) -> float:
         """Average extra wall time of a probe (copies + probe forwards + KLs), seconds."""
         return sum(r["probe_seconds"] for r in self.records) / max(len(self.records), 1)
 
     def state_dict(self) -> dict:
-        return {"kappa_hat": self.kappa_hat}
+        return {"kappa_hat": self.kappa_hat, "ema": self.ema, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict):
+        """Restores κ̂ and the skipped-probe count (states saved before these keys: count 0).
+        A state saved with the other EMA mode is refused: κ̂ would continue a different average."""
+        ema = state.get("ema", "linear")
+        if ema != self.ema:
+            raise ValueError(f"BalanceMonitor state was saved with ema={ema!r}, this monitor uses {self.ema!r}")
         self.kappa_hat = state["kappa_hat"]
+        self.skipped = state.get("skipped", 0)

@@ -66,6 +66,11 @@ class TrainConfig:
     probe_every: int = 10                     # κ probe interval (0 = no probing)
     kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
                                               # below ~1e-8 are rounding noise, not learning
+    kappa_ema: str = "linear"                 # κ̂ = EMA of "linear" κ (the original design) or of
+                                              # "log" κ (ours, the geometric mean; docs/commit_balance.md)
+    kappa_beta: float = 0.9                   # β of the κ̂ EMA
+    kappa_min_kl: float = 0.0                 # skip a probe whose KL_feat and KL_lang are both
+                                              # below this (κ̂ unchanged; 0 = never skip)
     probe_on: str = "image"                   # "image": a due probe waits for an image-text batch
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"
@@ -90,6 +95,19 @@ class TrainConfig:
     make_data: bool = False                   # generate the synthetic task into --data if absent
     compare_backends: bool = False            # time fwd+bwd per adapter backend after training
     stop_after: int = 0                       # end this invocation after N steps (checkpointed)
+
+
+HELP = {   # --help text of the κ options (ours, docs/commit_balance.md); %(default)s = the default
+    "probe_every": "κ probe interval in steps, 0 = no probing (default: %(default)s)",
+    "kappa_eps": "ε of κ = (KL_feat + ε) / (KL_lang + ε) (default: %(default)s)",
+    "kappa_ema": "κ̂ = EMA of 'linear' κ (the original design) or of 'log' κ (ours: a "
+                 "geometric mean, one outlier moves log κ̂ by at most (1-β)·its log distance) "
+                 "(default: %(default)s)",
+    "kappa_beta": "β of the κ̂ EMA, in [0, 1) (default: %(default)s)",
+    "kappa_min_kl": "skip a probe whose KL_feat and KL_lang are both below this: κ̂ unchanged, "
+                    "the record says skipped (0 = never skip) (default: %(default)s)",
+    "probe_on": "'image': a due probe waits for an image-text batch; 'any' (default: %(default)s)",
+}
 
 
 class UsageError(ValueError):
@@ -118,7 +136,7 @@ def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentPar
                                 help="language shares to train one run each (e.g. 0.5 0.875)")
         else:
             kind = {"int": int, "float": float, "str": str}.get(_base_type(item.type), str)
-            parser.add_argument(flag, type=kind, default=default)
+            parser.add_argument(flag, type=kind, default=default, help=HELP.get(item.name))
     return parser
 
 
@@ -153,6 +171,8 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "adapter_scale": (lambda v: True, "a finite number"),
     "adapter_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "kappa_eps": (lambda v: v > 0, "> 0"),
+    "kappa_beta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "kappa_min_kl": (lambda v: v >= 0, ">= 0 (0 = never skip)"),
     "balance_alpha": (lambda v: v >= 0, ">= 0"),
 }
 POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
@@ -179,6 +199,7 @@ def validate(config: TrainConfig):
         ("seed", 0 <= config.seed < SEED_LIMIT, "in [0, 2^32)"),
         ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
         ("probe_on", config.probe_on in ("image", "any"), "'image' or 'any'"),
+        ("kappa_ema", config.kappa_ema in ("log", "linear"), "'log' or 'linear'"),
         ("nan_policy", config.nan_policy in NAN_POLICIES, " or ".join(map(repr, NAN_POLICIES))),
         ("backend", config.backend in ("auto",) + BACKENDS, f"one of {('auto',) + BACKENDS}"),
         ("device", _device_ok(config.device), "'auto', 'cpu', 'cuda' or 'cuda:N'"),

@@ -94,7 +94,8 @@ class MixedTrainer:
             self.monitor = BalanceMonitor(
                 lambda batch: self.module(**batch).logits, *self.sides,
                 probe_every=config.probe_every, probe_mode="eval", model=self.module,
-                eps=config.kappa_eps,
+                eps=config.kappa_eps, beta=config.kappa_beta, ema=config.kappa_ema,
+                min_kl=config.kappa_min_kl,
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size, self.device)))
         self.step, self.counter = 0, None
         self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
@@ -204,7 +205,7 @@ class MixedTrainer:
                                              m_lang=multipliers[LANGUAGE],
                                              grad_norm_feat=norms[0], grad_norm_lang=norms[1],
                                              image_batch=float(image_batch))
-            if record is not None:
+            if record is not None and record["kappa_ema"] is not None:   # None: all probes so far skipped
                 self.scheduler.update_kappa(record["kappa_ema"])
         self.history["lr"].append(self.scheduler.get_last_lr()[-1])
         self.scheduler.step()
