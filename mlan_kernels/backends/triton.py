@@ -9,9 +9,10 @@ import torch
 import triton
 
 from ..dispatch import triton_interpreter
-from ..reference import compact_up_weight, dropout_threshold
-from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
-                                         mm_adapter_fwd_kernel, weight_slots_kernel)
+from ..reference import dropout_threshold
+from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_finalize_kernel,
+                                         mm_adapter_bwd_rows_kernel, mm_adapter_fwd_kernel,
+                                         weight_slots_kernel)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,7 +66,7 @@ def _dropout_args(dropout_p):
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dropout_p > 0.0
 
 
-def _weight_slots(x, down_weight, up_weight, up_bias, coef, groups, r_pad, e_pad, combine):
+def _weight_slots(x, down_weight, up_weight, up_bias, coef, scale, groups, r_pad, e_pad, combine):
     """(down_hi, down_lo, up_hi, up_lo) slot matrices in x's dtype, one launch (see
     weight_slots_kernel). For fp32 x there is no split: lo aliases hi and is never read."""
     experts, dim, _ = up_weight.shape
@@ -78,7 +79,7 @@ def _weight_slots(x, down_weight, up_weight, up_bias, coef, groups, r_pad, e_pad
     block_d = min(128, max(16, triton.next_power_of_2(dim)))
     weight_slots_kernel[(triton.cdiv(dim, block_d),)](
         down_weight.contiguous(), up_weight.contiguous(), up_bias.contiguous(), coef, down_hi,
-        down_lo, up_hi, up_lo, dim, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
+        down_lo, up_hi, up_lo, dim, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
         BLOCK_D=block_d, COMBINE=combine, SPLIT=split)
     return down_hi, down_lo, up_hi, up_lo
 
@@ -93,12 +94,12 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scal
     threshold, drop_scale, dropout = _dropout_args(dropout_p)
     y = torch.empty_like(x)
     h = torch.empty(batch, length, rank, device=x.device, dtype=torch.float32)
-    coef = (routing_weights.float() * scale).contiguous()
-    down_hi, down_lo, up, _ = _weight_slots(x, down_weight, up_weight, up_bias, coef, groups,
-                                            r_pad, e_pad, combine=single_modality)
+    coef = routing_weights.float().contiguous()       # fp32 [B, E]: no copy; s applied in-kernel
+    down_hi, down_lo, up, _ = _weight_slots(x, down_weight, up_weight, up_bias, coef, scale,
+                                            groups, r_pad, e_pad, combine=single_modality)
     mm_adapter_fwd_kernel[(triton.cdiv(tokens, block_n),)](
         x, y, h, down_hi, down_lo, down_bias.contiguous(), up, coef, tokens, dim, length,
-        seed, threshold, drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
+        seed, threshold, drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
         BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
         UP_SLOTS=up.shape[0], SPLIT=_split(x.dtype), PRECISION=_precision(x.dtype, x.device),
         num_warps=warps)
@@ -125,24 +126,26 @@ def _row_splits(tokens, dim, block_n, block_d, device):
 def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
              dropout_p, seed, groups):
     """Returns (grad_x [B, L, D] without router term, grad_down_weight, grad_down_bias,
-    grad_up_weight, grad_up_bias, grad_routing_weights [B, E] fp32)."""
+    grad_up_weight, grad_up_bias, grad_routing_weights [B, E] fp32). Four launches: weight
+    slots, pass A (rows), pass B (columns, per-split partials), pass C (finalize: partials
+    summed on device, every gradient written in its parameter's dtype and layout)."""
     batch, length, dim = x.shape
     tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
     r_pad, e_pad = _layout(rank, experts)
     block_n, block_d, warps = _tiles("rows", dim, x.device)
     threshold, drop_scale, dropout = _dropout_args(dropout_p)
     f32 = dict(device=x.device, dtype=torch.float32)
-    coef = (routing_weights.float() * scale).contiguous()
+    coef = routing_weights.float().contiguous()
     h = h.contiguous()
-    down_hi, _, up_hi, up_lo = _weight_slots(x, down_weight, up_weight, up_bias, coef, groups,
-                                             r_pad, e_pad, combine=False)
+    down_hi, _, up_hi, up_lo = _weight_slots(x, down_weight, up_weight, up_bias, coef, scale,
+                                             groups, r_pad, e_pad, combine=False)
     precision = _precision(x.dtype, x.device)
 
     grad_hidden = torch.empty(tokens, rank, **f32)
     grad_coef_rows = torch.empty(tokens, experts, **f32)
     mm_adapter_bwd_rows_kernel[(triton.cdiv(tokens, block_n),)](
         grad_y, h, up_hi, up_lo, coef, grad_hidden, grad_coef_rows, tokens, dim, length, seed, threshold,
-        drop_scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, BLOCK_N=block_n,
+        drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, BLOCK_N=block_n,
         BLOCK_D=block_d, DROPOUT=dropout, SPLIT=_split(x.dtype), PRECISION=precision,
         num_warps=warps)
 
@@ -151,15 +154,22 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     grad_x = torch.empty_like(x)
     partial_down = torch.empty(splits, r_pad, dim, **f32)
     partial_up = torch.empty(splits, e_pad * r_pad, dim, **f32)
+    partial_bias = torch.empty(splits, r_pad, **f32)
     mm_adapter_bwd_cols_kernel[(splits, triton.cdiv(dim, block_d))](
         grad_y, x, grad_x, h, grad_hidden, down_hi, coef, partial_down,
-        partial_up, tokens, dim, length, rows_per_split, R=rank, E=experts, R_PAD=r_pad,
+        partial_up, partial_bias, tokens, dim, length, rows_per_split, scale, R=rank, E=experts, R_PAD=r_pad,
         E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=_split(x.dtype), PRECISION=precision,
         num_warps=warps)
 
-    up_sum = partial_up.sum(0).view(e_pad, r_pad, dim)
-    grad_up_weight = compact_up_weight(up_sum[:experts, :rank].transpose(1, 2).contiguous(), groups)
-    grad_routing = scale * grad_coef_rows.view(batch, length, experts).sum(1)
-    return (grad_x, partial_down.sum(0)[:rank].to(down_weight.dtype),
-            grad_hidden.sum(0).to(down_bias.dtype), grad_up_weight.to(up_weight.dtype),
-            up_sum[:experts, rank].to(up_bias.dtype), grad_routing)
+    grad_down_weight = torch.empty(down_weight.shape, device=x.device, dtype=down_weight.dtype)
+    grad_down_bias = torch.empty(down_bias.shape, device=x.device, dtype=down_bias.dtype)
+    grad_up_weight = torch.empty(up_weight.shape, device=x.device, dtype=up_weight.dtype)
+    grad_up_bias = torch.empty(up_bias.shape, device=x.device, dtype=up_bias.dtype)
+    grad_routing = torch.empty(batch, experts, **f32)
+    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    block_l = min(64, max(16, triton.next_power_of_2(length)))
+    mm_adapter_bwd_finalize_kernel[(triton.cdiv(dim, block_d),)](
+        partial_down, partial_up, partial_bias, grad_coef_rows, grad_down_weight, grad_down_bias,
+        grad_up_weight, grad_up_bias, grad_routing, splits, dim, batch, length, scale, R=rank,
+        E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_D=block_d, BLOCK_L=block_l)
+    return grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias, grad_routing

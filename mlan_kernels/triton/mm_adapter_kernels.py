@@ -14,7 +14,8 @@ Forward   (one program per BLOCK_N rows): pass 1 over D: H = dropout(x W_Aᵀ + 
           pass 2 over D: y = x + H_cat UP (x is re-read while still in L2).
 Backward  pass A (per BLOCK_N rows): P = G UPᵀ over D -> ∂H_pre (dropout mask regenerated)
           and per-row ∂w terms;  pass B (per row split x D block): ∂x = G + ∂H_pre W_A,
-          partial sums of ∂W_A = ∂H_preᵀ x and ∂UP = H_catᵀ G, reduced on the host.
+          partial sums of ∂W_A = ∂H_preᵀ x and ∂UP = H_catᵀ G;  pass C (per D block): sums
+          the partials and writes every parameter gradient in its dtype and layout, and ∂w.
 """
 import triton
 import triton.language as tl
@@ -63,11 +64,13 @@ def load_hidden(h_ptr, rows64, row_ok, slots, R: tl.constexpr):
 
 
 @triton.jit
-def load_coef(coef_ptr, rows, row_ok, L, E: tl.constexpr, E_PAD: tl.constexpr):
-    """s·w[b(n), e] for each row: [BLOCK_N, E_PAD] fp32 (0 for padded experts)."""
+def load_coef(coef_ptr, scale, rows, row_ok, L, E: tl.constexpr, E_PAD: tl.constexpr):
+    """s·w[b(n), e] for each row: [BLOCK_N, E_PAD] fp32 (0 for padded experts); coef_ptr holds
+    the fp32 routing weights w [B, E], the scale s is applied here (no separate launch)."""
     experts = tl.arange(0, E_PAD)
-    return tl.load(coef_ptr + (rows // L)[:, None] * E + experts[None, :],
-                   mask=row_ok[:, None] & (experts[None, :] < E), other=0.0)
+    weights = tl.load(coef_ptr + (rows // L)[:, None] * E + experts[None, :],
+                      mask=row_ok[:, None] & (experts[None, :] < E), other=0.0)
+    return weights * scale
 
 
 @triton.jit
@@ -105,7 +108,7 @@ def store_split(hi_ptr, lo_ptr, value, rows, cols, col_ok, D, SPLIT: tl.constexp
 
 @triton.jit
 def weight_slots_kernel(down_w_ptr, up_w_ptr, up_b_ptr, coef_ptr, down_hi_ptr, down_lo_ptr,
-                        up_hi_ptr, up_lo_ptr, D, R: tl.constexpr, E: tl.constexpr,
+                        up_hi_ptr, up_lo_ptr, D, scale, R: tl.constexpr, E: tl.constexpr,
                         R_PAD: tl.constexpr, E_PAD: tl.constexpr, GROUPS: tl.constexpr,
                         BLOCK_D: tl.constexpr, COMBINE: tl.constexpr, SPLIT: tl.constexpr):
     """Once per call, in the activations' dtype (hi, and with SPLIT the lo remainder):
@@ -120,7 +123,7 @@ def weight_slots_kernel(down_w_ptr, up_w_ptr, up_b_ptr, coef_ptr, down_hi_ptr, d
     up = load_up_slots(up_w_ptr, up_b_ptr, cols, col_ok, D, R, E, R_PAD, E_PAD, GROUPS)
     if COMBINE:
         experts = tl.arange(0, E_PAD)
-        coef0 = tl.load(coef_ptr + experts, mask=experts < E, other=0.0)
+        coef0 = tl.load(coef_ptr + experts, mask=experts < E, other=0.0) * scale
         up = tl.sum(tl.reshape(up, (E_PAD, R_PAD, BLOCK_D)) * coef0[:, None, None], axis=0)
         store_split(up_hi_ptr, up_lo_ptr, up, slots, cols, col_ok, D, SPLIT)
     else:
@@ -137,7 +140,7 @@ def load_slot_rows(ptr, cols, col_ok, D, SLOTS: tl.constexpr):
 @triton.jit(do_not_specialize=["seed"])
 def mm_adapter_fwd_kernel(
         x_ptr, y_ptr, h_ptr, down_hi_ptr, down_lo_ptr, down_b_ptr, up_ptr, coef_ptr,
-        N, D, L, seed, drop_threshold, drop_scale,
+        N, D, L, seed, drop_threshold, drop_scale, scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
         SINGLE_MODALITY: tl.constexpr, UP_SLOTS: tl.constexpr, SPLIT: tl.constexpr,
@@ -169,7 +172,7 @@ def mm_adapter_fwd_kernel(
     if SINGLE_MODALITY:
         mixed = hidden.to(dtype)
     else:
-        mixed = mix_experts(hidden, load_coef(coef_ptr, rows, row_ok, L, E, E_PAD),
+        mixed = mix_experts(hidden, load_coef(coef_ptr, scale, rows, row_ok, L, E, E_PAD),
                             BLOCK_N, E_PAD, R_PAD).to(dtype)
     chunks = tl.cdiv(D, BLOCK_D)
     for chunk in range(0, chunks):  # backwards: the x chunks read last in pass 1 are still in L2
@@ -185,7 +188,7 @@ def mm_adapter_fwd_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def mm_adapter_bwd_rows_kernel(
         gy_ptr, h_ptr, up_hi_ptr, up_lo_ptr, coef_ptr, grad_hidden_ptr, grad_coef_ptr,
-        N, D, L, seed, drop_threshold, drop_scale,
+        N, D, L, seed, drop_threshold, drop_scale, scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
         SPLIT: tl.constexpr, PRECISION: tl.constexpr):
@@ -212,7 +215,7 @@ def mm_adapter_bwd_rows_kernel(
     tl.store(grad_coef_ptr + rows64[:, None] * E + experts[None, :], grad_coef,
              mask=row_ok[:, None] & (experts[None, :] < E))
 
-    coef = load_coef(coef_ptr, rows, row_ok, L, E, E_PAD)
+    coef = load_coef(coef_ptr, scale, rows, row_ok, L, E, E_PAD)
     grad_hidden = tl.sum(projected * coef[:, :, None], axis=1)              # ∂H [BLOCK_N, R_PAD]
     if DROPOUT:
         grad_hidden = tl.where(keep_mask(seed, rows, slots, R, drop_threshold),
@@ -224,11 +227,12 @@ def mm_adapter_bwd_rows_kernel(
 @triton.jit
 def mm_adapter_bwd_cols_kernel(
         gy_ptr, x_ptr, gx_ptr, h_ptr, grad_hidden_ptr, down_hi_ptr, coef_ptr,
-        partial_down_ptr, partial_up_ptr, N, D, L, rows_per_split,
+        partial_down_ptr, partial_up_ptr, partial_bias_ptr, N, D, L, rows_per_split, scale,
         R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     """Pass B over rows [split*rows_per_split, ...) and one BLOCK_D column block:
-    ∂x = G + ∂H_pre W_A (stored), partial ∂W_A [R_PAD, D] and ∂UP [E_PAD*R_PAD, D] per split."""
+    ∂x = G + ∂H_pre W_A (stored), partial ∂W_A [R_PAD, D] and ∂UP [E_PAD*R_PAD, D] per split,
+    and (column block 0) the partial ∂b_A = Σ_n ∂H_pre[n] [R_PAD] per split."""
     split = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -238,6 +242,7 @@ def mm_adapter_bwd_cols_kernel(
 
     grad_down = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
     grad_up = tl.zeros((E_PAD * R_PAD, BLOCK_D), dtype=tl.float32)
+    grad_bias = tl.zeros((R_PAD,), dtype=tl.float32)
     row_begin = split * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, N)
     for r0 in range(row_begin, row_end, BLOCK_N):
@@ -248,6 +253,7 @@ def mm_adapter_bwd_cols_kernel(
         x = load_rows(x_ptr, rows64, row_ok, cols, col_ok, D)
         grad_hidden = tl.load(grad_hidden_ptr + rows64[:, None] * R + slots[None, :],
                               mask=row_ok[:, None] & (slots[None, :] < R), other=0.0)
+        grad_bias += tl.sum(grad_hidden, axis=0)
         hidden_hi = grad_hidden.to(dtype)
         grad_x = g.to(tl.float32) + tl.dot(hidden_hi, down, input_precision=PRECISION)
         tl.store(gx_ptr + rows64[:, None] * D + cols[None, :], grad_x.to(dtype),
@@ -256,7 +262,7 @@ def mm_adapter_bwd_cols_kernel(
         grad_down = dot_split_left(tl.trans(hidden_hi), tl.trans(hidden_lo), x, grad_down,
                                    SPLIT, PRECISION)
         mixed = mix_experts(load_hidden(h_ptr, rows64, row_ok, slots, R),
-                            load_coef(coef_ptr, rows, row_ok, L, E, E_PAD), BLOCK_N, E_PAD, R_PAD)
+                            load_coef(coef_ptr, scale, rows, row_ok, L, E, E_PAD), BLOCK_N, E_PAD, R_PAD)
         mixed_hi = mixed.to(dtype)
         mixed_lo = (mixed - mixed_hi.to(tl.float32)).to(dtype)
         grad_up = dot_split_left(tl.trans(mixed_hi), tl.trans(mixed_lo), g, grad_up, SPLIT, PRECISION)
@@ -267,3 +273,58 @@ def mm_adapter_bwd_cols_kernel(
              mask=col_ok[None, :])
     tl.store(partial_up_ptr + (base * (E_PAD * R_PAD) + k[:, None] * D) + cols[None, :], grad_up,
              mask=col_ok[None, :])
+    tl.store(partial_bias_ptr + split * R_PAD + slots, grad_bias,
+             mask=slots < R_PAD * (tl.program_id(1) == 0).to(tl.int32))   # column block 0 only
+
+
+@triton.jit
+def mm_adapter_bwd_finalize_kernel(
+        partial_down_ptr, partial_up_ptr, partial_bias_ptr, grad_coef_ptr, grad_down_w_ptr,
+        grad_down_b_ptr, grad_up_w_ptr, grad_up_b_ptr, grad_routing_ptr, splits, D, B, L, scale,
+        R: tl.constexpr, E: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+        GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Pass C, one program per BLOCK_D columns: sums pass B's per-split partials in a fixed
+    order (deterministic) and writes the parameter gradients in their own dtype and layout:
+    ∂W_A [r, D], ∂b_A [r] (program 0), ∂up_weight in the compact grouped [E, D, r/g] layout
+    (block-diagonal part of ∂M), ∂b_U [E, D]. Programs also share the samples b for
+    ∂w[b, e] = s · Σ_l grad_coef[b·L + l, e] ([B, E] fp32)."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    slots = tl.arange(0, R_PAD)
+    k = tl.arange(0, E_PAD * R_PAD)
+    grad_down = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    grad_up = tl.zeros((E_PAD * R_PAD, BLOCK_D), dtype=tl.float32)
+    grad_bias = tl.zeros((R_PAD,), dtype=tl.float32)
+    down_ptrs = partial_down_ptr + slots[:, None] * D + cols[None, :]
+    up_ptrs = partial_up_ptr + k[:, None] * D + cols[None, :]
+    for split in range(0, splits):          # pointers advance one split at a time (64-bit)
+        grad_down += tl.load(down_ptrs, mask=col_ok[None, :], other=0.0)
+        grad_up += tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+        grad_bias += tl.load(partial_bias_ptr + split * R_PAD + slots)
+        down_ptrs += R_PAD * D
+        up_ptrs += E_PAD * R_PAD * D
+    tl.store(grad_down_w_ptr + slots[:, None] * D + cols[None, :],
+             grad_down.to(grad_down_w_ptr.dtype.element_ty), mask=(slots[:, None] < R) & col_ok[None, :])
+    tl.store(grad_down_b_ptr + slots, grad_bias.to(grad_down_b_ptr.dtype.element_ty),
+             mask=slots < R * (pid == 0).to(tl.int32))                    # program 0 only
+    expert, unit = k // R_PAD, k % R_PAD
+    per_group: tl.constexpr = R // GROUPS
+    in_block = (unit[:, None] // per_group) == (cols[None, :] // (D // GROUPS))
+    weight_ok = (expert[:, None] < E) & (unit[:, None] < R) & in_block & col_ok[None, :]
+    tl.store(grad_up_w_ptr + (expert[:, None] * D + cols[None, :]) * per_group + unit[:, None] % per_group,
+             grad_up.to(grad_up_w_ptr.dtype.element_ty), mask=weight_ok)
+    bias_ok = (expert[:, None] < E) & (unit[:, None] == R) & col_ok[None, :]
+    tl.store(grad_up_b_ptr + expert[:, None] * D + cols[None, :],
+             grad_up.to(grad_up_b_ptr.dtype.element_ty), mask=bias_ok)
+
+    experts = tl.arange(0, E_PAD)
+    for b in range(pid, B, tl.num_programs(0)):
+        grad_w = tl.zeros((E_PAD,), dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            positions = l0 + tl.arange(0, BLOCK_L)
+            rows = (b * L + positions).to(tl.int64)
+            terms = tl.load(grad_coef_ptr + rows[:, None] * E + experts[None, :],
+                            mask=(positions[:, None] < L) & (experts[None, :] < E), other=0.0)
+            grad_w += tl.sum(terms, axis=0)
+        tl.store(grad_routing_ptr + b * E + experts, grad_w * scale, mask=experts < E)
