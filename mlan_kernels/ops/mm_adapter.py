@@ -133,6 +133,7 @@ def _setup_context(ctx, inputs, output):
      temperature, dropout_p, seed, groups, single_modality, backend) = inputs
     _, h, rw = output
     ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)    # unused outputs (h, rw) get None, not zero-filled tensors
     ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
     ctx.hyper = (scale, temperature, dropout_p, groups, backend)
     ctx.traced = True  # set by the custom op's autograd: the backward must stay an opaque op
@@ -155,18 +156,23 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     weights_dtype, router_dtype = ctx.dtypes
     no_grads = (None,) * 7                      # scale .. backend are not differentiable
     if ctx.by_first:                            # every row was row 0: its gradient is the sum
-        grad_w = torch.cat([grad_w.sum(0, keepdim=True), torch.zeros_like(grad_w[1:])])
+        grad_w = grad_w.sum(0, keepdim=True)    # rows 1.. get zero (weights) / nothing (router)
     if ctx.weights_given:
+        if ctx.by_first:
+            grad_w = torch.cat([grad_w, grad_w.new_zeros(x.shape[0] - 1, grad_w.shape[1])])
         return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype)) + no_grads
     if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
         return (grad_x, g_dw, g_db, g_uw, g_ub, torch.zeros_like(router_weight),
                 router_weight.new_zeros(router_weight.shape[0]), None) + no_grads
     # Softmax + router backward, fp32: dz = w ⊙ (dw − <w, dw>) / t ; dW_R = dzᵀ x0 ; dx0 += dz W_R.
+    # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
+    routed = grad_w.shape[0]
+    rw = rw[:routed]
     grad_logits = rw * (grad_w - (rw * grad_w).sum(-1, keepdim=True)) / temperature   # [B, E]
-    x0 = x[:, 0].to(rw.dtype)
+    x0 = x[:routed, 0].to(rw.dtype)
     grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
     grad_router_bias = grad_logits.sum(0).to(router_dtype)
-    grad_x[:, 0] += (grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype)       # [B, D]
+    grad_x[:routed, 0].add_((grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype))  # [B, D]
     return (grad_x, g_dw, g_db, g_uw, g_ub, grad_router_weight, grad_router_bias, None) + no_grads
 
 
