@@ -168,7 +168,8 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
     routed = grad_w.shape[0]
     rw = rw[:routed]
-    grad_logits = rw * (grad_w - (rw * grad_w).sum(-1, keepdim=True)) / temperature   # [B, E]
+    # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
+    grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
     x0 = x[:routed, 0].to(rw.dtype)
     grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
     grad_router_bias = grad_logits.sum(0).to(router_dtype)
