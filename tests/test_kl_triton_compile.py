@@ -67,6 +67,8 @@ for act, split, precision, experts, e_pad in (("bf16", True, "tf32", 3, 4), ("fp
                    "partial_bias_ptr", "grad_coef_ptr", "grad_routing_ptr"),
                    **ptrs("*" + act, "grad_down_w_ptr", "grad_down_b_ptr", "grad_up_w_ptr", "grad_up_b_ptr"), scale="fp32"),
                    ("splits", "D", "B", "L"), dict(dims, GROUPS=2, BLOCK_D=128, BLOCK_L=64), 4)
+    compile_kernel(M.router_kernel, dict(ptrs("*" + act, "x_ptr", "router_w_ptr", "router_b_ptr"), out_ptr="*fp32",
+                   temperature="fp32"), ("D", "row_stride"), dict(E=experts, E_PAD=e_pad, BLOCK_D=256), 4)
 print("compiled")
 '''
 

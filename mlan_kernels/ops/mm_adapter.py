@@ -22,14 +22,15 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _routing(x, router_weight, router_bias, weights, temperature, experts):
-    """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]."""
+def _routing(x, router_weight, router_bias, weights, temperature, experts, router=None):
+    """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]
+    (`router`: a backend's own fused router, same math as reference.routing_weights)."""
     batch, length, _ = x.shape
     if weights is not None:
         return weights.to(compute_dtype(x.dtype)).clone()
     if length == 0:
         return x.new_full((batch, experts), 1.0 / experts, dtype=compute_dtype(x.dtype))
-    return _router_softmax(x[:, 0], router_weight, router_bias, temperature)
+    return (router or _router_softmax)(x[:, 0], router_weight, router_bias, temperature)
 
 
 def _routes_by_first(single_modality: Optional[bool], batch: int) -> bool:
@@ -60,16 +61,17 @@ def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, 
                   weights, scale, temperature, dropout_p, seed, groups, single_modality, backend):
     """Routing (fp32, per sample) + the chosen backend's fused forward -> (y, h, routing_weights)."""
     experts = up_weight.shape[0]
+    name = dispatch.select_backend(x.device, x.dtype, backend) if x.numel() else None
+    router = getattr(dispatch.get_backend(name), "routing", None) if name else None
     if _routes_by_first(single_modality, x.shape[0]):
         first = _routing(x[:1], router_weight, router_bias,
-                         None if weights is None else weights[:1], temperature, experts)
+                         None if weights is None else weights[:1], temperature, experts, router)
         rw = first.expand(x.shape[0], experts).contiguous()
     else:
-        rw = _routing(x, router_weight, router_bias, weights, temperature, experts)
+        rw = _routing(x, router_weight, router_bias, weights, temperature, experts, router)
     if x.numel() == 0:
         h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=compute_dtype(x.dtype))
         return x.clone(), h, rw
-    name = dispatch.select_backend(x.device, x.dtype, backend)
     y, h = dispatch.get_backend(name).forward(
         x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale, dropout_p,
         _seed(seed), groups, _is_single_modality(x, weights, single_modality))

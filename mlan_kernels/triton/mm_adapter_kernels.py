@@ -328,3 +328,26 @@ def mm_adapter_bwd_finalize_kernel(
                             mask=(positions[:, None] < L) & (experts[None, :] < E), other=0.0)
             grad_w += tl.sum(terms, axis=0)
         tl.store(grad_routing_ptr + b * E + experts, grad_w * scale, mask=experts < E)
+
+
+@triton.jit
+def router_kernel(x_ptr, router_w_ptr, router_b_ptr, out_ptr, D, row_stride, temperature,
+                  E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Routing weights of sample b = program 0..: w[b] = softmax((W_R x0[b] + b_R) / t) [E] fp32,
+    x0[b] = x_ptr + b·row_stride ([D], any float dtype), W_R [E, D] and b_R [E] in theirs: the
+    router (matvec, bias, temperature, softmax) and its fp32 casts in one launch."""
+    sample = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < E
+    products = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        x0 = tl.load(x_ptr + sample * row_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+        weight = tl.load(router_w_ptr + experts[:, None] * D + cols[None, :],
+                         mask=expert_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        products += weight * x0[None, :]
+    bias = tl.load(router_b_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)
+    logits = tl.where(expert_ok, (tl.sum(products, axis=1) + bias) / temperature, float("-inf"))
+    exp = tl.exp(logits - tl.max(logits, axis=0))
+    tl.store(out_ptr + sample * E + experts, exp / tl.sum(exp, axis=0), mask=expert_ok)
