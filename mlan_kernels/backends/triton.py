@@ -12,7 +12,8 @@ from ..dispatch import triton_interpreter
 from ..reference import dropout_threshold
 from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_finalize_kernel,
                                          mm_adapter_bwd_rows_kernel, mm_adapter_fwd_kernel,
-                                         router_kernel, weight_slots_kernel)
+                                         router_bwd_kernel, router_kernel,
+                                         weight_slots_kernel)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,6 +98,25 @@ def routing(x0, router_weight, router_bias, temperature):
                             E_PAD=triton.next_power_of_2(experts),
                             BLOCK_D=min(256, max(16, triton.next_power_of_2(dim))))
     return out
+
+
+def router_backward(grad_w, routing_weights, x, router_weight, temperature, grad_x):
+    """Softmax + router backward in one launch for the first grad_w.shape[0] samples: returns
+    (∂W_R, ∂b_R) in router_weight's dtype and adds dz W_R into grad_x[:, 0] in place. None when
+    the layouts do not fit (the op then runs its aten version)."""
+    routed, experts = grad_w.shape
+    dim = x.shape[-1]
+    if x.numel() == 0 or x.stride(-1) != 1 or grad_x.stride(-1) != 1:
+        return None
+    grad_router_weight = torch.empty(router_weight.shape, device=x.device, dtype=router_weight.dtype)
+    grad_router_bias = torch.empty(experts, device=x.device, dtype=router_weight.dtype)
+    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    router_bwd_kernel[(triton.cdiv(dim, block_d),)](
+        grad_w.float().contiguous(), routing_weights.float().contiguous(), x,
+        router_weight.contiguous(), grad_x, grad_router_weight, grad_router_bias, routed, dim,
+        x.stride(0), grad_x.stride(0), float(temperature), E=experts,
+        E_PAD=triton.next_power_of_2(experts), BLOCK_D=block_d)
+    return grad_router_weight, grad_router_bias
 
 
 def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,

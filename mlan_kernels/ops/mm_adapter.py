@@ -145,6 +145,12 @@ def _setup_context(ctx, inputs, output):
                   router_weight.dtype if router_weight is not None else None)
 
 
+def _fused_router_backward(x, backend):
+    """The chosen backend's router_backward (softmax + router backward in one launch), if any."""
+    name = dispatch.select_backend(x.device, x.dtype, backend)
+    return getattr(dispatch.get_backend(name), "router_backward", None)
+
+
 def _backward(ctx, grad_y, _grad_h, grad_rw):
     x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed = ctx.saved_tensors
     scale, temperature, dropout_p, groups, backend = ctx.hyper
@@ -170,6 +176,11 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
     routed = grad_w.shape[0]
     rw = rw[:routed]
+    fused = None if ctx.traced else _fused_router_backward(x, backend)
+    if fused is not None:                       # the backend's one-launch version (eager only)
+        grads = fused(grad_w, rw, x, router_weight, temperature, grad_x)
+        if grads is not None:
+            return (grad_x, g_dw, g_db, g_uw, g_ub) + grads + (None,) + no_grads
     # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
     grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
     x0 = x[:routed, 0].to(rw.dtype)

@@ -351,3 +351,38 @@ def router_kernel(x_ptr, router_w_ptr, router_b_ptr, out_ptr, D, row_stride, tem
     logits = tl.where(expert_ok, (tl.sum(products, axis=1) + bias) / temperature, float("-inf"))
     exp = tl.exp(logits - tl.max(logits, axis=0))
     tl.store(out_ptr + sample * E + experts, exp / tl.sum(exp, axis=0), mask=expert_ok)
+
+
+@triton.jit
+def router_bwd_kernel(grad_w_ptr, rw_ptr, x_ptr, router_w_ptr, gx_ptr, grad_router_w_ptr,
+                      grad_router_b_ptr, B, D, x_stride, gx_stride, temperature,
+                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Softmax + router backward for BLOCK_D columns, every sample b < B in order (fp32):
+    dz[b] = w[b] ⊙ (dw[b] − <w[b], dw[b]>) / t;  ∂W_R[:, cols] = Σ_b dz[b] x0[b, cols] (in W_R's
+    dtype), ∂b_R = Σ_b dz[b] (program 0), and ∂x0[b, cols] += dz[b] W_R[:, cols] in place."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < E
+    router_w = tl.load(router_w_ptr + experts[:, None] * D + cols[None, :],
+                       mask=expert_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    grad_router_w = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
+    grad_router_b = tl.zeros((E_PAD,), dtype=tl.float32)
+    for b in range(0, B):
+        grad_w = tl.load(grad_w_ptr + b * E + experts, mask=expert_ok, other=0.0)
+        weights = tl.load(rw_ptr + b * E + experts, mask=expert_ok, other=0.0)
+        grad_logits = weights * (grad_w - tl.sum(weights * grad_w, axis=0)) / temperature
+        grad_router_b += grad_logits
+        row = tl.full((), b, tl.int64)
+        x0 = tl.load(x_ptr + row * x_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+        grad_router_w += grad_logits[:, None] * x0[None, :]
+        gx_ptrs = gx_ptr + row * gx_stride + cols
+        gx = tl.load(gx_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+        gx += tl.sum(grad_logits[:, None] * router_w, axis=0)
+        tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(grad_router_w_ptr + experts[:, None] * D + cols[None, :],
+             grad_router_w.to(grad_router_w_ptr.dtype.element_ty),
+             mask=expert_ok[:, None] & col_ok[None, :])
+    tl.store(grad_router_b_ptr + experts, grad_router_b.to(grad_router_b_ptr.dtype.element_ty),
+             mask=expert_ok & (experts < E * (pid == 0).to(tl.int32)))
