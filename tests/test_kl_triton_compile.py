@@ -71,7 +71,7 @@ for act, split, precision, experts, e_pad in (("bf16", True, "tf32", 3, 4), ("fp
                    temperature="fp32"), ("D", "row_stride"), dict(E=experts, E_PAD=e_pad, BLOCK_D=256), 4)
     compile_kernel(M.router_bwd_kernel, dict(ptrs("*fp32", "grad_w_ptr", "rw_ptr"),
                    **ptrs("*" + act, "x_ptr", "router_w_ptr", "gx_ptr", "grad_router_w_ptr", "grad_router_b_ptr"),
-                   temperature="fp32"), ("B", "D", "x_stride", "gx_stride"), dict(E=experts, E_PAD=e_pad, BLOCK_D=128), 4)
+                   temperature="fp32"), ("B", "rows_in", "D", "x_stride", "gx_stride"), dict(E=experts, E_PAD=e_pad, BLOCK_D=128), 4)
 print("compiled")
 '''
 

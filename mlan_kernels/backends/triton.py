@@ -90,7 +90,7 @@ def routing(x0, router_weight, router_bias, temperature):
     default, reference.routing_weights, costs 4 launches, 7 with 16-bit inputs)."""
     batch, dim = x0.shape
     experts = router_weight.shape[0]
-    if x0.stride(-1) != 1:
+    if x0.stride(-1) != 1:                  # (a stride-0 row axis is fine: rows repeat row 0)
         x0 = x0.contiguous()
     out = torch.empty(batch, experts, device=x0.device, dtype=torch.float32)
     router_kernel[(batch,)](x0, router_weight.contiguous(), router_bias.contiguous(), out, dim,
@@ -100,11 +100,12 @@ def routing(x0, router_weight, router_bias, temperature):
     return out
 
 
-def router_backward(grad_w, routing_weights, x, router_weight, temperature, grad_x):
-    """Softmax + router backward in one launch for the first grad_w.shape[0] samples: returns
-    (∂W_R, ∂b_R) in router_weight's dtype and adds dz W_R into grad_x[:, 0] in place. None when
-    the layouts do not fit (the op then runs its aten version)."""
-    routed, experts = grad_w.shape
+def router_backward(grad_w, routing_weights, x, router_weight, temperature, grad_x, by_first=False):
+    """Softmax + router backward in one launch: returns (∂W_R, ∂b_R) in router_weight's dtype and
+    adds dz W_R into grad_x[:, 0] in place; with by_first only sample 0 routed, by the sum of
+    grad_w's rows. None when the layouts do not fit (the op then runs its aten version)."""
+    rows, experts = grad_w.shape
+    routed, rows_in = (1, rows) if by_first else (rows, 1)
     dim = x.shape[-1]
     if x.numel() == 0 or x.stride(-1) != 1 or grad_x.stride(-1) != 1:
         return None
@@ -113,7 +114,7 @@ def router_backward(grad_w, routing_weights, x, router_weight, temperature, grad
     block_d = min(128, max(16, triton.next_power_of_2(dim)))
     router_bwd_kernel[(triton.cdiv(dim, block_d),)](
         grad_w.float().contiguous(), routing_weights.float().contiguous(), x,
-        router_weight.contiguous(), grad_x, grad_router_weight, grad_router_bias, routed, dim,
+        router_weight.contiguous(), grad_x, grad_router_weight, grad_router_bias, routed, rows_in, dim,
         x.stride(0), grad_x.stride(0), float(temperature), E=experts,
         E_PAD=triton.next_power_of_2(experts), BLOCK_D=block_d)
     return grad_router_weight, grad_router_bias

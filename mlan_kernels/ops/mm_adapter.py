@@ -63,7 +63,10 @@ def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, 
     experts = up_weight.shape[0]
     name = dispatch.select_backend(x.device, x.dtype, backend) if x.numel() else None
     router = getattr(dispatch.get_backend(name), "routing", None) if name else None
-    if _routes_by_first(single_modality, x.shape[0]):
+    if _routes_by_first(single_modality, x.shape[0]) and router and weights is None and x.shape[1]:
+        # the backend's router writes sample 0's routing weights to every row (stride-0 input)
+        rw = router(x[:1, 0].expand(x.shape[0], x.shape[2]), router_weight, router_bias, temperature)
+    elif _routes_by_first(single_modality, x.shape[0]):
         first = _routing(x[:1], router_weight, router_bias,
                          None if weights is None else weights[:1], temperature, experts, router)
         rw = first.expand(x.shape[0], experts).contiguous()
@@ -163,6 +166,12 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
         grad_w = grad_w + grad_rw
     weights_dtype, router_dtype = ctx.dtypes
     no_grads = (None,) * 7                      # scale .. backend are not differentiable
+    fused = None                                # the backend's one-launch router backward
+    if not (ctx.traced or ctx.weights_given or x.shape[1] == 0):    # (eager only)
+        fused = _fused_router_backward(x, backend)
+    grads = fused and fused(grad_w, rw, x, router_weight, temperature, grad_x, ctx.by_first)
+    if grads is not None:
+        return (grad_x, g_dw, g_db, g_uw, g_ub) + grads + (None,) + no_grads
     if ctx.by_first:                            # every row was row 0: its gradient is the sum
         grad_w = grad_w.sum(0, keepdim=True)    # rows 1.. get zero (weights) / nothing (router)
     if ctx.weights_given:
@@ -176,11 +185,6 @@ def _backward(ctx, grad_y, _grad_h, grad_rw):
     # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
     routed = grad_w.shape[0]
     rw = rw[:routed]
-    fused = None if ctx.traced else _fused_router_backward(x, backend)
-    if fused is not None:                       # the backend's one-launch version (eager only)
-        grads = fused(grad_w, rw, x, router_weight, temperature, grad_x)
-        if grads is not None:
-            return (grad_x, g_dw, g_db, g_uw, g_ub) + grads + (None,) + no_grads
     # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
     grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
     x0 = x[:routed, 0].to(rw.dtype)

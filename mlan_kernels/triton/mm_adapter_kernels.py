@@ -355,11 +355,13 @@ def router_kernel(x_ptr, router_w_ptr, router_b_ptr, out_ptr, D, row_stride, tem
 
 @triton.jit
 def router_bwd_kernel(grad_w_ptr, rw_ptr, x_ptr, router_w_ptr, gx_ptr, grad_router_w_ptr,
-                      grad_router_b_ptr, B, D, x_stride, gx_stride, temperature,
+                      grad_router_b_ptr, B, rows_in, D, x_stride, gx_stride, temperature,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """Softmax + router backward for BLOCK_D columns, every sample b < B in order (fp32):
     dz[b] = w[b] ⊙ (dw[b] − <w[b], dw[b]>) / t;  ∂W_R[:, cols] = Σ_b dz[b] x0[b, cols] (in W_R's
-    dtype), ∂b_R = Σ_b dz[b] (program 0), and ∂x0[b, cols] += dz[b] W_R[:, cols] in place."""
+    dtype), ∂b_R = Σ_b dz[b] (program 0), and ∂x0[b, cols] += dz[b] W_R[:, cols] in place.
+    dw[b] is the sum of grad_w rows b·rows_in .. b·rows_in + rows_in − 1 (rows_in = B_batch with
+    B = 1: single_modality=True, where sample 0 routed the whole batch)."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -370,7 +372,9 @@ def router_bwd_kernel(grad_w_ptr, rw_ptr, x_ptr, router_w_ptr, gx_ptr, grad_rout
     grad_router_w = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
     grad_router_b = tl.zeros((E_PAD,), dtype=tl.float32)
     for b in range(0, B):
-        grad_w = tl.load(grad_w_ptr + b * E + experts, mask=expert_ok, other=0.0)
+        grad_w = tl.zeros((E_PAD,), dtype=tl.float32)
+        for j in range(0, rows_in):
+            grad_w += tl.load(grad_w_ptr + (b * rows_in + j) * E + experts, mask=expert_ok, other=0.0)
         weights = tl.load(rw_ptr + b * E + experts, mask=expert_ok, other=0.0)
         grad_logits = weights * (grad_w - tl.sum(weights * grad_w, axis=0)) / temperature
         grad_router_b += grad_logits
