@@ -52,8 +52,8 @@ TESTS = {
                                      "tests/test_behaviour_sampler.py"],
     "mlan_kernels/training/balance.py": ["tests/test_balance_auxiliary.py",
                                          "tests/test_balance_monitor.py", "tests/test_scheduler.py"],
-    # The trainer tests (~6 s each, every one reaches get_lr) left out: they kill nothing the
-    # scheduler's own tests do not, and made a survivor cost ~35 s.
+    # The trainer tests are left out for time (~35 s a survivor; every one reaches get_lr):
+    # the scores in docs/testing.md count only these two files.
     "mlan_kernels/training/scheduler.py": ["tests/test_scheduler.py",
                                            "tests/test_behaviour_scheduler.py"],
     "mlan_kernels/training/mixed/trainer.py": _TRAINER_TESTS,
