@@ -35,7 +35,9 @@ TESTS = {
     "mlan_kernels/reference.py": _OP_TESTS,
     "mlan_kernels/reference_kl.py": _KL_TESTS + ["tests/test_grad_scale.py"],
     "mlan_kernels/ops/mm_adapter.py": _OP_TESTS,
-    "mlan_kernels/ops/validation.py": ["tests/test_validation.py", "tests/test_mm_adapter_op.py"],
+    # test_mm_adapter_op.py is left out for time (~55 s a survivor; it makes only valid calls).
+    "mlan_kernels/ops/validation.py": ["tests/test_validation.py",
+                                       "tests/test_behaviour_validation.py"],
     "mlan_kernels/ops/kl_div.py": _KL_TESTS,
     "mlan_kernels/ops/fused_linear_kl.py": _KL_TESTS,
     "mlan_kernels/ops/grad_scale.py": ["tests/test_grad_scale.py"],
