@@ -1,0 +1,106 @@
+"""Behaviour of the oracle (mlan_kernels/reference.py), checked against definitions written out
+here independently of it: the router is softmax((W_R x[b, 0] + b_R) / t) computed in fp32 (fp64
+for fp64 inputs), the forward is docs/mm_adapter.md's formula with the grouped up-projection
+applied group by group, and Philox4x32-10 gives the published known answer."""
+import pytest
+import torch
+
+from helpers import explicit_weights, make_adapter_inputs
+from mlan_kernels.reference import dropout_keep_mask, mm_adapter_reference, routing_weights
+
+
+def _router_by_hand(x0, router_weight, router_bias, temperature):
+    """softmax((W_R x0 + b_R) / t) in fp64, sample by sample, expert by expert."""
+    x0, router_weight, router_bias = (t.double() for t in (x0, router_weight, router_bias))
+    out = torch.empty(x0.shape[0], router_weight.shape[0], dtype=torch.float64)
+    for b in range(x0.shape[0]):
+        logits = [(x0[b] * router_weight[e]).sum() + router_bias[e] for e in range(router_weight.shape[0])]
+        exps = torch.stack([torch.exp(z / temperature) for z in logits])
+        out[b] = exps / exps.sum()
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 10.0])
+def test_router_is_the_softmax_of_the_logits_over_the_temperature(temperature):
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    router_weight = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    router_bias = torch.randn(4, generator=generator, dtype=torch.float64)
+    weights = routing_weights(x0, router_weight, router_bias, temperature)
+    torch.testing.assert_close(weights, _router_by_hand(x0, router_weight, router_bias, temperature),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_dtype, param_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.float64)])
+def test_router_of_16_and_32_bit_inputs_is_computed_and_returned_in_fp32(x_dtype, param_dtype):
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 64, generator=generator).to(x_dtype)
+    router_weight = (torch.randn(3, 64, generator=generator) * 2).to(param_dtype)
+    router_bias = torch.randn(3, generator=generator).to(param_dtype)
+    weights = routing_weights(x0, router_weight, router_bias, 1.0)
+    assert weights.dtype == torch.float32
+    # fp32 arithmetic on the 16-bit values; a 16-bit matmul would be off by ~1e-2
+    torch.testing.assert_close(weights.double(), _router_by_hand(x0, router_weight, router_bias, 1.0),
+                               rtol=0, atol=1e-5)
+
+
+def _forward_by_hand(x, down_weight, down_bias, up_weight, up_bias, weights, scale, groups, keep, p):
+    """y = x + s Σ_e w_e (up_e(h) + b_U[e]), h = dropout(x W_Aᵀ + b_A); up_e applies group k's
+    [D/g, r/g] block of up_weight[e] to hidden block k (LaVIN's grouped 1x1 conv). fp64."""
+    x64 = x.double()
+    h = x64 @ down_weight.double().t() + down_bias.double()
+    if keep is not None:
+        h = h * keep.view_as(h) / (1 - p)
+    experts, dim, rank_per_group = up_weight.shape
+    y = x64.clone()
+    for e in range(experts):
+        up = torch.empty_like(x64)
+        for k in range(groups):
+            channels = slice(k * dim // groups, (k + 1) * dim // groups)
+            hidden = slice(k * rank_per_group, (k + 1) * rank_per_group)
+            up[..., channels] = h[..., hidden] @ up_weight[e, channels].double().t()
+        y = y + scale * weights[:, e, None, None].double() * (up + up_bias[e].double())
+    return y, h
+
+
+@pytest.mark.parametrize("routing", ["router", "explicit"])
+@pytest.mark.parametrize("groups, experts, dropout_p", [(1, 1, 0.0), (2, 3, 0.0), (4, 2, 0.25)])
+def test_forward_is_the_documented_formula(routing, groups, experts, dropout_p):
+    B, L, D, R, scale, temperature, seed = 2, 3, 8, 4, 0.7, 3.0, 5
+    inputs = make_adapter_inputs(B, L, D, R, experts, groups, torch.float64, "cpu")
+    if routing == "router":
+        weights = _router_by_hand(inputs["x"][:, 0], inputs["router_weight"], inputs["router_bias"], temperature)
+        call = dict(inputs)
+    else:
+        weights = explicit_weights(B, experts, torch.float64, "cpu")
+        call = {**{k: v for k, v in inputs.items() if not k.startswith("router")}, "weights": weights}
+    keep = dropout_keep_mask(seed, B * L, R, dropout_p) if dropout_p else None
+    if keep is not None:
+        assert 0 < keep.sum() < keep.numel()
+    y, h, w = mm_adapter_reference(**call, scale=scale, temperature=temperature, dropout_p=dropout_p,
+                                   seed=seed, groups=groups)
+    y_hand, h_hand = _forward_by_hand(inputs["x"], inputs["down_weight"], inputs["down_bias"],
+                                      inputs["up_weight"], inputs["up_bias"], weights, scale, groups,
+                                      keep, dropout_p)
+    torch.testing.assert_close(w, weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h_hand, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_hand, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_forward_computes_in_fp32_and_returns_y_in_the_input_dtype(dtype):
+    inputs = make_adapter_inputs(2, 3, 8, 4, 2, 2, dtype, "cpu")
+    y, h, w = mm_adapter_reference(**inputs, scale=0.5, groups=2)
+    assert (y.dtype, h.dtype, w.dtype) == (dtype, torch.float32, torch.float32)
+    weights = _router_by_hand(inputs["x"][:, 0], inputs["router_weight"], inputs["router_bias"], 10.0)
+    y_hand, _ = _forward_by_hand(inputs["x"], inputs["down_weight"], inputs["down_bias"],
+                                 inputs["up_weight"], inputs["up_bias"], weights, 0.5, 2, None, 0.0)
+    torch.testing.assert_close(y, y_hand.to(dtype))      # one rounding of an fp32 result
+
+
+def test_philox_gives_the_published_known_answer():
+    """Random123's known-answer vector for Philox4x32-10: counter 0, key 0 -> 0x6627e8d5 first."""
+    from mlan_kernels.reference import philox_uint32
+    assert philox_uint32(0, torch.tensor([0])).tolist() == [0x6627E8D5]
