@@ -104,3 +104,26 @@ def test_philox_gives_the_published_known_answer():
     """Random123's known-answer vector for Philox4x32-10: counter 0, key 0 -> 0x6627e8d5 first."""
     from mlan_kernels.reference import philox_uint32
     assert philox_uint32(0, torch.tensor([0])).tolist() == [0x6627E8D5]
+
+
+def test_the_oracles_defaults_are_the_ops_defaults():
+    """Called without options, the oracle computes what mm_adapter computes without options
+    (scale 1, temperature 10, no dropout, one group)."""
+    from mlan_kernels import mm_adapter
+    inputs = make_adapter_inputs(2, 3, 8, 4, 2, 1, torch.float64, "cpu")
+    y, h, _ = mm_adapter_reference(**inputs)
+    torch.testing.assert_close(y, mm_adapter(**inputs, backend="reference"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, inputs["x"] @ inputs["down_weight"].t() + inputs["down_bias"],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_dtype, weights_dtype", [(torch.float64, torch.float32),
+                                                    (torch.float32, torch.bfloat16)])
+def test_given_routing_weights_of_another_dtype_act_as_their_values(x_dtype, weights_dtype):
+    inputs = make_adapter_inputs(2, 3, 8, 4, 2, 2, x_dtype, "cpu")
+    call = {k: v for k, v in inputs.items() if not k.startswith("router")}
+    weights = explicit_weights(2, 2, torch.float64, "cpu").to(weights_dtype)
+    y, _, w = mm_adapter_reference(**call, weights=weights, groups=2)
+    y_same, _, _ = mm_adapter_reference(**call, weights=weights.to(x_dtype), groups=2)
+    assert w.dtype == torch.promote_types(x_dtype, torch.float32)
+    torch.testing.assert_close(y, y_same, rtol=0, atol=0)
