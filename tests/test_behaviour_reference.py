@@ -127,3 +127,24 @@ def test_given_routing_weights_of_another_dtype_act_as_their_values(x_dtype, wei
     y_same, _, _ = mm_adapter_reference(**call, weights=weights.to(x_dtype), groups=2)
     assert w.dtype == torch.promote_types(x_dtype, torch.float32)
     torch.testing.assert_close(y, y_same, rtol=0, atol=0)
+
+
+def test_fp32_activations_with_fp64_parameters_compute_in_fp32():
+    """The compute dtype follows x (fp32 unless x is fp64), whatever the parameters' dtype."""
+    inputs = make_adapter_inputs(2, 3, 8, 4, 2, 2, torch.float64, "cpu")
+    inputs["x"] = inputs["x"].float()
+    y, h, w = mm_adapter_reference(**inputs, scale=0.5, dropout_p=0.25, seed=3, groups=2)
+    assert (y.dtype, h.dtype, w.dtype) == (torch.float32, torch.float32, torch.float32)
+    fp32 = {k: v.float() for k, v in inputs.items()}
+    expected = mm_adapter_reference(**fp32, scale=0.5, dropout_p=0.25, seed=3, groups=2)
+    for got, want in zip((y, h, w), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_the_oracle_runs_on_the_device_of_its_inputs(dropout_p):
+    """Every intermediate, the dropout mask included, lives on x's device (meta: shapes only)."""
+    inputs = {k: v.to("meta") for k, v in make_adapter_inputs(2, 3, 8, 4, 2, 2, torch.float32, "cpu").items()}
+    y, h, w = mm_adapter_reference(**inputs, dropout_p=dropout_p, seed=3, groups=2)
+    assert [t.device.type for t in (y, h, w)] == ["meta"] * 3
+    assert (y.shape, h.shape, w.shape) == ((2, 3, 8), (2, 3, 4), (2, 2))
