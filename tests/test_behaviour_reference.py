@@ -148,3 +148,14 @@ def test_the_oracle_runs_on_the_device_of_its_inputs(dropout_p):
     y, h, w = mm_adapter_reference(**inputs, dropout_p=dropout_p, seed=3, groups=2)
     assert [t.device.type for t in (y, h, w)] == ["meta"] * 3
     assert (y.shape, h.shape, w.shape) == ((2, 3, 8), (2, 3, 4), (2, 2))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_the_keep_mask_is_a_bool_token_by_unit_mask_on_the_requested_device(p, device):
+    """Same type for every p: [num_tokens, rank] bool on `device`; p = 0 keeps every unit and
+    p = 1 keeps none (a unit is kept when its 24-bit value is >= round(p · 2^24))."""
+    keep = dropout_keep_mask(seed=4, num_tokens=5, rank=3, p=p, device=device)
+    assert (keep.shape, keep.dtype, keep.device.type) == ((5, 3), torch.bool, device)
+    if device == "cpu" and p in (0.0, 1.0):
+        assert keep.all() if p == 0.0 else not keep.any()
