@@ -159,3 +159,16 @@ def test_the_keep_mask_is_a_bool_token_by_unit_mask_on_the_requested_device(p, d
     assert (keep.shape, keep.dtype, keep.device.type) == ((5, 3), torch.bool, device)
     if device == "cpu" and p in (0.0, 1.0):
         assert keep.all() if p == 0.0 else not keep.any()
+
+
+def test_a_unit_whose_random_value_equals_the_threshold_is_kept():
+    """keep[n, i] = (philox(seed, n·r + i) >> 8) >= round(p · 2^24) (the definition every backend
+    regenerates): with p set so the threshold is exactly unit 0's value, unit 0 is kept and
+    exactly the units with smaller values are dropped."""
+    from mlan_kernels.reference import philox_uint32
+    seed, tokens, rank = 9, 16, 4
+    bits24 = philox_uint32(seed, torch.arange(tokens * rank)) >> 8
+    p = bits24[0].item() / 2**24
+    keep = dropout_keep_mask(seed, tokens, rank, p)
+    assert keep[0, 0]
+    assert torch.equal(keep.flatten(), bits24 >= bits24[0])
