@@ -91,18 +91,17 @@ def test_triton_tables_are_built_once_per_parameter_set_and_stay_correct():
     grad_scale._layout_tables.cache_clear()
     grad_scale._address_table.cache_clear()
     ours, reference = make_groups(), make_groups()
-    for _ in range(3):
-        scale_grads_(ours, [0.5, 2.0, 1.0], max_norm=1.0, backend="triton")
-        scale_grads_reference(reference, [0.5, 2.0, 1.0], max_norm=1.0)
-    assert grad_scale._layout_tables.cache_info().misses == 1
-    assert grad_scale._address_table.cache_info().misses == 1
-    for got, want in zip(grads(ours), grads(reference)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def steps(count, layout_builds, address_builds):
+        for _ in range(count):
+            scale_grads_(ours, [0.5, 2.0, 1.0], max_norm=1.0, backend="triton")
+            scale_grads_reference(reference, [0.5, 2.0, 1.0], max_norm=1.0)
+        assert grad_scale._layout_tables.cache_info().misses == layout_builds
+        assert grad_scale._address_table.cache_info().misses == address_builds
+        for got, want in zip(grads(ours), grads(reference)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    steps(3, layout_builds=1, address_builds=1)
     ours[0][0].grad = ours[0][0].grad.clone()               # a new storage, same shapes
     reference[0][0].grad = reference[0][0].grad.clone()
-    scale_grads_(ours, [0.5, 2.0, 1.0], max_norm=1.0, backend="triton")
-    scale_grads_reference(reference, [0.5, 2.0, 1.0], max_norm=1.0)
-    assert grad_scale._layout_tables.cache_info().misses == 1
-    assert grad_scale._address_table.cache_info().misses == 2
-    for got, want in zip(grads(ours), grads(reference)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    steps(1, layout_builds=1, address_builds=2)
