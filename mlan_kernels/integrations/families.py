@@ -129,13 +129,14 @@ def patch(model, config: AdapterConfig = None, freeze_base=True, component=None,
 def support_table() -> str:
     """The README's support table (Markdown), rendered from MODEL_TYPES; tests keep them equal."""
     rows = ["| model_type | side | `attn` adapter wraps → merges into | `block` adds → merges into "
-            "| KV-cached generate | routing token |",
-            "|---|---|---|---|---|---|"]
+            "| KV-cached generate | `torch.compile` | routing token |",
+            "|---|---|---|---|---|---|---|"]
     for kind, family in sorted(MODEL_TYPES.items(), key=lambda item: (item[1].component != "llama", item[0])):
         side = {"llama": "decoder", "clip": "vision"}[family.component]
         cells = [f"`{site.norm_attribute}` → {', '.join(c.split('.')[-1] for c in site.consumers)}"
                  for site in (family.sites["attn"], family.sites["mlp"])]
         generate = "yes (prefill routing)" if family.cache_aware else "n/a"
         routing = {"first": "position 0", "mean": "mean of patches"}[family.sites["attn"].routing]
-        rows.append(f"| `{kind}` | {side} | {cells[0]} | {cells[1]} | {generate} | {routing} |")
+        rows.append(f"| `{kind}` | {side} | {cells[0]} | {cells[1]} | {generate} | one block "
+                    f"(aot_eager) | {routing} |")
     return "\n".join(rows)
