@@ -20,6 +20,7 @@ import sys
 import torch
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .help_format import DefaultsHelpFormatter
 from .lavin_format import (OUR_SITE, lavin_adapter_tensors, lavin_arguments, lavin_model_dict,
                            lavin_to_ours, ours_to_lavin, read_lavin_file)
 
@@ -134,22 +135,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="mlan-convert", description=__doc__.split("\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     to_hf = commands.add_parser("lavin-to-hf", help="LaVIN .pth -> adapter_model.safetensors + "
-                                "adapter_config.json", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "adapter_config.json", formatter_class=DefaultsHelpFormatter)
     to_hf.add_argument("checkpoint", metavar="CKPT", help="LaVIN checkpoint (.pth)")
     to_hf.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created)")
     to_hf.add_argument("--temperature", type=float, default=None,
-                       help="router temperature; None: the checkpoint's args.temperature, else 10.0")
+                       help="router temperature (default: the checkpoint's args.temperature, else 10.0)")
     to_hf.add_argument("--scale", type=float, default=None,
-                       help="adapter scale; None: the checkpoint's args.adapter_scale, else 1.0")
+                       help="adapter scale (default: the checkpoint's args.adapter_scale, else 1.0)")
     to_hf.add_argument("--dropout", type=float, default=LAVIN_DROPOUT,
                        help="adapter dropout recorded in the config (LaVIN's is fixed)")
     to_hf.add_argument("--trust-pickle", action="store_true",
                        help="read CKPT with torch.load(weights_only=False): runs code from the file")
     to_lavin = commands.add_parser("hf-to-lavin", help="our adapter directory -> LaVIN .pth",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
     to_lavin.add_argument("directory", metavar="OUT_DIR", help="save_adapters' directory")
     to_lavin.add_argument("checkpoint", metavar="CKPT", help="LaVIN checkpoint to write (.pth)")
     to_lavin.add_argument("--ddp-prefix", action="store_true",

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .help_format import DefaultsHelpFormatter
+
 
 def read_jsonl(path) -> list:
     """Rows of a JSONL file (blank lines skipped); ValueError naming the line on bad JSON."""
@@ -70,9 +72,12 @@ def plot_balance(rows: list, output) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlan_kernels.plot")
+    parser = argparse.ArgumentParser(prog="python -m mlan_kernels.plot",
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    balance = commands.add_parser("balance", help="κ, multipliers, grad norms from a BalanceMonitor JSONL")
+    balance = commands.add_parser("balance", help="κ, multipliers, grad norms from a BalanceMonitor JSONL",
+                                  formatter_class=DefaultsHelpFormatter)
     balance.add_argument("log", help="JSONL file written by BalanceMonitor(log_path=...)")
     balance.add_argument("-o", "--output", help="PNG path (default: the log's name with .png)")
     args = parser.parse_args(argv)

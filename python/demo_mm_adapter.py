@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from mlan_kernels.help_format import DefaultsHelpFormatter
+
 RANK, EXPERTS, GROUPS, TEMPERATURE, SCALE, DROPOUT_P, DROPOUT_SEED = 8, 2, 2, 10.0, 1.0, 0.1, 1234
 # (rtol, atol) per activation dtype: a diff passes when <= atol + rtol * max|expected|.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (5e-3, 1e-3)}
@@ -35,16 +37,17 @@ INTERPRETED_ITERS = 3                                   # the interpreter is ~10
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cpu, and cuda too when available")
-    parser.add_argument("--dim", type=int, default=4096, help="hidden size D (default 4096)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per sample L (default 128)")
-    parser.add_argument("--batch", type=int, default=4, help="samples per batch B (default 4)")
+    parser.add_argument("--dim", type=int, default=4096, help="hidden size D")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per sample L")
+    parser.add_argument("--batch", type=int, default=4, help="samples per batch B")
     parser.add_argument("--iters", type=int, default=10,
-                        help="timed iterations per measurement (default 10)")
+                        help="timed iterations per measurement")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="activation dtype (default float32 on cpu, bfloat16 on cuda; params fp32)")
+                        help="activation dtype; parameters stay fp32 (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--triton-interpret", action="store_true",
                         help="also run the triton backend under TRITON_INTERPRET=1 on a small shape")
     return parser.parse_args(argv)

@@ -20,11 +20,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+from mlan_kernels.help_format import DefaultsHelpFormatter
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per rank and step")
     args = parser.parse_args(argv)
 
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer

@@ -19,15 +19,16 @@ from transformers import TrainingArguments
 
 from mlan_kernels.data import InstructionDataset, WordTokenizer, load_records, make_synthetic
 from mlan_kernels.integrations.lavin import build_lavin
+from mlan_kernels.help_format import DefaultsHelpFormatter
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 from mlan_kernels.training.hf_trainer import BalanceCallback, MlanCollator, MlanTrainer
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", default=None, help="folder with train.jsonl (or train.json) "
-                        "and tokenizer.json; default: synthetic data generated into OUT/data")
+                        "and tokenizer.json (default: synthetic data generated into OUT/data)")
     parser.add_argument("--out", default="runs/hf_trainer", help="Trainer output_dir")
     parser.add_argument("--train-size", type=int, default=800, help="synthetic train samples")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (max_steps)")
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=2, help="tiny LLaMA layers")
     parser.add_argument("--clip-layers", type=int, default=4, help="tiny CLIP blocks (multiple of 4)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant")
-    parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (CUDA only)")
+    parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON, CUDA only (default: no DeepSpeed)")
     parser.add_argument("--resume", action="store_true", help="resume from OUT's last checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="model, mixture and Trainer seed")
     return parser

@@ -23,6 +23,7 @@ import tempfile
 import torch
 
 from mlan_kernels.data.collate import collate
+from mlan_kernels.help_format import DefaultsHelpFormatter
 from mlan_kernels.training.balance import BalanceMonitor, _copy_params, _load
 from mlan_kernels.training.mixed.batches import batch_to
 from mlan_kernels.training.mixed.cli import ensure_data, prepare
@@ -121,11 +122,13 @@ def fmt(d):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter,
+                                     epilog="Every other option is mlan-train's (mlan-train --help).")
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.1, 0.0],
-                        help="--adapter-dropout values, one run each (default: 0.1 0)")
-    parser.add_argument("--pool", type=int, default=4, help="other probe batches (default: 4)")
-    parser.add_argument("--repeats", type=int, default=4, help="train-mode re-probes (default: 4)")
+                        help="--adapter-dropout values, one run each")
+    parser.add_argument("--pool", type=int, default=4, help="other probe batches")
+    parser.add_argument("--repeats", type=int, default=4, help="train-mode re-probes")
     parser.add_argument("--min-kl", type=float, default=None,
                         help="min KL of the replayed stable κ̂ (default: --kappa-min-kl, else 10·ε)")
     own, rest = parser.parse_known_args(argv)

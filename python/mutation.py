@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlan_kernels.help_format import DefaultsHelpFormatter
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Tests that exercise each module. Subprocess-based tests (DDP, FSDP) are left out: they
@@ -109,10 +111,12 @@ def run_module(module: str, tests: list, max_children: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("modules", nargs="+", help="e.g. mlan_kernels/integrations/merge.py, or all")
     parser.add_argument("--tests", nargs="+", help="pytest arguments (default: the module's table entry)")
-    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1,
+                        help="mutants tested in parallel (default: the CPU count)")
     args = parser.parse_args(argv)
     modules = list(TESTS) if args.modules == ["all"] else args.modules
     unknown = [module for module in modules if module not in TESTS and not args.tests]

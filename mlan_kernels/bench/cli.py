@@ -6,8 +6,9 @@
 Each op row: median and IQR of --iters timed calls after --warmup, GB/s from the op's minimum
 traffic (bench/traffic.py), % of the y.copy_(x) bandwidth measured on the same case, speed-up
 over the eager reference, peak extra memory, bytes saved for backward, and a check of the
-output against the reference. Writes <out-dir>/<device>-<dtype>-<date>.json (+ .csv and PNGs
-next to it) unless --json/--csv/--plot say otherwise.
+output against the reference. Writes <out-dir>/<machine>-<dtype>-<date>.json (+ .csv and PNGs
+next to it) unless --json/--csv/--plot say otherwise; <machine> is cpu-<threads>core on CPU
+and the GPU's name on CUDA (e.g. cpu-2core-fp32-2026-11-23.json, h100-bf16-2026-11-23.json).
 """
 import argparse
 import os
@@ -16,6 +17,7 @@ import sys
 import torch
 
 from . import report
+from ..help_format import DefaultsHelpFormatter
 from .cases import BASELINES, OPS, build_case, grid
 from .runner import run_case
 
@@ -40,33 +42,34 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     result = _Parser(prog="mlan-bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=DefaultsHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     result.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: cuda when available (default)")
+                        help="auto: cuda when available, else cpu")
     result.add_argument("--dtype", choices=sorted(DTYPES),
                         help="activation dtype (default: bfloat16 on cuda, float32 on cpu)")
     result.add_argument("--shapes", default="paper", choices=["small", "paper", "all"],
-                        help="shape preset of bench/cases.py (default: paper; CPU 'paper' = "
-                             "D∈{1024,4096} x N∈{512,2048}, GPU: docs/performance.md grid)")
+                        help="shape preset of bench/cases.py (CPU 'paper' = D∈{1024,4096} x "
+                             "N∈{512,2048}, GPU: docs/performance.md grid)")
     result.add_argument("--ops", help=f"comma list of {','.join(list(OPS) + [E2E_OP])} (default: all "
                                       f"of them; {E2E_OP} uses --e2e-preset)")
     result.add_argument("--backends", help="comma list of our backends to run (default: every one "
                                            "available: triton,cuda | cpu | chunked | foreach)")
     result.add_argument("--baselines", default=",".join(BASELINES),
-                        help=f"comma list (default: {','.join(BASELINES)})")
+                        help="comma list of baselines to run")
     result.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile(reference) baseline; default ON on cuda, OFF on cpu "
-                             "(compiling takes ~7 s per graph and shape on 2 cores, longer than the "
-                             "whole default CPU grid's measurements)")
-    result.add_argument("--iters", type=int, default=20, help="timed calls per row (default 20)")
-    result.add_argument("--warmup", type=int, help="untimed calls first (default 5 on cuda, 3 on cpu)")
-    result.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
-    result.add_argument("--json", help="results JSON path (default <out-dir>/<device>-<dtype>-<date>.json)")
+                        help="torch.compile(reference) baseline; compiling takes ~7 s per graph and "
+                             "shape on 2 cores, longer than the CPU grid's measurements "
+                             "(default: on for cuda, off for cpu)")
+    result.add_argument("--iters", type=int, default=20, help="timed calls per row")
+    result.add_argument("--warmup", type=int, help="untimed calls first (default: 5 on cuda, 3 on cpu)")
+    result.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: torch's default)")
+    result.add_argument("--json", help="results JSON path (default: <out-dir>/<machine>-<dtype>-<date>.json)")
     result.add_argument("--csv", help="results CSV path (default: the JSON path with .csv)")
     result.add_argument("--plot", help="directory of the PNG plots (default: next to the JSON)")
     result.add_argument("--no-plot", action="store_true", help="write no PNG")
-    result.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+    result.add_argument("--out-dir", default=os.path.join("benchmarks", "results"),
+                        help="directory of the default JSON/CSV/PNG paths")
     result.add_argument("--no-memory", action="store_true", help="skip the peak-memory call per row")
     result.add_argument("--no-check", action="store_true", help="skip the output checks")
     result.add_argument("--e2e-preset", choices=["tiny", "small", "paper"],

@@ -14,6 +14,7 @@ import argparse
 import re
 import shlex
 
+from ..help_format import DefaultsHelpFormatter
 from .report import COLUMNS, KEYS, cells, check_text, load_json
 
 
@@ -52,11 +53,15 @@ BLOCK = re.compile(r"(<!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /r
 
 
 def _parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", help="results JSON files")
-    parser.add_argument("--op", nargs="+", help="only these ops (e.g. mm_adapter kl_div)")
-    parser.add_argument("--phase", nargs="+", help="only these phases (fwd bwd fwd+bwd step copy)")
-    parser.add_argument("--update-readme", metavar="README", help="re-render its results blocks in place")
+    parser = argparse.ArgumentParser(prog="python -m mlan_kernels.bench.render",
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("paths", nargs="*", help="results JSON files to print as tables (default: none)")
+    parser.add_argument("--op", nargs="+", help="only these ops, e.g. mm_adapter kl_div (default: all)")
+    parser.add_argument("--phase", nargs="+",
+                        help="only these phases: fwd bwd fwd+bwd step copy (default: all)")
+    parser.add_argument("--update-readme", metavar="README",
+                        help="re-render the results blocks of this file in place (default: none)")
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 from ...data.records import MAX_IMAGE_PIXELS
 from ...dispatch import BACKENDS
+from ...help_format import DefaultsHelpFormatter
 
 NAN_POLICIES = ("error", "skip-step")
 # A --max-length that cuts answer tokens of more records than this share is refused
@@ -97,16 +98,66 @@ class TrainConfig:
     stop_after: int = 0                       # end this invocation after N steps (checkpointed)
 
 
-HELP = {   # --help text of the κ options (ours, docs/commit_balance.md); %(default)s = the default
-    "probe_every": "κ probe interval in steps, 0 = no probing (default: %(default)s)",
-    "kappa_eps": "ε of κ = (KL_feat + ε) / (KL_lang + ε) (default: %(default)s)",
+HELP = {   # one line of --help per TrainConfig field; the formatter appends "(default: X)"
+    "data": "directory with train.jsonl, eval.jsonl and tokenizer.json",
+    "out": "run directory (run.json, plots, checkpoint/)",
+    "language_share": "fraction of text-only samples per epoch (MLAN's language share)",
+    "samples_per_epoch": "samples per epoch (default: as many as the share allows)",
+    "steps": "optimizer steps",
+    "batch_size": "samples per rank and micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "weight_decay": "AdamW weight decay of >= 2-D weights (LaVIN's value)",
+    "warmup_steps": "linear warm-up steps before the cosine decay",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "max_grad_norm": "gradient clipping per CoMMIT side (fused scale_grads_); 0 = no clipping",
+    "seed": "seed of the models, the mixture and the batches",
+    "train_base": "train LLaMA/CLIP too (default: yes for the tiny random models, no with --llama)",
+    "llama": "local HF LlamaForCausalLM directory (default: a tiny LLaMA built in code)",
+    "clip": "local HF CLIPVisionModel directory (default: a tiny CLIP built in code)",
+    "tokenizer": "tokenizer.json (default: DATA/tokenizer.json, or the --llama directory's)",
+    "dim": "hidden size of the tiny LLaMA",
+    "layers": "decoder layers of the tiny LLaMA",
+    "heads": "attention heads of the tiny LLaMA",
+    "clip_dim": "hidden size of the tiny CLIP",
+    "clip_layers": "blocks of the tiny CLIP (a multiple of 4: the neck reads every 4th)",
+    "image_size": "image side in pixels (tiny CLIP)",
+    "patch_size": "patch side in pixels (tiny CLIP)",
+    "max_length": "tokens per sample (default: 64 for the tiny models, 512 with --llama)",
+    "allow_truncation": "train even if --max-length cuts answer tokens of more than 1%% of records",
+    "max_image_pixels": "skip images above this many pixels, read from the header (0 = no limit)",
+    "rank": "adapter rank r",
+    "experts": "adapter experts E",
+    "groups": "groups g of the up-projection (divides --rank)",
+    "temperature": "router softmax temperature",
+    "adapter_scale": "adapter output scale s",
+    "adapter_dropout": "dropout on the adapter's down-projection",
+    "backend": "MM-Adapter op backend (auto, " + ", ".join(BACKENDS) + ")",
+    "probe_every": "κ probe interval in steps, 0 = no probing",
+    "kappa_eps": "ε of κ = (KL_feat + ε) / (KL_lang + ε)",
     "kappa_ema": "κ̂ = EMA of 'linear' κ (the original design) or of 'log' κ (ours: a "
-                 "geometric mean, one outlier moves log κ̂ by at most (1-β)·its log distance) "
-                 "(default: %(default)s)",
-    "kappa_beta": "β of the κ̂ EMA, in [0, 1) (default: %(default)s)",
+                 "geometric mean, one outlier moves log κ̂ by at most (1-β)·its log distance)",
+    "kappa_beta": "β of the κ̂ EMA, in [0, 1)",
     "kappa_min_kl": "skip a probe whose KL_feat and KL_lang are both below this: κ̂ unchanged, "
-                    "the record says skipped (0 = never skip) (default: %(default)s)",
-    "probe_on": "'image': a due probe waits for an image-text batch; 'any' (default: %(default)s)",
+                    "the record says skipped (0 = never skip)",
+    "probe_on": "'image': a due probe waits for an image-text batch; 'any': probe on schedule",
+    "balance_alpha": "CoMMIT LR exponent α; 0 = constant multipliers (κ only measured)",
+    "nan_policy": "non-finite loss or gradient: 'error' stops naming the step, 'skip-step' "
+                  "skips that update",
+    "eval_every": "held-out evaluation interval in steps (0 = only at the end)",
+    "eval_samples": "held-out samples per modality (default: all)",
+    "save_every": "checkpoint interval in steps (0 = only at the end)",
+    "resume": "checkpoint directory to resume from (with --shares: the sweep's --out)",
+    "log_every": "loss/LR logging interval in steps",
+    "progress": "tqdm progress bar (rank 0)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "plots": "write loss.png and balance.png",
+    "shares": "language shares to train one run each, e.g. 0.5 0.875",
+    "sweep": "train shares 0, 0.5, 0.875 and 1, then a table and shares.png",
+    "threads": "torch CPU threads (0 = torch's default)",
+    "make_data": "generate the synthetic task into --data if it is absent",
+    "compare_backends": "time forward+backward per adapter backend after training",
+    "stop_after": "end this invocation after N steps, checkpointed (0 = run to --steps)",
 }
 
 
@@ -125,18 +176,20 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentParser:
     """An argparse parser with one --option per TrainConfig field (booleans: --x / --no-x)."""
     defaults = defaults or TrainConfig()
-    parser = OneLineParser(prog="mlan-train", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="mlan-train", description="Train a LaVIN-patched LLaMA + CLIP on an MLAN mixture of "
+                           "text-only and image-text instructions.",
+                           formatter_class=DefaultsHelpFormatter)
     for item in dataclasses.fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
         if _base_type(item.type) == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=HELP[item.name])
         elif item.name == "shares":
-            parser.add_argument(flag, type=float, nargs="+", default=default,
-                                help="language shares to train one run each (e.g. 0.5 0.875)")
+            parser.add_argument(flag, type=float, nargs="+", default=default, help=HELP[item.name])
         else:
             kind = {"int": int, "float": float, "str": str}.get(_base_type(item.type), str)
-            parser.add_argument(flag, type=kind, default=default, help=HELP.get(item.name))
+            parser.add_argument(flag, type=kind, default=default, help=HELP[item.name])
     return parser
 
 
