@@ -37,6 +37,18 @@ def loss_and_grads(model, ids, seed=5):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def test_beam_search_with_kv_cache_equals_recomputation():
+    """Beam search expands each prompt to num_beams rows before prefill and reorders rows
+    only among the beams of one prompt, which share the routing token: the cached routing
+    weights stay right (README: "Routing and generation")."""
+    model = randomize_adapters(patch_llama(tiny_llama(), placement="block"))
+    ids = token_ids(batch=2, length=5, seed=4)
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    assert model.model.layers[0].input_layernorm.cached_routing_weights.shape == (6, 2)
+    assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
+
+
 @pytest.mark.parametrize("placement", ["attn", "block"])
 def test_identity_at_init_and_unpatch_is_bit_identical(placement):
     model, ids = tiny_llama(), token_ids()

@@ -100,7 +100,7 @@ class AdaptedNorm(nn.Module):
                 raise RuntimeError(
                     f"{self.key}: decoding with a KV cache needs the routing weights cached at "
                     f"prefill for the same batch (got {None if weights is None else list(weights.shape)} "
-                    f"for batch {normed.shape[0]}); beam search / cache reordering is not supported")
+                    f"for batch {normed.shape[0]}); decode the batch that was prefilled")
         elif self.site.routing == "mean" and normed.shape[1] > 0:   # differentiable [B, E]
             weights = self.adapter.routing_weights(normed.mean(1, keepdim=True))
         if self.phase == "prefill" or self.record_routing:
