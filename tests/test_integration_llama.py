@@ -40,7 +40,7 @@ def loss_and_grads(model, ids, seed=5):
 def test_beam_search_with_kv_cache_equals_recomputation():
     """Beam search expands each prompt to num_beams rows before prefill and reorders rows
     only among the beams of one prompt, which share the routing token: the cached routing
-    weights stay right (README: "Routing and generation")."""
+    weights stay right (README: "Patch a HuggingFace model")."""
     model = randomize_adapters(patch_llama(tiny_llama(), placement="block"))
     ids = token_ids(batch=2, length=5, seed=4)
     kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)

@@ -29,7 +29,7 @@ from ._custom_op import choose_apply, eager_function
 BACKENDS = ("auto", "triton", "cpu", "chunked")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK_ROWS = 64          # rows per block of the chunked path (measured: see README "fused KL")
+CHUNK_ROWS = 64          # rows per block of the chunked path (measured: docs/commit_balance.md §8)
 _warned = set()
 
 

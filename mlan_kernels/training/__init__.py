@@ -1,8 +1,8 @@
 """Training utilities: CoMMIT balance coefficient, dynamic LR scheduler, auxiliary loss.
 
 Everything CoMMIT-specific here is OUR INTERPRETATION of the paper (no public code); see
-docs/commit_balance.md and the README section "Balancing vision and language
-learning (CoMMIT)". Layering: imports ops / integrations, never the reverse.
+docs/commit_balance.md and the README section "CoMMIT balance (our interpretation)".
+Layering: imports ops / integrations, never the reverse.
 """
 from .auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
 from .balance import FEATURE, LANGUAGE, BalanceMonitor, balance_groups

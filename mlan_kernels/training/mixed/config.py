@@ -63,7 +63,7 @@ class TrainConfig:
     adapter_scale: float = 1.0
     adapter_dropout: float = 0.1
     backend: str = "auto"                     # op backend of the adapters
-    # CoMMIT balancing (our interpretation, see README)
+    # CoMMIT balancing (our interpretation, docs/commit_balance.md)
     probe_every: int = 10                     # κ probe interval (0 = no probing)
     kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
                                               # below ~1e-8 are rounding noise, not learning

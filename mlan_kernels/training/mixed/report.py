@@ -24,7 +24,7 @@ def environment(device, world_size) -> dict:
 
 
 def run_summary(trainer, totals: dict) -> dict:
-    """Everything run.json holds (see the README's training section)."""
+    """Everything run.json holds (docs/training.md, "Outputs")."""
     history, tokens = trainer.history, totals["tokens"]
     seen = tokens["text_tokens"] + tokens["image_tokens"]
     train_seconds = sum(history["step_seconds"])
