@@ -102,6 +102,8 @@ def fixture_directory(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(SKIPPED))
 def test_readme_blocks_run_as_written(path, fixture_directory, capsys):
+    pytest.importorskip("accelerate")        # the Trainer block (extra [hf])
+    pytest.importorskip("matplotlib")        # the plot command (extra [bench])
     namespace, skipped = {"__name__": "__readme__"}, 0
     for index, (language, code, reason) in enumerate(blocks(path)):
         if reason is not None:
