@@ -17,7 +17,7 @@ from mlan_kernels.summary import summary
 
 def main():
     torch.manual_seed(0)
-    model = patch_llama(tiny_llama(), rank=8, experts=2, groups=2, temperature=10.0, dropout=0.1)
+    model = patch_llama(tiny_llama(), rank=8, experts=2, groups=2, temperature=10.0, dropout_p=0.1)
     print(summary(model))
     batch = torch.randint(3, 97, (4, 16))            # stand-in for tokenized text, [B, L]
 

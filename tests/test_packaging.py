@@ -51,7 +51,7 @@ import torch
 import mlan_kernels as mk
 from mlan_kernels.integrations.tiny import tiny_llama
 
-adapter = mk.MMAdapter(32, rank=8, dropout=0.0)
+adapter = mk.MMAdapter(32, rank=8, dropout_p=0.0)
 torch.nn.init.normal_(adapter.up.weight)
 x = torch.randn(2, 5, 32, requires_grad=True)
 y = adapter(x)
