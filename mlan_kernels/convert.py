@@ -145,7 +145,7 @@ def build_parser():
                        help="router temperature; None: the checkpoint's args.temperature, else 10.0")
     to_hf.add_argument("--scale", type=float, default=None,
                        help="adapter scale; None: the checkpoint's args.adapter_scale, else 1.0")
-    to_hf.add_argument("--dropout", dest="dropout_p", type=float, default=LAVIN_DROPOUT,
+    to_hf.add_argument("--dropout", dest="dropout_p", metavar="P", type=float, default=LAVIN_DROPOUT,
                        help="adapter dropout probability (AdapterConfig.dropout_p) recorded in "
                             "the config (LaVIN's is fixed)")
     to_hf.add_argument("--trust-pickle", action="store_true",
