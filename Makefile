@@ -15,7 +15,9 @@ HF_TESTS := tests/test_hf_compat.py tests/test_families.py tests/test_integratio
 	tests/test_integration_checkpoint.py tests/test_sampling.py tests/test_balance_monitor.py \
 	tests/test_data_collate.py tests/test_train_mixed.py
 # Compiled sources are part of what the editable install builds, so they re-trigger it.
-EXTENSION_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+# csrc/sources.txt is the one source list (setup.py and CMakeLists.txt read it too).
+SOURCE_LIST := csrc/sources.txt
+EXTENSION_SOURCES := $(SOURCE_LIST) $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
 .PHONY: venv demo demo-op test run-tests test-latest test-oldest lock sdist-check cuda-check cpp-test bench \
 	clean distclean mutation
@@ -100,10 +102,11 @@ sdist-check: venv
 		assert b".debug_info" not in open(c.__file__, "rb").read(), "debug info in a release build"; \
 		print("sdist-check:", c.__file__, f"{size / 2**20:.1f} MiB")'
 
-# Compile-only check of every CUDA source for Ampere and Hopper (no GPU needed, only nvcc).
+# Compile-only check of every "cuda" source of $(SOURCE_LIST) for Ampere and Hopper (no GPU
+# needed, only nvcc).
 cuda-check:
-	@sources="$$(find csrc -type f -name '*.cu' 2>/dev/null | sort)"; \
-	if [ -z "$$sources" ]; then echo "cuda-check: no .cu sources under csrc/, nothing to compile"; exit 0; fi; \
+	@sources="$$(awk '$$1 == "cuda" { print $$2 }' $(SOURCE_LIST) 2>/dev/null)"; \
+	if [ -z "$$sources" ]; then echo "cuda-check: no cuda sources in $(SOURCE_LIST), nothing to compile"; exit 0; fi; \
 	includes="-Icsrc"; \
 	if [ -x $(VENV_PYTHON) ]; then includes="$$includes $$($(VENV_PYTHON) -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null)"; fi; \
 	workdir="$$(mktemp -d)"; trap 'rm -rf "$$workdir"' EXIT; \

@@ -7,10 +7,11 @@ against the torch you will run it with:
     pip install torch==2.13.0
     pip install --no-build-isolation .
 
-What gets built (one extension, `mlan_kernels._C`):
-    csrc/*.cpp, csrc/cpu/*.cpp      always (-O3, OpenMP, torch's C++ std) -> the `cpu` backend
-    csrc/cuda/*.cu, csrc/cuda/*.cpp when the installed torch is a CUDA build and nvcc is found
-                                    (CUDA_HOME / PATH)               -> the `cuda` backend
+What gets built (one extension, `mlan_kernels._C`), from the source list csrc/sources.txt
+(which CMakeLists.txt and the Makefile's cuda-check read too):
+    "core" and "python" sources   always (-O3, OpenMP, torch's C++ std) -> the `cpu` backend
+    "cuda" sources                when the installed torch is a CUDA build and nvcc is found
+                                  (CUDA_HOME / PATH)                   -> the `cuda` backend
 
 Environment switches:
     MLAN_SKIP_EXT=1          build a pure-Python package even when csrc/ has sources (the
@@ -21,7 +22,6 @@ Environment switches:
     MLAN_DEBUG=1             keep debug symbols (-g, and -lineinfo for nvcc); release builds
                              strip them (-g0: Python's own CFLAGS carry -g, which made _C ~10 MB)
 """
-import glob
 import os
 import sys
 
@@ -42,10 +42,18 @@ or set MLAN_SKIP_EXT=1 for a pure-Python install.
 """
 
 
-def _sources(pattern):
-    """Sources under csrc/ matching `pattern` (recursive glob), relative to ROOT, sorted."""
-    return sorted(os.path.relpath(path, ROOT)
-                  for path in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+SOURCE_LIST = os.path.join("csrc", "sources.txt")
+
+
+def _sources(*parts):
+    """Paths (relative to ROOT) of the csrc/sources.txt lines of the given parts, in order;
+    [] when there is no list (a pure-Python tree)."""
+    path = os.path.join(ROOT, SOURCE_LIST)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.split() for line in handle if line.strip() and not line.startswith("#")]
+    return [source for part, source in lines if part in parts]
 
 
 def _import_torch():
@@ -67,18 +75,18 @@ def _cuda_available(torch, cpp_extension):
 def get_extensions():
     """The compiled extension `mlan_kernels._C`, or [] for a pure-Python build.
 
-    Builds csrc/*.cpp and csrc/cpu/ (OpenMP) into one extension, adding
-    csrc/cuda/ (.cu kernels and their ATen glue) when the installed torch is a CUDA build and a
-    CUDA toolkit is found. Returns [] when MLAN_SKIP_EXT=1 or csrc/ has no .cpp sources; torch
-    is imported only when something is to be compiled.
+    Builds the "core" and "python" sources of csrc/sources.txt (OpenMP) into one extension,
+    adding the "cuda" ones when the installed torch is a CUDA build and a CUDA toolkit is
+    found. Returns [] when MLAN_SKIP_EXT=1 or there are no C++ sources; torch is imported only
+    when something is to be compiled.
     """
     if os.environ.get("MLAN_SKIP_EXT", "0") == "1":
         return []
-    cpp_sources = _sources("*.cpp") + _sources("cpu/**/*.cpp")  # csrc/tests/ is CMake's
+    cpp_sources = _sources("core", "python")
     if not cpp_sources:
         return []
     torch, cpp_extension = _import_torch()
-    cuda_sources = _sources("cuda/**/*.cu") + _sources("cuda/**/*.cpp")
+    cuda_sources = _sources("cuda")
     with_cuda = bool(cuda_sources) and _cuda_available(torch, cpp_extension)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     debug = os.environ.get("MLAN_DEBUG", "0") == "1"

@@ -21,7 +21,7 @@ def test_e2e_step(benchmark, variant):
 
 def _randomized(variant):
     """A dropout-free TrainStep whose adapters have random (non-zero) parameters, seed 0."""
-    step = TrainStep(variant, "tiny", DEVICE, torch.float32, dropout=0.0)
+    step = TrainStep(variant, "tiny", DEVICE, torch.float32, dropout_p=0.0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in step.trainable:

@@ -1,6 +1,7 @@
 // The C++ API of the compiled MM-Adapter: schemas of the low-level ops (namespace mlan_C, kept
 // apart from the user-facing Python op mlan::mm_adapter), validation of every argument with
-// TORCH_CHECK messages that name it, tensor preparation, and the CPU registration.
+// TORCH_CHECK messages that name it, tensor preparation, the launch on x's device, and the
+// registration of the two functions for every device this build has kernels for.
 //
 //   mlan_C::mm_adapter_forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights,
 //                              scale, dropout_p, seed, groups, single_modality) -> (y, hidden)
@@ -15,13 +16,59 @@
 #include "mm_adapter_api.h"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+#ifdef MLAN_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "mm_adapter.h"
 
 namespace mlan {
 namespace {
+
+// ---- the kernels of each device (CPU: csrc/cpu, all four dtypes; CUDA: csrc/cuda, launched
+// on torch's current stream, no float64).
+#ifdef MLAN_WITH_CUDA
+constexpr const char* kKernelDevices = "a CPU or CUDA";
+#else
+constexpr const char* kKernelDevices = "a CPU";
+#endif
+
+bool has_kernels(c10::DeviceType device) {
+#ifdef MLAN_WITH_CUDA
+  if (device == c10::DeviceType::CUDA) return true;
+#endif
+  return device == c10::DeviceType::CPU;
+}
+
+bool supports_float64(c10::DeviceType device) { return device == c10::DeviceType::CPU; }
+
+int64_t workspace_bytes(c10::DeviceType device, const AdapterShape& shape, ScalarType dtype) {
+#ifdef MLAN_WITH_CUDA
+  if (device == c10::DeviceType::CUDA) return backward_workspace_bytes_cuda(shape, dtype);
+#endif
+  return backward_workspace_bytes_cpu(shape, dtype);
+}
+
+template <typename Args>
+void run_kernels(c10::DeviceType device, const Args& args) {
+  constexpr bool is_forward = std::is_same_v<Args, ForwardArgs>;
+#ifdef MLAN_WITH_CUDA
+  if (device == c10::DeviceType::CUDA) {
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    if constexpr (is_forward) forward_cuda(args, stream); else backward_cuda(args, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+#endif
+  if constexpr (is_forward) forward_cpu(args); else backward_cpu(args);
+}
 
 constexpr const char* kForwardOp = "mlan_C::mm_adapter_forward";
 constexpr const char* kBackwardOp = "mlan_C::mm_adapter_backward";
@@ -46,19 +93,18 @@ void check_tensor(const char* op, const char* name, const at::Tensor& tensor,
               " (the device of x), got ", tensor.device());
 }
 
-// An activation [B, L, D] (x or grad_y): supported dtype, channel stride 1, right device type.
-void check_activation(const char* op, const char* name, const at::Tensor& tensor,
-                      const KernelSet& kernels) {
+// An activation [B, L, D] (x or grad_y): supported dtype, channel stride 1, a device with kernels.
+void check_activation(const char* op, const char* name, const at::Tensor& tensor) {
   check_rank(op, name, tensor, 3, "[B, L, D]");
-  TORCH_CHECK(tensor.device().type() == kernels.device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(kernels.device_type), " tensor for these kernels, got ",
-              tensor.device());
+  const c10::DeviceType device = tensor.device().type();
+  TORCH_CHECK(has_kernels(device), op, ": ", name, " must be ", kKernelDevices,
+              " tensor for these kernels, got ", tensor.device());
   const auto dtype = tensor.scalar_type();
   const bool supported = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
-                         (dtype == at::kDouble && kernels.supports_float64);
+                         (dtype == at::kDouble && supports_float64(device));
   TORCH_CHECK(supported, op, ": ", name, " must be float32, bfloat16 or float16",
-              kernels.supports_float64 ? " or float64" : "", " on ",
-              c10::DeviceTypeName(kernels.device_type), ", got ", dtype);
+              supports_float64(device) ? " or float64" : "", " on ",
+              c10::DeviceTypeName(device), ", got ", dtype);
   TORCH_CHECK(tensor.size(2) <= 1 || tensor.stride(2) == 1, op, ": ", name,
               " must have stride 1 in its last dimension (D), got strides ", tensor.strides());
 }
@@ -77,12 +123,12 @@ at::ScalarType accumulation_dtype(const at::Tensor& x) {
 }
 
 // Checks the arguments both ops share and returns the problem's shape.
-AdapterShape validate_common(const char* op, const KernelSet& kernels, const at::Tensor& x,
+AdapterShape validate_common(const char* op, const at::Tensor& x,
                              const at::Tensor& down_weight, const at::Tensor& down_bias,
                              const at::Tensor& up_weight, const at::Tensor& up_bias,
                              const at::Tensor& routing_weights, double scale, double dropout_p,
                              int64_t groups) {
-  check_activation(op, "x", x, kernels);
+  check_activation(op, "x", x);
   AdapterShape shape;
   shape.batch = x.size(0);
   shape.length = x.size(1);
@@ -102,7 +148,7 @@ AdapterShape validate_common(const char* op, const KernelSet& kernels, const at:
   shape.experts = up_weight.size(0);
   TORCH_CHECK(shape.experts >= 1, op, ": up_weight must have E >= 1 experts, got shape ",
               up_weight.sizes());
-  TORCH_CHECK(kernels.device_type != c10::DeviceType::CUDA ||
+  TORCH_CHECK(x.device().type() != c10::DeviceType::CUDA ||
                   cuda_row_shared_floats(shape.rank, shape.experts) <= kCudaMaxSharedFloatsPerToken,
               op, ": the cuda kernels need E*(r+1)+r <= ", kCudaMaxSharedFloatsPerToken,
               " (shared memory per block), got r = down_weight.shape[0] = ", shape.rank,
@@ -155,11 +201,10 @@ struct PreparedInputs {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mm_adapter_forward(
-    const KernelSet& kernels, const at::Tensor& x, const at::Tensor& down_weight,
-    const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias,
-    const at::Tensor& routing_weights, double scale, double dropout_p, int64_t seed,
-    int64_t groups, bool single_modality) {
-  const AdapterShape shape = validate_common(kForwardOp, kernels, x, down_weight, down_bias,
+    const at::Tensor& x, const at::Tensor& down_weight, const at::Tensor& down_bias,
+    const at::Tensor& up_weight, const at::Tensor& up_bias, const at::Tensor& routing_weights,
+    double scale, double dropout_p, int64_t seed, int64_t groups, bool single_modality) {
+  const AdapterShape shape = validate_common(kForwardOp, x, down_weight, down_bias,
                                              up_weight, up_bias, routing_weights, scale,
                                              dropout_p, groups);
   const c10::DeviceGuard guard(x.device());
@@ -174,20 +219,20 @@ std::tuple<at::Tensor, at::Tensor> mm_adapter_forward(
   args.down_bias = inputs.down_bias.data_ptr();
   args.y = y.data_ptr();
   args.hidden = hidden.data_ptr();
-  kernels.forward(args);
+  run_kernels(x.device().type(), args);
   return {y, hidden};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-mm_adapter_backward(const KernelSet& kernels, const at::Tensor& grad_y, const at::Tensor& x,
-                    const at::Tensor& hidden, const at::Tensor& routing_weights,
-                    const at::Tensor& down_weight, const at::Tensor& down_bias,
-                    const at::Tensor& up_weight, const at::Tensor& up_bias, double scale,
-                    double dropout_p, int64_t seed, int64_t groups) {
-  const AdapterShape shape = validate_common(kBackwardOp, kernels, x, down_weight, down_bias,
+mm_adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& hidden,
+                    const at::Tensor& routing_weights, const at::Tensor& down_weight,
+                    const at::Tensor& down_bias, const at::Tensor& up_weight,
+                    const at::Tensor& up_bias, double scale, double dropout_p, int64_t seed,
+                    int64_t groups) {
+  const AdapterShape shape = validate_common(kBackwardOp, x, down_weight, down_bias,
                                              up_weight, up_bias, routing_weights, scale,
                                              dropout_p, groups);
-  check_activation(kBackwardOp, "grad_y", grad_y, kernels);
+  check_activation(kBackwardOp, "grad_y", grad_y);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
               kBackwardOp, ": grad_y must have the shape and dtype of x (", x.sizes(), ", ",
               x.scalar_type(), "), got ", grad_y.sizes(), ", ", grad_y.scalar_type());
@@ -213,7 +258,7 @@ mm_adapter_backward(const KernelSet& kernels, const at::Tensor& grad_y, const at
     const PreparedInputs inputs(shape, x, down_weight, down_bias, up_weight, up_bias,
                                 routing_weights, scale, dropout_p, seed, args);
     const at::Tensor hidden_acc = hidden.to(acc).contiguous();
-    at::Tensor workspace = at::empty({kernels.workspace_bytes(shape, args.dtype)},
+    at::Tensor workspace = at::empty({workspace_bytes(x.device().type(), shape, args.dtype)},
                                      x.options().dtype(at::kByte));
     args.scale = scale;
     args.grad_y = grad_y.data_ptr();
@@ -226,17 +271,13 @@ mm_adapter_backward(const KernelSet& kernels, const at::Tensor& grad_y, const at
     args.grad_up_weight = grad_up_weight.data_ptr();
     args.grad_up_bias = grad_up_bias.data_ptr();
     args.grad_routing_weights = grad_routing.data_ptr();
-    kernels.backward(args);
+    run_kernels(x.device().type(), args);
   }
   return {grad_x, grad_down_weight.to(down_weight.scalar_type()),
           grad_down_bias.to(down_bias.scalar_type()), grad_up_weight.to(up_weight.scalar_type()),
           grad_up_bias.to(up_bias.scalar_type()), grad_routing.to(routing_weights.scalar_type())};
 }
 
-namespace {
-constexpr KernelSet kCpuKernels{c10::DeviceType::CPU, /*supports_float64=*/true,
-                                &backward_workspace_bytes_cpu, &forward_cpu, &backward_cpu};
-}  // namespace
 }  // namespace mlan
 
 TORCH_LIBRARY(mlan_C, library) {
@@ -252,6 +293,15 @@ TORCH_LIBRARY(mlan_C, library) {
       "Tensor grad_routing_weights)");
 }
 
+// One implementation, registered for each device it has kernels for.
 TORCH_LIBRARY_IMPL(mlan_C, CPU, library) {
-  mlan::register_mm_adapter_impls<&mlan::kCpuKernels>(library);
+  library.impl("mm_adapter_forward", &mlan::mm_adapter_forward);
+  library.impl("mm_adapter_backward", &mlan::mm_adapter_backward);
 }
+
+#ifdef MLAN_WITH_CUDA
+TORCH_LIBRARY_IMPL(mlan_C, CUDA, library) {
+  library.impl("mm_adapter_forward", &mlan::mm_adapter_forward);
+  library.impl("mm_adapter_backward", &mlan::mm_adapter_backward);
+}
+#endif

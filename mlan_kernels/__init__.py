@@ -1,7 +1,8 @@
 """mlan-kernels: fused MM-Adapter (LaVIN) kernels and mixed-modality training utilities."""
 from . import dispatch, reference, training
 from .checkpoint import load_adapters, load_lavin_adapters, save_adapters
-from .integrations import (AdapterConfig, merge_adapters, patch, patch_clip_vision, patch_llama,
+from .config import AdapterConfig
+from .integrations import (merge_adapters, patch, patch_clip_vision, patch_llama,
                            record_routing_weights, set_backend, unmerge_adapters, unpatch,
                            unpatched)
 from .integrations.lavin import LavinModel, build_lavin

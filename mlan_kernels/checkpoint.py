@@ -14,13 +14,12 @@ import os
 
 import torch
 
-from .checkpoint_validation import (HYPERPARAMETERS, check_against_model, read_adapter_config,
-                                    read_adapter_tensors)
+from .checkpoint_validation import check_against_model, read_adapter_config, read_adapter_tensors
 from .integrations.clip import patch_clip_vision
 from .integrations.lavin import LavinModel
 from .integrations.llama import patch_llama
 from .integrations.merge import is_merged
-from .integrations.patching import AdapterConfig, adapters, patch_state, unpatch
+from .integrations.patching import adapters, patch_state, unpatch
 from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
 from .modules import MMAdapter
 from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
@@ -50,7 +49,8 @@ def adapter_state_dict(model):
 
 
 def adapter_config(model):
-    """The JSON-able description save_adapters writes (hyperparameters and model shapes)."""
+    """The JSON-able description save_adapters writes: per component its AdapterConfig's fields
+    (compat included: it changes the math) and the model's shapes."""
     import mlan_kernels
     state = patch_state(model) or {}
     config = {"mlan_kernels_version": mlan_kernels.__version__,
@@ -101,28 +101,25 @@ def load_adapters(model, directory, patch=True):
                          "call unmerge_adapters(model) first")
     to_patch = {}
     for name, record in components.items():
-        hyper = {key: record[key] for key in HYPERPARAMETERS}
-        current = patch_state(model, name)
+        config, current = record["config"], patch_state(model, name)
         if current is None:
             if not patch:
                 raise ValueError(f"{config_path}: component {name!r} is not patched in the model "
                                  f"(patch it, or pass patch=True)")
-            try:          # the same checks patching runs, on a meta-device adapter
-                AdapterConfig(**hyper)
-                MMAdapter(record["hidden_size"], **{key: hyper[key] for key in HYPERPARAMETERS[:-1]},
-                          device="meta")
+            try:          # the checks patching runs, on a meta-device adapter
+                MMAdapter(record["hidden_size"], config, device="meta")
             except ValueError as error:
                 raise ValueError(f"{config_path}: components[{name!r}]: {error}") from None
-            to_patch[name] = hyper
-        elif current["config"].to_dict() != hyper:
-            raise ValueError(f"{config_path}: {name}: checkpoint adapters {hyper} do not match "
+            to_patch[name] = config
+        elif current["config"] != config:
+            raise ValueError(f"{config_path}: {name}: checkpoint adapters {config} do not match "
                              f"the model's {current['config']}")
         _check_hidden_size(config_path, name, record, current)
     patched = []
     try:
         with torch.random.fork_rng():           # fresh adapters are overwritten: keep the RNG
-            for name, hyper in to_patch.items():
-                PATCHERS[name](_component_root(model, name), **hyper)
+            for name, config in to_patch.items():
+                PATCHERS[name](_component_root(model, name), config)
                 patched.append(name)
                 _check_hidden_size(config_path, name, components[name], patch_state(model, name))
         targets = adapter_state_dict(model)

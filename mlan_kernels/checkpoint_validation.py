@@ -1,25 +1,28 @@
 """Checks that `load_adapters` runs on a save_adapters directory before it touches the model.
 
 Everything that can be known from the files alone is checked here: the config is a JSON object
-whose "components" name known components with every hyperparameter field, and the weights file
-holds finite floating-point tensors. Each error is a ValueError naming the file and the key.
+whose "components" name known components, each a valid AdapterConfig (fields spelled as now or,
+in files written by older versions, by config.LEGACY_NAMES) plus its hidden_size, and the
+weights file holds finite floating-point tensors. Each error is a ValueError naming the file
+and the key.
 """
 import json
-import math
 import os
 
 import torch
 
+from .config import LEGACY_NAMES, AdapterConfig
+
 COMPONENTS = ("llama", "clip")
-HYPERPARAMETERS = ("rank", "experts", "groups", "scale", "temperature", "dropout", "placement")
-RECORD_FIELDS = HYPERPARAMETERS + ("hidden_size",)
-INTEGER_FIELDS = ("rank", "experts", "groups", "hidden_size")
-NUMBER_FIELDS = ("scale", "temperature", "dropout")
+# Fields every saved record has (compat came later: a record without it means None).
+REQUIRED_FIELDS = ("rank", "experts", "groups", "scale", "temperature", "dropout_p", "placement",
+                   "hidden_size")
+_SPELLING = {new: old for old, new in LEGACY_NAMES.items()}
 
 
 def read_adapter_config(path) -> dict:
-    """{component: record} of adapter_config.json at `path`, each record holding at least
-    RECORD_FIELDS with JSON types that can be right (AdapterConfig checks the values)."""
+    """{component: {"config": AdapterConfig, "hidden_size": int}} of adapter_config.json at
+    `path` (ValueError naming the file, component and field for anything invalid)."""
     try:
         with open(path, encoding="utf-8") as handle:
             saved = json.load(handle)
@@ -33,22 +36,23 @@ def read_adapter_config(path) -> dict:
     if not isinstance(components, dict) or not components:
         raise ValueError(f"{path}: key 'components' must be a non-empty object "
                          f"{{component: hyperparameters}}, got {components!r:.80}")
-    for name, record in components.items():
+    for name, record in list(components.items()):
         where = f"{path}: components[{name!r}]"
         if name not in COMPONENTS:
             raise ValueError(f"{where}: unknown component; expected one of {list(COMPONENTS)}")
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-        missing = [key for key in RECORD_FIELDS if key not in record]
+        missing = [key for key in REQUIRED_FIELDS if key not in record and _SPELLING.get(key) not in record]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}")
-        for key in INTEGER_FIELDS:
-            if isinstance(record[key], bool) or not isinstance(record[key], int):
-                raise ValueError(f"{where}[{key!r}]: expected an int, got {record[key]!r}")
-        for key in NUMBER_FIELDS:
-            value = record[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{where}[{key!r}]: expected a finite number, got {value!r}")
+        hidden_size = record["hidden_size"]
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"{where}['hidden_size']: expected a positive int, got {hidden_size!r}")
+        try:
+            config = AdapterConfig.from_dict(record)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+        components[name] = {"config": config, "hidden_size": hidden_size}
     return components
 
 

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .help_format import DefaultsHelpFormatter
+from .config import AdapterConfig
 from .lavin_format import (OUR_SITE, lavin_adapter_tensors, lavin_arguments, lavin_model_dict,
                            lavin_to_ours, ours_to_lavin, read_lavin_file)
 
@@ -49,12 +50,12 @@ def _components(ours, arguments, overrides, source):
         if len(shapes) != 1:
             raise UserError(f"{source}: {component} adapters differ in shape {sorted(shapes)}")
         (rank, hidden, rank_per_group), = shapes
-        components[component] = {
-            "rank": rank, "experts": 2, "groups": rank // rank_per_group, "scale": scale,
-            "temperature": temperature, "dropout": overrides.dropout,
-            "placement": "block" if any(kind == "mlp" for _, kind in adapters) else "attn",
-            "model_class": MODEL_CLASSES[component], "hidden_size": hidden,
-            "num_layers": 1 + max(int(index) for index, _ in adapters)}
+        config = AdapterConfig(rank=rank, experts=2, groups=rank // rank_per_group, scale=scale,
+                               temperature=temperature, dropout_p=overrides.dropout_p,
+                               placement="block" if any(kind == "mlp" for _, kind in adapters) else "attn")
+        components[component] = {**config.to_dict(), "model_class": MODEL_CLASSES[component],
+                                  "hidden_size": hidden,
+                                  "num_layers": 1 + max(int(index) for index, _ in adapters)}
     return components
 
 
@@ -145,8 +146,9 @@ def build_parser():
                        help="router temperature (default: the checkpoint's args.temperature, else 10.0)")
     to_hf.add_argument("--scale", type=float, default=None,
                        help="adapter scale (default: the checkpoint's args.adapter_scale, else 1.0)")
-    to_hf.add_argument("--dropout", type=float, default=LAVIN_DROPOUT,
-                       help="adapter dropout recorded in the config (LaVIN's is fixed)")
+    to_hf.add_argument("--dropout", dest="dropout_p", metavar="P", type=float, default=LAVIN_DROPOUT,
+                       help="adapter dropout probability (AdapterConfig.dropout_p) recorded in "
+                            "the config (LaVIN's is fixed)")
     to_hf.add_argument("--trust-pickle", action="store_true",
                        help="read CKPT with torch.load(weights_only=False): runs code from the file")
     to_lavin = commands.add_parser("hf-to-lavin", help="our adapter directory -> LaVIN .pth",
@@ -167,8 +169,8 @@ def main(argv=None):
             value = getattr(options, name)
             if value is not None and not (value > 0 and value != float("inf")):
                 build_parser().error(f"--{name} must be a finite number > 0, got {value}")
-        if not 0.0 <= options.dropout < 1.0:
-            build_parser().error(f"--dropout must be in [0, 1), got {options.dropout}")
+        if not 0.0 <= options.dropout_p < 1.0:
+            build_parser().error(f"--dropout must be in [0, 1), got {options.dropout_p}")
     try:
         if options.command == "lavin-to-hf":
             count = lavin_to_hf(options.checkpoint, options.out_dir, options)

@@ -148,7 +148,8 @@ def ours_to_lavin(tensors, prefix=""):
         component, index, kind = OUR_SITE.match(site).groups()
         experts, dim, rank_per_group = state["up.weight"].shape
         rank = state["down.weight"].shape[0]
-        adapter = MMAdapter(dim, rank, experts, rank // rank_per_group, device="meta")
+        adapter = MMAdapter(dim, rank=rank, experts=experts, groups=rank // rank_per_group,
+                            device="meta")
         adapter.load_state_dict(state, strict=True, assign=True)
         where = "layers" if component == "llama" else "backbone.visual.transformer.resblocks"
         lavin.update(adapter.to_lavin_state_dict(f"{prefix}{where}.{index}.adapter_{kind}."))

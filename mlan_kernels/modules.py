@@ -8,9 +8,12 @@ The zero up-projection makes a fresh adapter an exact identity. No math lives he
 forward is `mlan_kernels.ops.mm_adapter.mm_adapter`, and LaVIN's `RepAdapter_Router`
 checkpoints convert with `from_lavin_state_dict` / `to_lavin_state_dict`.
 """
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
+from .config import AdapterConfig
 from .ops.mm_adapter import mm_adapter
 from .reference import routing_weights as _router_softmax
 
@@ -45,45 +48,41 @@ class GroupedUpProjection(nn.Module):
         return f"experts={experts}, dim={dim}, rank={rank_per_group * self.groups}, groups={self.groups}"
 
 
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class MMAdapter(nn.Module):
     """Mixture-of-Modality adapter (LaVIN): y = x + s Σ_e w_{b,e} (dropout(x W_Aᵀ + b_A) M_eᵀ + b_U[e]).
 
-    dim: hidden size D; rank: r (LaVIN 8); experts: E (LaVIN 2, one per modality); groups: g
-    of the up-projection (LaVIN 2); scale: s; temperature: router softmax temperature t
-    (LaVIN 10 for 7B, 5 for 13B); dropout: p on the hidden H, active in training mode only.
+    dim: hidden size D. config: an AdapterConfig (rank r, experts E, groups g, scale s,
+    temperature t of the router softmax, dropout_p on the hidden H in training mode only;
+    see mlan_kernels/config.py), or its fields as keywords: MMAdapter(4096, rank=8).
     Parameters are created with `device` / `dtype` (fp32 parameters with bf16/fp16
     activations are supported, as in LaVIN's fp32 master weights under autocast).
-    routing_dtype (attribute, default None): when set (LaVIN compat: torch.float16), the
+    routing_dtype (attribute): None, or torch.float16 when config.compat == "lavin": the
     router's weights are rounded through that dtype, as LaVIN's `.half()` does
     (lavin/mm_adapter.py line 46); the gradient passes through the rounding unchanged.
     """
-    routing_dtype = None
 
-    def __init__(self, dim, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0,
-                 dropout=0.1, device=None, dtype=None):
+    def __init__(self, dim, config: AdapterConfig = None, *, device=None, dtype=None, **settings):
         super().__init__()
-        for name, value in (("dim", dim), ("rank", rank), ("experts", experts), ("groups", groups)):
-            _positive_int(name, value)
-        if rank % groups != 0:
-            raise ValueError(f"groups={groups} must divide rank={rank}")
-        if dim % groups != 0:
-            raise ValueError(f"groups={groups} must divide dim={dim}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.dim, self.rank, self.experts, self.groups = dim, rank, experts, groups
-        self.scale, self.temperature, self.dropout = float(scale), float(temperature), float(dropout)
+        config = AdapterConfig.resolve(config, **settings)
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if dim % config.groups != 0:
+            raise ValueError(f"groups {config.groups} must divide dim {dim}")
+        self.dim, self.config = dim, config
+        self.routing_dtype = torch.float16 if config.compat == "lavin" else None
         factory = {"device": device, "dtype": dtype}
-        self.down = nn.Linear(dim, rank, **factory)
-        self.up = GroupedUpProjection(dim, rank, experts, groups, **factory)
-        self.router = nn.Linear(dim, experts, **factory)
+        self.down = nn.Linear(dim, config.rank, **factory)
+        self.up = GroupedUpProjection(dim, config.rank, config.experts, config.groups, **factory)
+        self.router = nn.Linear(dim, config.experts, **factory)
         self.reset_parameters()
+
+    # The settings, read from the config (one source; a new config means a new adapter).
+    rank = property(lambda self: self.config.rank)
+    experts = property(lambda self: self.config.experts)
+    groups = property(lambda self: self.config.groups)
+    scale = property(lambda self: float(self.config.scale))
+    temperature = property(lambda self: float(self.config.temperature))
+    dropout_p = property(lambda self: float(self.config.dropout_p))
 
     def reset_parameters(self):
         """LaVIN's init: Xavier-uniform W_A, zero b_A / W_U / b_U, nn.Linear's default router."""
@@ -105,7 +104,7 @@ class MMAdapter(nn.Module):
         return mm_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                           self.router.weight, self.router.bias, weights, scale=self.scale,
                           temperature=self.temperature,
-                          dropout_p=self.dropout if self.training else 0.0, seed=None,
+                          dropout_p=self.dropout_p if self.training else 0.0, seed=None,
                           groups=self.groups, single_modality=single_modality, backend=backend)
 
     def routing_weights(self, x: Tensor) -> Tensor:
@@ -121,12 +120,15 @@ class MMAdapter(nn.Module):
 
     def extra_repr(self):
         return (f"dim={self.dim}, rank={self.rank}, experts={self.experts}, groups={self.groups}, "
-                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}")
+                f"scale={self.scale}, temperature={self.temperature}, dropout_p={self.dropout_p}"
+                + (f", compat={self.config.compat!r}" if self.config.compat else ""))
 
     @classmethod
-    def from_lavin_state_dict(cls, state_dict, temperature=10.0, scale=1.0, dropout=0.1, prefix=""):
+    def from_lavin_state_dict(cls, state_dict, config: AdapterConfig = None, prefix="", **settings):
         """Build an MMAdapter from a LaVIN `RepAdapter_Router` state dict (keys under `prefix`).
 
+        config (or its fields as keywords) gives scale, temperature, dropout_p and compat; rank,
+        experts (2) and groups are read from the shapes and replace the config's.
         conv_A.weight [r, D, 1], conv_A.bias [r]; conv_B / conv_D (experts 0 / 1) weight
         [D, r/g, 1], bias [D]; expert_weights.weight [2, D], expert_weights.bias [2].
         D, r and g are read from the shapes; tensors keep their dtype and device (copied).
@@ -159,8 +161,9 @@ class MMAdapter(nn.Module):
             "router.weight": lavin["expert_weights.weight"].clone(),
             "router.bias": lavin["expert_weights.bias"].clone(),
         }
-        module = cls(dim, rank, experts=2, groups=rank // rank_per_group, scale=scale,
-                     temperature=temperature, dropout=dropout, device="meta")
+        config = dataclasses.replace(AdapterConfig.resolve(config, **settings), rank=rank,
+                                     experts=2, groups=rank // rank_per_group)
+        module = cls(dim, config, device="meta")
         module.load_state_dict(ours, strict=True, assign=True)   # keeps each tensor's dtype/device
         return module
 

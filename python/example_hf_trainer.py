@@ -74,7 +74,7 @@ def build_model(args, vocab_size: int):
     clip = tiny_clip(seed=args.seed + 1, hidden_size=32, layers=args.clip_layers, heads=4,
                      intermediate_size=64, image_size=28, patch_size=14)
     torch.manual_seed(args.seed + 2)
-    return build_lavin(llama, clip, rank=4, dropout=0.0).train()
+    return build_lavin(llama, clip, rank=4, dropout_p=0.0).train()
 
 
 # transformers 5.x renamed gradient_checkpointing (a deprecated alias there) to activation_checkpointing

@@ -25,7 +25,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model = patch_llama(tiny_llama(seed=args.seed), rank=8, experts=2, groups=2, temperature=10.0,
-                        dropout=0.1)
+                        dropout_p=0.1)
     print(summary(model))
     batch = torch.randint(3, 97, (4, 16))            # stand-in for tokenized text, [B, L]
 

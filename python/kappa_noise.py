@@ -139,7 +139,7 @@ def main(argv=None):
         ensure_data(base.data, 0, 1)
     min_kl = own.min_kl if own.min_kl is not None else (base.kappa_min_kl or 10 * base.kappa_eps)
     for dropout in own.dropouts:
-        config = dataclasses.replace(base, adapter_dropout=dropout,
+        config = dataclasses.replace(base, adapter=dataclasses.replace(base.adapter, dropout_p=dropout),
                                      out=tempfile.mkdtemp(prefix="kappa-noise-"))
         rows, records = measure(config, own.pool, own.repeats)
         run = [log10(r["kappa"]) for r in records]

@@ -106,7 +106,7 @@ def test_eval_probe_mode_ignores_dropout_noise():
 
 
 def test_balance_groups_of_a_patched_lavin():
-    model = build_lavin(tiny_llama(), tiny_clip(), neck_hidden=16, dropout=0.0)
+    model = build_lavin(tiny_llama(), tiny_clip(), neck_hidden=16, dropout_p=0.0)
     feature, language = balance_groups(model)
     feature_ids, language_ids = {id(p) for p in feature}, {id(p) for p in language}
     names = {id(p): name for name, p in model.named_parameters()}
@@ -123,7 +123,7 @@ def test_balance_groups_of_a_patched_lavin():
 
 def test_monitor_on_lavin_end_to_end():
     torch.manual_seed(0)
-    model = build_lavin(tiny_llama(), tiny_clip(), neck_hidden=16, dropout=0.0)
+    model = build_lavin(tiny_llama(), tiny_clip(), neck_hidden=16, dropout_p=0.0)
     feature, language = balance_groups(model)
     ids = torch.randint(0, 97, (2, 6))
     batch = dict(input_ids=ids, pixel_values=torch.randn(2, 3, 28, 28), has_image=torch.tensor([True, True]))

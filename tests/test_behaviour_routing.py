@@ -65,7 +65,7 @@ def test_a_loss_on_returned_routing_weights_reaches_the_router(backend, output_w
 @pytest.mark.parametrize("placement", ["attn", "block"])
 def test_decoding_with_a_kv_cache_equals_recomputing_the_sequence(placement):
     from transformers import DynamicCache
-    model = randomize_adapters(patch_llama(tiny_llama(), placement=placement, dropout=0.0))
+    model = randomize_adapters(patch_llama(tiny_llama(), placement=placement, dropout_p=0.0))
     ids = token_ids(batch=2, length=8)
     prompt = 5
     with torch.no_grad():

@@ -169,7 +169,7 @@ def test_lavin_assembly_on_any_pair(decoder, vision):
     summary token (CLS, or the mean patch for SigLIP) after every k-th block; a training step
     reaches only adapters, neck and modality token; cached generation == recomputation."""
     llama, tower = build(decoder), build(vision, seed=1)
-    model = mk.build_lavin(llama, tower, neck_hidden=8, clip_every=1, dropout=0.0)
+    model = mk.build_lavin(llama, tower, neck_hidden=8, clip_every=1, dropout_p=0.0)
     randomize_adapters(model)
     pixels = inputs(vision, batch=2)["pixel_values"]
     with torch.no_grad():

@@ -43,7 +43,7 @@ def tiny_model(vocab_size, lora=False):
         llama = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["gate_proj", "up_proj"]))
     clip = tiny_clip(seed=1, hidden_size=32, layers=4, heads=4, intermediate_size=64)
     torch.manual_seed(2)
-    return build_lavin(llama, clip, rank=4, dropout=0.0).train()   # LaVIN's trainable set (+ LoRA)
+    return build_lavin(llama, clip, rank=4, dropout_p=0.0).train()   # LaVIN's trainable set (+ LoRA)
 
 
 def make_trainer(dataset, out, steps=8, callbacks=None, model=None, **options):

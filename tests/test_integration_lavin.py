@@ -16,7 +16,7 @@ HAS_IMAGE = torch.tensor([True, False, True])
 
 
 def tiny_lavin(**kwargs):
-    kwargs.setdefault("dropout", 0.0)
+    kwargs.setdefault("dropout_p", 0.0)
     model = build_lavin(tiny_llama(), tiny_clip(), neck_hidden=16, **kwargs)
     return randomize_adapters(model).eval()
 
@@ -68,7 +68,7 @@ def test_mixed_batch_equals_each_sample_alone():
 
 
 def test_only_adapters_neck_and_modality_embedding_train():
-    model = tiny_lavin(dropout=0.1).train()
+    model = tiny_lavin(dropout_p=0.1).train()
     ids = token_ids(batch=3, length=6)
     model(ids, PIXELS, HAS_IMAGE, labels=ids).loss.backward()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -143,7 +143,7 @@ def test_triton_backend_matches_reference_on_the_whole_model():
 def test_gradient_checkpointing_gives_the_same_gradients():
     """Frozen base (no checkpointed input requires grad) and dropout (the replay must draw the
     same mask): the non-reentrant checkpointing that enable_gradient_checkpointing turns on."""
-    model = randomize_adapters(patch_llama(tiny_llama(), dropout=0.1)).train()
+    model = randomize_adapters(patch_llama(tiny_llama(), dropout_p=0.1)).train()
     ids = token_ids()
     loss_plain, grads_plain = loss_and_grads(model, ids)
     enable_gradient_checkpointing(model)
@@ -155,7 +155,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_torch_compile_of_patched_model_runs_and_matches_eager():
-    model = randomize_adapters(patch_llama(tiny_llama(), dropout=0.0))
+    model = randomize_adapters(patch_llama(tiny_llama(), dropout_p=0.0))
     ids = token_ids()
     eager = model(ids, use_cache=False).logits
     compiled = torch.compile(model, backend="aot_eager")

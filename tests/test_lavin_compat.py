@@ -27,7 +27,7 @@ def compat_pair(tmp_path, compat="lavin", placement="attn"):
     lavin = LavinTrainables(32, 2, 32, 8, neck_hidden=16, placement=placement, clip_placement=placement)
     save_lavin_checkpoint(tmp_path / "checkpoint.pth", lavin, ddp=True)
     prefixes = dict(image_prefix_ids=IMAGE_PREFIX, text_prefix_ids=TEXT_PREFIX) if compat else {}
-    model = build_lavin(llama, clip, neck_hidden=16, dropout=0.0, placement=placement,
+    model = build_lavin(llama, clip, neck_hidden=16, dropout_p=0.0, placement=placement,
                         compat=compat, **prefixes).eval()
     assert load_lavin_adapters(model, tmp_path / "checkpoint.pth") == ([], [])
     return model, reference + (lavin.eval(),)

@@ -40,11 +40,11 @@ def random_lavin(dim, rank, groups, scale=1.0, t=10.0, seed=0):
     return lavin
 
 
-def random_adapter(dim=32, rank=8, experts=2, groups=2, dropout=0.1, dtype=torch.float32, seed=0):
+def random_adapter(dim=32, rank=8, experts=2, groups=2, dropout_p=0.1, dtype=torch.float32, seed=0):
     """An MMAdapter with random non-zero up-projections (so grads reach down/router)."""
     torch.manual_seed(seed)
-    adapter = MMAdapter(dim, rank, experts, groups, scale=0.7, temperature=2.0, dropout=dropout,
-                        dtype=dtype)
+    adapter = MMAdapter(dim, rank=rank, experts=experts, groups=groups, scale=0.7, temperature=2.0,
+                        dropout_p=dropout_p, dtype=dtype)
     with torch.no_grad():
         adapter.up.weight.copy_(torch.randn_like(adapter.up.weight) * 0.3)
         adapter.up.bias.copy_(torch.randn_like(adapter.up.bias) * 0.3)
@@ -72,15 +72,15 @@ def test_factory_kwargs():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_identity_at_init(training):
-    adapter = MMAdapter(64, rank=8, groups=2, dropout=0.5).train(training)
+    adapter = MMAdapter(64, rank=8, groups=2, dropout_p=0.5).train(training)
     x = torch.randn(3, 7, 64)
     assert torch.equal(adapter(x), x)
 
 
 def test_extra_repr():
-    text = repr(MMAdapter(96, rank=4, experts=3, groups=4, scale=0.5, temperature=5.0, dropout=0.2))
+    text = repr(MMAdapter(96, rank=4, experts=3, groups=4, scale=0.5, temperature=5.0, dropout_p=0.2))
     for part in ("dim=96", "rank=4", "experts=3", "groups=4", "scale=0.5", "temperature=5.0",
-                 "dropout=0.2"):
+                 "dropout_p=0.2"):
         assert part in text
 
 
@@ -90,8 +90,8 @@ def test_extra_repr():
     (dict(dim=64, experts=0), "experts"),
     (dict(dim=64, temperature=0.0), "temperature"),
     (dict(dim=64, temperature=-1.0), "temperature"),
-    (dict(dim=64, dropout=1.0), "dropout"),
-    (dict(dim=64, dropout=-0.1), "dropout"),
+    (dict(dim=64, dropout_p=1.0), "dropout_p"),
+    (dict(dim=64, dropout_p=-0.1), "dropout_p"),
     (dict(dim=0), "dim"),
 ])
 def test_constructor_errors_name_the_argument(kwargs, argument):
@@ -178,7 +178,7 @@ def _train_step(adapter, x, seed):
 
 
 def test_dropout_follows_torch_manual_seed():
-    adapter = random_adapter(dropout=0.3).train()
+    adapter = random_adapter(dropout_p=0.3).train()
     x = torch.randn(2, 9, 32)
     y1, gx1, grads1 = _train_step(adapter, x, seed=1)
     y2, gx2, grads2 = _train_step(adapter, x, seed=1)
@@ -191,7 +191,7 @@ def test_dropout_follows_torch_manual_seed():
 
 
 def test_eval_output_does_not_depend_on_rng():
-    adapter = random_adapter(dropout=0.3).eval()
+    adapter = random_adapter(dropout_p=0.3).eval()
     x = torch.randn(2, 9, 32)
     torch.manual_seed(1)
     state = torch.get_rng_state()
@@ -202,7 +202,7 @@ def test_eval_output_does_not_depend_on_rng():
 
 
 def test_gradients_reach_all_parameters():
-    adapter = random_adapter(dropout=0.2).train()
+    adapter = random_adapter(dropout_p=0.2).train()
     _, grad_x, grads = _train_step(adapter, torch.randn(3, 5, 32), seed=0)
     names = [name for name, _ in adapter.named_parameters()]
     assert len(grads) == 6
@@ -230,7 +230,7 @@ def test_gradients_match_lavin_module():
 
 def test_torch_compile_fullgraph_eval_and_train():
     torch._dynamo.reset()
-    adapter = random_adapter(dropout=0.25)
+    adapter = random_adapter(dropout_p=0.25)
     compiled = torch.compile(adapter, fullgraph=True)
     x = torch.randn(2, 6, 32)
     adapter.eval()
@@ -250,7 +250,7 @@ def test_torch_compile_fullgraph_eval_and_train():
 
 
 def test_fp32_parameters_with_bf16_activations():
-    adapter = random_adapter(dropout=0.0).eval()
+    adapter = random_adapter(dropout_p=0.0).eval()
     x = torch.randn(2, 8, 32).bfloat16()
     y = adapter(x, backend="reference")
     assert y.dtype == torch.bfloat16 and adapter.down.weight.dtype == torch.float32

@@ -51,7 +51,7 @@ import torch
 import mlan_kernels as mk
 from mlan_kernels.integrations.tiny import tiny_llama
 
-adapter = mk.MMAdapter(32, rank=8, dropout=0.0)
+adapter = mk.MMAdapter(32, rank=8, dropout_p=0.0)
 torch.nn.init.normal_(adapter.up.weight)
 x = torch.randn(2, 5, 32, requires_grad=True)
 y = adapter(x)
@@ -88,3 +88,15 @@ def test_triton_is_an_extra_not_a_dependency():
         project = tomllib.load(handle)["project"]
     assert not [d for d in project["dependencies"] if d.startswith("triton")]
     assert any(d.startswith("triton") for d in project["optional-dependencies"]["triton"])
+
+
+def test_the_source_list_names_every_compiled_source_once():
+    """csrc/sources.txt is what setup.py, CMakeLists.txt and `make cuda-check` build: every
+    .cpp/.cu under csrc/ is listed exactly once under a known part, and nothing else is."""
+    with open(os.path.join(ROOT, "csrc", "sources.txt"), encoding="utf-8") as handle:
+        lines = [line.split() for line in handle if line.strip() and not line.startswith("#")]
+    assert all(len(line) == 2 and line[0] in ("core", "python", "cuda", "test") for line in lines), lines
+    listed = [path for _, path in lines]
+    assert len(listed) == len(set(listed))
+    compiled = [path for path in git_files("csrc") if path.endswith((".cpp", ".cu"))]
+    assert sorted(listed) == sorted(compiled)

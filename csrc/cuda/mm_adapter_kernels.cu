@@ -1,5 +1,5 @@
 // MM-Adapter forward and backward as CUDA kernels on raw pointers (no ATen: plain nvcc compiles
-// this file; csrc/cuda/mm_adapter_cuda.cpp is the ATen glue). Same math as the CPU kernels
+// this file; csrc/mm_adapter_api.cpp launches it on the current stream). Same math as the CPU kernels
 // (../mm_adapter.h); activations float / bfloat16 / half, everything else float.
 //
 //   forward_kernel          one warp per token: H = dropout(x W_Aᵀ + b_A) by warp reductions,

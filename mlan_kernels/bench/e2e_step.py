@@ -39,6 +39,7 @@ optimizer state and activations; None on CPU). The CPU proxies, on every device:
 process's peak resident set on Linux CPU; see timing.peak_memory).
 """
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -49,6 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import dispatch
+from ..config import AdapterConfig
 from ..integrations import patching
 from ..integrations.llama import patch_llama
 from ..reference import routing_weights
@@ -60,8 +62,8 @@ PRESETS = {
     "small": dict(dim=512, intermediate=1376, heads=8, layers=2, batch=4, seq_len=256),
     "paper": dict(dim=4096, intermediate=11008, heads=32, layers=4, batch=4, seq_len=2048),
 }
-# LaVIN-7B adapter hyperparameters (docs/lavin_integration.md).
-ADAPTER = dict(rank=8, experts=2, groups=2, scale=1.0, temperature=10.0)
+# LaVIN-7B adapter settings (docs/lavin_integration.md); dropout_p is the step's own argument.
+ADAPTER = AdapterConfig(rank=8, experts=2, groups=2, scale=1.0, temperature=10.0, placement="attn")
 
 
 class EagerLaVINAdapter(nn.Module):
@@ -74,7 +76,7 @@ class EagerLaVINAdapter(nn.Module):
     def __init__(self, adapter):
         super().__init__()
         self.adapter = adapter
-        self.dropout = nn.Dropout(adapter.dropout)
+        self.dropout = nn.Dropout(adapter.dropout_p)
 
     def forward(self, x, weights=None, backend=None, single_modality=None):
         a = self.adapter
@@ -122,7 +124,7 @@ def make_inputs(preset, device, dtype, seed=0):
     return x.to(device=device, dtype=dtype), target.to(device)
 
 
-def prepare_variant(model, variant, dropout=0.1):
+def prepare_variant(model, variant, dropout_p=0.1):
     """Patch `model` in place for `variant`; returns a short name of what runs the adapters."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -132,7 +134,7 @@ def prepare_variant(model, variant, dropout=0.1):
             if "RMSNorm" in type(module).__name__:
                 module.requires_grad_(True)
         return "none (RMSNorm weights train)"
-    patch_llama(model, **ADAPTER, dropout=dropout, placement="attn", freeze_base=True)
+    patch_llama(model, dataclasses.replace(ADAPTER, dropout_p=dropout_p), freeze_base=True)
     norms = patching.adapted_norms(model)
     if variant == "eager_adapters":
         for adapted in norms:
@@ -150,10 +152,10 @@ def prepare_variant(model, variant, dropout=0.1):
 class TrainStep:
     """One variant, ready to step: model, AdamW over its trainable parameters, fixed inputs."""
 
-    def __init__(self, variant, preset, device, dtype, seed=0, dropout=0.1, lr=1e-3):
+    def __init__(self, variant, preset, device, dtype, seed=0, dropout_p=0.1, lr=1e-3):
         self.variant, self.device = variant, torch.device(device)
         self.model = build_model(preset, device, dtype, seed)
-        self.adapter_impl = prepare_variant(self.model, variant, dropout)
+        self.adapter_impl = prepare_variant(self.model, variant, dropout_p)
         self.inputs, self.target = make_inputs(preset, device, dtype, seed)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=lr)

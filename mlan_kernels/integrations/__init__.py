@@ -1,13 +1,14 @@
 """HuggingFace integrations: MM-Adapters in LLaMA / CLIP, merging, the LaVIN assembly.
 
-Layering: this package imports `mlan_kernels.modules` / `ops` / `reference`, never the reverse.
+Layering: this package imports `mlan_kernels.config` / `modules` / `ops` / `reference`, never the reverse.
 """
+from ..config import AdapterConfig
 from .clip import patch_clip_vision
 from .families import MODEL_TYPES, patch
 from .hf_compat import enable_gradient_checkpointing
 from .llama import patch_llama
 from .merge import is_merged, merge_adapters, unmerge_adapters
-from .patching import (AdaptedNorm, AdapterConfig, adapters, freeze_all_but_adapters,
+from .patching import (AdaptedNorm, adapters, freeze_all_but_adapters,
                        patch_state, record_routing_weights, reset_routing_cache, set_backend,
                        set_single_modality, unpatch, unpatched)
 

@@ -29,7 +29,8 @@ to `tests/test_families.py::FAMILIES`; the contract suite then runs over it.
 """
 from dataclasses import dataclass
 
-from .patching import AdapterConfig, Site, model_config, patch_layers
+from ..config import AdapterConfig
+from .patching import Site, model_config, patch_layers
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,10 @@ def blocks(model, family: Family):
 def patch(model, config: AdapterConfig = None, freeze_base=True, component=None, **settings):
     """Insert MM-Adapters into every block of a supported HF model (see MODEL_TYPES), in place;
     returns model. config: AdapterConfig, or its fields as keywords (rank=8, experts=2, groups=2,
-    scale=1.0, temperature=10.0, dropout=0.1, placement="attn"). freeze_base: only adapter
-    parameters keep requires_grad. Patching again with the same config is a no-op; with a
-    different one it raises ValueError (unpatch first)."""
-    if config is not None and settings:
-        raise ValueError(f"pass either config or keyword settings, not both (got {sorted(settings)})")
-    config = config if config is not None else AdapterConfig(**settings)
+    scale=1.0, temperature=10.0, dropout_p=0.1, placement="attn", compat=None).
+    freeze_base: only adapter parameters keep requires_grad. Patching again with the same
+    config is a no-op; with a different one it raises ValueError (unpatch first)."""
+    config = AdapterConfig.resolve(config, **settings)
     family = family_of(model, component)
     sites = [family.sites["attn"]] + ([family.sites["mlp"]] if config.placement == "block" else [])
     hf_config = model_config(model)

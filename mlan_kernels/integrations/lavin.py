@@ -24,17 +24,17 @@ trained by LaVIN give LaVIN's outputs on the same base:
 import torch
 from torch import nn
 
+from ..config import AdapterConfig
 from .clip import patch_clip_vision
 from .families import family_of
 from .hf_compat import cache_keyword, new_dynamic_cache
 from .llama import patch_llama
 from .merge import merge_adapters, unmerge_adapters
-from .patching import adapted_norms, freeze_all_but_adapters, record_routing_weights
+from .patching import freeze_all_but_adapters, patch_state, record_routing_weights
 from .sampling import check_sampling_args, next_tokens
 
 IGNORE_INDEX = -100
 MODALITIES = {"text": 0, "image": 1}
-COMPAT_MODES = (None, "lavin")
 
 
 class VisualNeck(nn.Module):
@@ -70,10 +70,8 @@ def _prefix_ids(name, ids, vocab_size):
 
 
 def _check_compat(llama, compat, image_prefix_ids, text_prefix_ids):
-    """Validate the compat arguments -> {"image_prefix_ids": [P] int64, "text_prefix_ids": ...}
-    ({} for compat=None)."""
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    """Validate the prefix ids for `compat` (an AdapterConfig's) -> {"image_prefix_ids": [P]
+    int64, "text_prefix_ids": ...} ({} for compat=None)."""
     if compat is None:
         if image_prefix_ids is not None or text_prefix_ids is not None:
             raise ValueError('image_prefix_ids / text_prefix_ids are only used with compat="lavin"')
@@ -83,16 +81,26 @@ def _check_compat(llama, compat, image_prefix_ids, text_prefix_ids):
             (("image_prefix_ids", image_prefix_ids), ("text_prefix_ids", text_prefix_ids))}
 
 
+def _patched_compat(llama, clip):
+    """The compat mode of the adapters' AdapterConfig (None when unpatched); ValueError when
+    the two sides disagree."""
+    modes = {name: state["config"].compat for name, model in (("llama", llama), ("clip", clip))
+             if (state := patch_state(model, name)) is not None}
+    if len(set(modes.values())) > 1:
+        raise ValueError(f"the llama and clip adapters must share compat, got {modes}")
+    return next(iter(modes.values()), None)
+
+
 class LavinModel(nn.Module):
     """LaVIN on HuggingFace modules. llama: a patched LlamaForCausalLM; clip: a patched
     CLIPVisionModel. Build it with `build_lavin` (patches and freezes).
 
-    compat: None (our layout, per-image CLIP routing, fp32 routing weights) or "lavin" (LaVIN's
-    layout, truncation, sequence-first CLIP routing and fp16 routing weights; see the module
-    docstring), which needs image_prefix_ids / text_prefix_ids ([P] ints each). The compat
-    routing is set on the adapters present when the model is built (patch first)."""
+    The compat mode is the adapters' (AdapterConfig.compat, equal on both sides): None (our
+    layout, per-image CLIP routing, fp32 routing weights) or "lavin" (LaVIN's layout,
+    truncation, sequence-first CLIP routing and fp16 routing weights; see the module
+    docstring), which needs image_prefix_ids / text_prefix_ids ([P] ints each)."""
 
-    def __init__(self, llama, clip, neck_hidden=128, clip_every=4, device=None, compat=None,
+    def __init__(self, llama, clip, neck_hidden=128, clip_every=4, device=None,
                  image_prefix_ids=None, text_prefix_ids=None):
         super().__init__()
         self.llama, self.clip, self.clip_every = llama, clip, clip_every
@@ -100,6 +108,7 @@ class LavinModel(nn.Module):
         if clip.config.num_hidden_layers % clip_every != 0:
             raise ValueError(f"clip_every={clip_every} must divide the CLIP depth "
                              f"{clip.config.num_hidden_layers}")
+        compat = _patched_compat(llama, clip)
         prefixes = _check_compat(llama, compat, image_prefix_ids, text_prefix_ids)
         device = device or llama.get_input_embeddings().weight.device
         self.compat = compat
@@ -109,13 +118,8 @@ class LavinModel(nn.Module):
         # The per-block image summary the neck reads: CLIP's CLS token, or the mean patch token
         # for towers without one (SigLIP), as their adapters route (families.py).
         self.image_summary = family_of(clip, "clip").sites["attn"].routing
-        if compat == "lavin":
-            for name, ids in prefixes.items():
-                self.register_buffer(name, ids.to(device), persistent=False)
-            for adapted in adapted_norms(llama) + adapted_norms(clip):
-                adapted.adapter.routing_dtype = torch.float16      # LaVIN's .half()
-            for adapted in adapted_norms(clip):
-                adapted.sequence_first = True                       # LaVIN's CLIP is [L, N, D]
+        for name, ids in prefixes.items():
+            self.register_buffer(name, ids.to(device), persistent=False)
 
     @property
     def image_token_count(self):
@@ -307,22 +311,30 @@ def lavin_attention_mask(lengths, total, dtype):
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def build_lavin(llama, clip, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0,
-                clip_temperature=None, dropout=0.1, placement="attn", neck_hidden=128,
-                clip_every=4, freeze_base=True, compat=None, image_prefix_ids=None,
-                text_prefix_ids=None):
+def build_lavin(llama, clip, config: AdapterConfig = None, *, clip_config: AdapterConfig = None,
+                neck_hidden=128, clip_every=4, freeze_base=True, image_prefix_ids=None,
+                text_prefix_ids=None, **settings):
     """Patch `llama` (a causal LM of any decoder family in families.py: LLaMA, Mistral, Qwen,
     Gemma, Phi-3) and `clip` (a CLIP or SigLIP vision model) with MM-Adapters and assemble a
-    LavinModel; the neck maps the tower's hidden size to the decoder's. freeze_base: only adapters, neck and modality embedding train.
-    clip_temperature defaults to temperature. compat="lavin" reproduces LaVIN's code (module
-    docstring); image_prefix_ids / text_prefix_ids: the tokenizer's ids of "Image: " and
-    "Image: N/A" without BOS (LaVIN's engine.py encodes them with bos=False)."""
-    _check_compat(llama, compat, image_prefix_ids, text_prefix_ids)   # a bad call changes nothing
-    common = dict(rank=rank, experts=experts, groups=groups, scale=scale, dropout=dropout,
-                  placement=placement, freeze_base=False)
-    patch_llama(llama, temperature=temperature, **common)
-    patch_clip_vision(clip, temperature=clip_temperature or temperature, **common)
-    model = LavinModel(llama, clip, neck_hidden=neck_hidden, clip_every=clip_every, compat=compat,
+    LavinModel; the neck maps the tower's hidden size to the decoder's.
+
+    config: the adapters' AdapterConfig, or its fields as keywords (rank=8, temperature=10.0,
+    dropout_p=0.1, placement="attn", compat=None, ...). clip_config: the vision tower's when
+    it differs (e.g. another temperature; default: config; its compat must be config's).
+    compat="lavin" reproduces LaVIN's code (module docstring); image_prefix_ids /
+    text_prefix_ids: the tokenizer's ids of "Image: " and "Image: N/A" without BOS (LaVIN's
+    engine.py encodes them with bos=False). freeze_base: only adapters, neck and modality
+    embedding train. A bad call raises before anything is patched.
+    """
+    config = AdapterConfig.resolve(config, **settings)
+    clip_config = config if clip_config is None else AdapterConfig.resolve(clip_config)
+    if clip_config.compat != config.compat:
+        raise ValueError(f"clip_config.compat must equal config.compat ({config.compat!r}), "
+                         f"got {clip_config.compat!r}")
+    _check_compat(llama, config.compat, image_prefix_ids, text_prefix_ids)
+    patch_llama(llama, config, freeze_base=False)
+    patch_clip_vision(clip, clip_config, freeze_base=False)
+    model = LavinModel(llama, clip, neck_hidden=neck_hidden, clip_every=clip_every,
                        image_prefix_ids=image_prefix_ids, text_prefix_ids=text_prefix_ids)
     if freeze_base:
         freeze_all_but_adapters(model, extra=(model.neck, model.modality_embedding))

@@ -10,6 +10,7 @@ model, a LaVIN assembly). A model type outside the table whose layers look like 
 (input_layernorm, post_attention_layernorm, self_attn, mlp; e.g. LLaVA's "llava_llama") is
 patched with LLaMA's sites.
 """
+from ..config import AdapterConfig
 from .families import DECODER, blocks, patch
 
 
@@ -18,16 +19,14 @@ def llama_decoder_layers(model):
     return blocks(model, DECODER)
 
 
-def patch_llama(model, rank=8, experts=2, groups=2, scale=1.0, temperature=10.0, dropout=0.1,
-                placement="attn", freeze_base=True):
+def patch_llama(model, config: AdapterConfig = None, freeze_base=True, **settings):
     """Insert an MM-Adapter (width = hidden size D) after the pre-attention norm of every
-    decoder layer ("attn"), and after the pre-MLP norm too ("block"). In place; returns model.
+    decoder layer (config.placement "attn"), and after the pre-MLP norm too ("block"). In
+    place; returns model. config: AdapterConfig, or its fields as keywords (rank=8, ...).
 
     Routing token: position 0 of each sample; at KV-cache decoding the weights cached at prefill
     are reused. freeze_base: only adapter parameters keep requires_grad. Patching again with the
-    same hyperparameters is a no-op; with different ones it raises ValueError (unpatch first).
+    same config is a no-op; with a different one it raises ValueError (unpatch first).
     Adapter parameters take the norm weight's device and dtype (so the `meta` device works).
     """
-    return patch(model, freeze_base=freeze_base, component="llama", rank=rank, experts=experts,
-                 groups=groups, scale=scale, temperature=temperature, dropout=dropout,
-                 placement=placement)
+    return patch(model, config, freeze_base=freeze_base, component="llama", **settings)

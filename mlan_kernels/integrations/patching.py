@@ -21,35 +21,16 @@ hf_compat.find_cache) and sets `phase` on its AdaptedNorms:
     "decode"  cache already holds this layer's KV -> the cached [B, E] weights
 """
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import AdapterConfig
 from ..modules import MMAdapter
 from .hf_compat import cached_length, find_cache
 
-PLACEMENTS = ("attn", "block")
 STATE_ATTRIBUTE = "_mlan_patch_state"
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Hyperparameters of every adapter of one patched component (see MMAdapter)."""
-    rank: int = 8
-    experts: int = 2
-    groups: int = 2
-    scale: float = 1.0
-    temperature: float = 10.0
-    dropout: float = 0.1
-    placement: str = "attn"
-
-    def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-
-    def to_dict(self):
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -196,6 +177,8 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
 
     layers: the transformer blocks in order (index i -> key f"{component}.layers.{i}.{site}").
     cache_aware: register the routing-phase pre-hook (decoder layers with a KV cache).
+    config.compat == "lavin": the adapters round their routing weights through fp16, and a
+    "clip" component's adapters route sequence-first (LaVIN's CLIP runs [L, N, D]).
     Idempotent: a component patched with the same config is left as is; a different config
     raises ValueError (call `unpatch` first).
     """
@@ -215,10 +198,10 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
             reference = next(iter(norm.parameters()), None)
             factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
             dim = info["hidden_size"]
-            adapter = MMAdapter(dim, config.rank, config.experts, config.groups, config.scale,
-                                config.temperature, config.dropout, **factory)
+            adapter = MMAdapter(dim, config, **factory)
             key = f"{component}.layers.{index}.{site.name}"
             adapted = AdaptedNorm(norm, adapter, key, site).train(layer.training)  # model.eval() kept
+            adapted.sequence_first = config.compat == "lavin" and component == "clip"  # LaVIN's [L, N, D]
             setattr(layer, site.norm_attribute, adapted)
         if cache_aware:
             hooks.append(layer.register_forward_pre_hook(_routing_phase_hook, with_kwargs=True))

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ...config import PLACEMENTS, AdapterConfig, check_settings
 from ...data.records import MAX_IMAGE_PIXELS
 from ...dispatch import BACKENDS
 from ...help_format import DefaultsHelpFormatter
@@ -20,6 +21,11 @@ NAN_POLICIES = ("error", "skip-step")
 # A --max-length that cuts answer tokens of more records than this share is refused
 # (--allow-truncation overrides): such runs would silently train on half answers or none.
 MAX_TRUNCATED_SHARE = 0.01
+# AdapterConfig field -> the option that sets it (flag --adapter-scale; the same name in
+# run.json and checkpoints): the flags the program always had, mapped here and nowhere else.
+ADAPTER_FLAGS = {"rank": "rank", "experts": "experts", "groups": "groups",
+                 "scale": "adapter_scale", "temperature": "temperature",
+                 "dropout_p": "adapter_dropout", "placement": "placement"}
 
 
 @dataclass
@@ -55,13 +61,9 @@ class TrainConfig:
                                               # more than MAX_TRUNCATED_SHARE of the records
     max_image_pixels: int = MAX_IMAGE_PIXELS  # images above width x height are skipped at load
                                               # (read from the header; 0 = no limit)
-    # adapters (LaVIN: r=8, 2 experts, 2 groups, temperature 10, scale 1, dropout 0.1 at attn)
-    rank: int = 8
-    experts: int = 2
-    groups: int = 2
-    temperature: float = 10.0
-    adapter_scale: float = 1.0
-    adapter_dropout: float = 0.1
+    # the adapters' settings (LaVIN's defaults: r=8, 2 experts, 2 groups, temperature 10,
+    # scale 1, dropout 0.1 at attn); command-line flags and saved names: ADAPTER_FLAGS
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     backend: str = "auto"                     # op backend of the adapters
     # CoMMIT balancing (our interpretation, docs/commit_balance.md)
     probe_every: int = 10                     # κ probe interval (0 = no probing)
@@ -130,8 +132,9 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "experts": "adapter experts E",
     "groups": "groups g of the up-projection (divides --rank)",
     "temperature": "router softmax temperature",
-    "adapter_scale": "adapter output scale s",
-    "adapter_dropout": "dropout on the adapter's down-projection",
+    "adapter_scale": "adapter output scale s (AdapterConfig.scale)",
+    "adapter_dropout": "dropout probability on the adapter's down-projection (AdapterConfig.dropout_p)",
+    "placement": "adapter sites: 'attn' (LaVIN's, before attention) or 'block' (also before the MLP)",
     "backend": "MM-Adapter op backend (auto, " + ", ".join(BACKENDS) + ")",
     "probe_every": "κ probe interval in steps, 0 = no probing",
     "kappa_eps": "ε of κ = (KL_feat + ε) / (KL_lang + ε)",
@@ -182,7 +185,9 @@ def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentPar
     for item in dataclasses.fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
-        if _base_type(item.type) == "bool":
+        if item.name == "adapter":
+            _add_adapter_flags(parser, default)
+        elif _base_type(item.type) == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=HELP[item.name])
         elif item.name == "shares":
@@ -191,6 +196,24 @@ def build_parser(defaults: Optional[TrainConfig] = None) -> argparse.ArgumentPar
             kind = {"int": int, "float": float, "str": str}.get(_base_type(item.type), str)
             parser.add_argument(flag, type=kind, default=default, help=HELP[item.name])
     return parser
+
+
+def _add_adapter_flags(parser, defaults: AdapterConfig):
+    """One flag per ADAPTER_FLAGS entry, typed as its AdapterConfig field."""
+    kinds = {item.name: _base_type(item.type) for item in dataclasses.fields(AdapterConfig)}
+    for name, option in ADAPTER_FLAGS.items():
+        extra = {"choices": PLACEMENTS} if name == "placement" else {
+            "type": {"int": int, "float": float}[kinds[name]]}
+        parser.add_argument(_flag(option), dest=option, default=getattr(defaults, name),
+                            help=HELP[option], **extra)
+
+
+def options_dict(config: "TrainConfig") -> dict:
+    """{option: value} of `config` with the adapter settings under their option names
+    (ADAPTER_FLAGS): the flat form run.json and checkpoints record, and resume compares."""
+    values = {item.name: getattr(config, item.name) for item in dataclasses.fields(config)
+              if item.name != "adapter"}
+    return values | {option: getattr(config.adapter, name) for name, option in ADAPTER_FLAGS.items()}
 
 
 def _base_type(annotation) -> str:
@@ -203,8 +226,12 @@ def _base_type(annotation) -> str:
 
 
 def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
-    values = {item.name: getattr(namespace, item.name) for item in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**values)
+    settings = {name: getattr(namespace, option) for name, option in ADAPTER_FLAGS.items()}
+    settings["compat"] = None
+    check_settings(settings, spell=lambda name: _flag(ADAPTER_FLAGS[name]))
+    values = {item.name: getattr(namespace, item.name) for item in dataclasses.fields(TrainConfig)
+              if item.name != "adapter"}
+    config = TrainConfig(**values, adapter=AdapterConfig(**settings))
     validate(config)
     return config
 
@@ -220,16 +247,13 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
-    "temperature": (lambda v: v > 0, "> 0"),
-    "adapter_scale": (lambda v: True, "a finite number"),
-    "adapter_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "kappa_eps": (lambda v: v > 0, "> 0"),
     "kappa_beta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "kappa_min_kl": (lambda v: v >= 0, ">= 0 (0 = never skip)"),
     "balance_alpha": (lambda v: v >= 0, ">= 0"),
 }
 POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
-                 "clip_layers", "image_size", "patch_size", "rank", "experts", "groups")
+                 "clip_layers", "image_size", "patch_size")
 NON_NEGATIVE_INTS = ("probe_every", "save_every", "eval_every", "stop_after", "threads",
                      "max_image_pixels")
 SEED_LIMIT = 2**32
@@ -281,19 +305,19 @@ def _device_ok(device: str) -> bool:
 def _validate_shapes(config: TrainConfig):
     """Options that must fit together (the tiny models', the adapters'): one clear error
     here instead of a shape error from deep inside the model."""
-    pairs = [(config.rank % config.groups == 0, f"--groups {config.groups} must divide --rank {config.rank}")]
+    groups = config.adapter.groups          # rank, groups themselves: AdapterConfig's own checks
+    pairs = []
     if not config.llama:
         head_dim = config.dim // config.heads
         pairs += [(config.dim % config.heads == 0 and head_dim % 2 == 0,
                    f"--dim {config.dim} must be --heads {config.heads} x an even head size "
                    f"(rotary embeddings rotate pairs)"),
-                  (config.dim % config.groups == 0,
-                   f"--groups {config.groups} must divide --dim {config.dim}")]
+                  (config.dim % groups == 0, f"--groups {groups} must divide --dim {config.dim}")]
     if not config.clip:
         pairs += [(config.clip_dim % 4 == 0, f"--clip-dim must be a multiple of 4 (the tiny CLIP's "
                                              f"heads), got {config.clip_dim}"),
-                  (config.clip_dim % config.groups == 0,
-                   f"--groups {config.groups} must divide --clip-dim {config.clip_dim}"),
+                  (config.clip_dim % groups == 0,
+                   f"--groups {groups} must divide --clip-dim {config.clip_dim}"),
                   (config.image_size % config.patch_size == 0,
                    f"--image-size {config.image_size} must be a positive multiple of "
                    f"--patch-size {config.patch_size}")]

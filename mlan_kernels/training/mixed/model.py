@@ -54,10 +54,7 @@ def build_model(config, vocab_size: int) -> LavinModel:
                          layers=config.clip_layers, heads=4, intermediate_size=2 * config.clip_dim,
                          image_size=config.image_size, patch_size=config.patch_size)
     torch.manual_seed(config.seed + 2)                       # adapters, neck, modality token
-    model = build_lavin(llama, clip, rank=config.rank, experts=config.experts,
-                        groups=config.groups, scale=config.adapter_scale,
-                        temperature=config.temperature, dropout=config.adapter_dropout,
-                        freeze_base=not trains_base(config))
+    model = build_lavin(llama, clip, config.adapter, freeze_base=not trains_base(config))
     if trains_base(config):
         model.requires_grad_(True)
     # MLAN batches hold one modality, so every LLaMA adapter may use the single-U fast path

@@ -11,7 +11,6 @@ Loading restores all of it, so a resumed run continues with bit-identical losses
 deterministic kernels). torch.load uses weights_only=True: nothing in it executes code.
 The directory is replaced crash-safely (swap.py); COMPLETE marks a whole checkpoint.
 """
-import dataclasses
 import os
 
 import torch
@@ -97,8 +96,8 @@ def changed_options(saved: dict, current: dict, defaults: dict) -> list:
 
 
 def _refuse_changed_options(where, saved, current):
-    from .config import TrainConfig
-    changed = changed_options(saved, current, dataclasses.asdict(TrainConfig()))
+    from .config import TrainConfig, options_dict
+    changed = changed_options(saved, current, options_dict(TrainConfig()))
     if changed:
         listed = "; ".join(f"--{key.replace('_', '-')}: checkpoint {before!r}, this run {value!r}"
                            for key, before, value in changed)

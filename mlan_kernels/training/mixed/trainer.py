@@ -8,7 +8,6 @@ gradient clipping with the fused scale_grads_, and a κ probe (BalanceMonitor) e
 trains on a disjoint shard of the same single-modality global batch.
 """
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -25,7 +24,7 @@ from ..balance import FEATURE, LANGUAGE, BalanceMonitor
 from ..scheduler import BalanceScheduler, CosineWithWarmup
 from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
-from .config import MAX_TRUNCATED_SHARE, max_length
+from .config import MAX_TRUNCATED_SHARE, max_length, options_dict
 from .model import build_model, param_groups, side_parameters, trains_base
 from .state import load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
@@ -150,7 +149,7 @@ class MixedTrainer:
     def config_dict(self) -> dict:
         """The options as they take effect (defaults resolved: train_base, max_length, the
         device type) plus the world size: run.json's record and what a resume compares."""
-        return dataclasses.asdict(self.config) | {"train_base": trains_base(self.config),
+        return options_dict(self.config) | {"train_base": trains_base(self.config),
                                                   "max_length": max_length(self.config),
                                                   "device": self.device.type,
                                                   "world_size": self.world_size}
