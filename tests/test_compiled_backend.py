@@ -12,7 +12,7 @@ import torch
 
 from helpers import explicit_weights, make_adapter_inputs, oracle, random_grad
 from mlan_kernels import dispatch, mm_adapter
-from mlan_kernels.backends import reference as reference_backend
+from mlan_kernels.backends import plain_torch as reference_backend
 from mlan_kernels.reference import dropout_keep_mask
 
 compiled = pytest.importorskip("mlan_kernels.backends.compiled",

@@ -10,7 +10,7 @@ from mlan_kernels.ops.fused_linear_kl import (fused_linear_kl, fused_linear_kl_b
                                               fused_linear_kl_op)
 from mlan_kernels.bench.tensor_memory import TensorMemory
 from mlan_kernels.ops.kl_div import kl_div_logits, kl_rows_backward, kl_rows_forward
-from mlan_kernels.reference_kl import kl_div_logits_reference
+from mlan_kernels.reference import kl_div_logits_reference
 
 from helpers import HAS_KL_CPU, HAS_TRITON
 

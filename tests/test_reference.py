@@ -1,11 +1,12 @@
-"""The oracle (mlan_kernels/reference.py) and the reference backend's hand-written backward."""
+"""The oracle (mlan_kernels/reference/) and the reference backend's hand-written backward
+(mlan_kernels/backends/plain_torch.py)."""
 import pytest
 import torch
 
 from helpers import (HAS_TRITON, TEMPERATURE, explicit_weights, make_adapter_inputs,
                      oracle, random_grad)
 from mlan_kernels import mm_adapter
-from mlan_kernels.backends import reference as reference_backend
+from mlan_kernels.backends import plain_torch as reference_backend
 from mlan_kernels.reference import (compact_up_weight, dense_up_weight, dropout_keep_mask,
                                     mm_adapter_reference, philox_uint32, routing_weights)
 
@@ -91,7 +92,7 @@ def test_dense_compact_round_trip_and_block_structure(groups):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("experts", [1, 2, 3])
 def test_reference_backward_matches_autograd(experts, groups, dropout_p, routing, device):
-    """backends/reference.backward == autograd of the oracle with the routing weights as a leaf
+    """backends/plain_torch.backward == autograd of the oracle with the routing weights as a leaf
     (the backend's contract: token-wise grads and ∂w; the op adds the router term itself)."""
     batch, length, dim, rank = 3, 5, 8, 4
     inputs = make_adapter_inputs(batch, length, dim, rank, experts, groups, torch.float64, device)

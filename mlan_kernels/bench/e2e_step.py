@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from .. import dispatch
 from ..integrations import patching
 from ..integrations.llama import patch_llama
-from ..reference import routing_weights
+from ..functional import routing_weights
 from . import timing
 
 VARIANTS = ("fused", "eager_adapters", "no_adapters")

@@ -1,6 +1,6 @@
 """HuggingFace integrations: MM-Adapters in LLaMA / CLIP, merging, the LaVIN assembly.
 
-Layering: this package imports `mlan_kernels.modules` / `ops` / `reference`, never the reverse.
+Layering: this package imports `mlan_kernels.modules` / `ops` / `functional`, never the reverse.
 """
 from .clip import patch_clip_vision
 from .families import MODEL_TYPES, patch

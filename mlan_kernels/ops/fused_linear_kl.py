@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference_kl import compute_dtype, reduce_rows
+from ..functional import compute_dtype, reduce_rows
 from ._custom_op import choose_apply, eager_function
 from .kl_div import kl_rows_backward, kl_rows_forward, validate_kl_args
 

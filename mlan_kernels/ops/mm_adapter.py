@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..reference import compute_dtype
-from ..reference import routing_weights as _router_softmax
+from ..functional import compute_dtype
+from ..functional import routing_weights as _router_softmax
 from ._custom_op import choose_apply, eager_function
 from .validation import validate_mm_adapter_args
 
@@ -24,7 +24,7 @@ def _seed(seed: Optional[Tensor]) -> int:
 
 def _routing(x, router_weight, router_bias, weights, temperature, experts, router=None):
     """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]
-    (`router`: a backend's own fused router, same math as reference.routing_weights)."""
+    (`router`: a backend's own fused router, same math as functional.routing_weights)."""
     batch, length, _ = x.shape
     if weights is not None:
         return weights.to(compute_dtype(x.dtype)).clone()
