@@ -1,17 +1,20 @@
-"""Eager cost of the custom-op boundary: µs per call of the MM-Adapter op through each design.
+"""Eager cost of the custom-op boundary: µs per call of the MM-Adapter op and its pieces.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/dispatch_cost.py [--device cpu] [--repeat 7]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/dispatch_cost.py [--repeat 15]
 
-Designs (same kernels, small shapes so that the Python/dispatcher overhead shows):
-  function         plain autograd.Function calling the Python implementation (today's eager path)
-  registered op    torch.library.custom_op with register_autograd, called eagerly
-  function + ops   flash-attention's shape: one autograd.Function whose forward and backward
-                   call custom ops (CustomOpDef objects) that have fakes and no autograd
-  function + .default   the same, calling the ops' OpOverload (torch.ops.ns.op.default)
-  ctx function + ...    old-style Functions (forward(ctx, ...) sets up the context itself)
-and the bare calls: the forward implementation vs its custom op (CustomOpDef / OpOverload).
-Prints one line per design: the minimum over --repeat runs of the mean µs per call, in CPU time
-of the calling thread (run with OMP_NUM_THREADS=1: a shared machine then slows no row).
+Rows (small shapes, so that the Python/dispatcher overhead shows):
+  fwd+bwd  MMAdapterFunction     the op's one autograd path (old-style autograd.Function whose
+                                 forward/backward call the custom ops' OpOverloads)
+  fwd/bwd  implementation | CustomOpDef | OpOverload
+                                 the bare forward/backward: the Python implementation called
+                                 directly, through the custom op object, through .default
+  Function setup_context | forward(ctx)
+                                 a 15-argument autograd.Function doing nothing: the new-style
+                                 form (separate setup_context) binds the arguments with
+                                 inspect.signature on every apply, the old-style one does not
+Each row: the minimum over --repeat rounds (rows interleaved) of the mean thread CPU time per
+call (run with OMP_NUM_THREADS=1 on a shared machine). The two-path design this replaced is
+measured by this script at commit 8daebca.
 """
 import argparse
 import importlib
@@ -22,42 +25,32 @@ import torch
 from tests.helpers import make_adapter_inputs
 
 op_module = importlib.import_module("mlan_kernels.ops.mm_adapter")
-
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")
 
 
-@torch.library.custom_op("mlan_bench::mm_adapter_fwd", mutates_args=())
-def forward_op(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
-               up_weight: torch.Tensor, up_bias: torch.Tensor, router_weight: torch.Tensor,
-               router_bias: torch.Tensor, weights: torch.Tensor | None, scale: float,
-               temperature: float, dropout_p: float, seed: torch.Tensor | None, groups: int,
-               single_modality: bool | None = None, backend: str = "auto"
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return op_module._forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight,
-                                   router_bias, weights, scale, temperature, dropout_p, seed,
-                                   groups, single_modality, backend)
+class _SetupContextStyle(torch.autograd.Function):
+    @staticmethod
+    def forward(x, a, b, c, d, e, f, g, h, i, j, k, l, m, n):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.hyper = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + (None,) * 14
 
 
-def _function(name, forward, traced):
-    """An autograd.Function with `forward`, the op's context setup and backward; traced=True
-    makes the backward call the registered backward op instead of the implementation."""
-    def setup(ctx, inputs, output):
-        op_module._setup_context(ctx, inputs, output)
-        ctx.traced = traced
-    return type(name, (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), setup_context=staticmethod(setup),
-        backward=staticmethod(op_module._backward)))
+class _CtxStyle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, c, d, e, f, g, h, i, j, k, l, m, n):
+        ctx.hyper = (a, b, c, d, e, f, g, h, i, j, k, l, m, n)
+        return x.view_as(x)
 
-
-def _ctx_function(name, forward):
-    """The same as an old-style Function (forward(ctx, *inputs) saves the context itself): apply
-    then skips the inspect.signature binding that a separate setup_context costs per call."""
-    def forward_with_ctx(ctx, *inputs):
-        output = forward(*inputs)
-        op_module._setup_context(ctx, inputs, output)
-        return output
-    return type(name, (torch.autograd.Function,), dict(
-        forward=staticmethod(forward_with_ctx), backward=staticmethod(op_module._backward)))
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + (None,) * 14
 
 
 def _time(rows, iterations, repeat):
@@ -86,35 +79,25 @@ def main(argv=None):
     leaves = [inputs[name].clone().requires_grad_() for name in NAMES]
     hyper = (None, 1.0, 10.0, 0.0, None, 2, None, "auto")
     grad_y = torch.randn_like(inputs["x"])
-    designs = {
-        "function": _function("Plain", op_module._forward_impl, traced=False),
-        "function + ops": _function("OverOps", forward_op, traced=True),
-        "function + .default": _function("OverOverloads", torch.ops.mlan_bench.mm_adapter_fwd.default,
-                                         traced=True),
-        "ctx function + .default": _ctx_function("CtxOverOverloads",
-                                                 torch.ops.mlan_bench.mm_adapter_fwd.default),
-        "ctx function + implementation": _ctx_function("CtxPlain", op_module._forward_impl),
-    }
 
-    def train_step(apply):
-        def call():
-            y = apply(*leaves, *hyper)[0]
-            y.backward(grad_y)
-        return call
+    def train_step():
+        op_module.MMAdapterFunction.apply(*leaves, *hyper)[0].backward(grad_y)
 
-    rows = [(f"fwd+bwd  {name}", train_step(fn.apply)) for name, fn in designs.items()]
-    rows.append(("fwd+bwd  registered op", train_step(op_module.mm_adapter_op)))
     plain = [inputs[name] for name in NAMES]
-    rows += [("fwd      implementation", lambda: op_module._forward_impl(*plain, *hyper)),
-             ("fwd      CustomOpDef", lambda: forward_op(*plain, *hyper)),
-             ("fwd      OpOverload", lambda: torch.ops.mlan_bench.mm_adapter_fwd.default(*plain, *hyper))]
     y, h, rw = op_module._forward_impl(*plain, *hyper)
     backward_args = (grad_y, plain[0], h, rw, *plain[1:5], 1.0, 0.0, None, 2, "auto")
-    rows += [("bwd      implementation", lambda: op_module._backward_impl(*backward_args)),
-             ("bwd      CustomOpDef", lambda: op_module.mm_adapter_backward_op(*backward_args)),
-             ("bwd      OpOverload", lambda: torch.ops.mlan.mm_adapter_backward.default(*backward_args))]
+    small = torch.ones(4, requires_grad=True)
+    rows = [("fwd+bwd  MMAdapterFunction", train_step),
+            ("fwd      implementation", lambda: op_module._forward_impl(*plain, *hyper)),
+            ("fwd      CustomOpDef", lambda: op_module.mm_adapter_op(*plain, *hyper)),
+            ("fwd      OpOverload", lambda: torch.ops.mlan.mm_adapter.default(*plain, *hyper)),
+            ("bwd      implementation", lambda: op_module._backward_impl(*backward_args)),
+            ("bwd      CustomOpDef", lambda: op_module.mm_adapter_backward_op(*backward_args)),
+            ("bwd      OpOverload", lambda: torch.ops.mlan.mm_adapter_backward.default(*backward_args)),
+            ("Function setup_context", lambda: _SetupContextStyle.apply(small, *range(14))),
+            ("Function forward(ctx)", lambda: _CtxStyle.apply(small, *range(14)))]
     print(f"torch {torch.__version__}, device {args.device}, x [2, 8, 64], r 8, E 2, g 2, fp32; "
-          f"min over {args.repeat} runs of the mean of {args.iterations} calls")
+          f"min over {args.repeat} rounds of the mean of {args.iterations} calls")
     for label, micros in _time(rows, args.iterations, args.repeat).items():
         print(f"{label:32s} {micros:8.1f} µs")
 

@@ -192,12 +192,12 @@ def test_single_modality_flag_uses_the_first_samples_weights():
 
 
 def test_opcheck_and_compile_with_cpu_backend():
-    """The compiled backend runs inside mlan::mm_adapter: schema/fake/autograd checks and
+    """The compiled backend runs inside mlan::mm_adapter: schema/fake checks and
     torch.compile(fullgraph=True) still pass."""
     inputs = make_adapter_inputs(2, 5, 32, 4, 2, 2, torch.float32, "cpu")
-    tensors = [value.clone().requires_grad_() for value in inputs.values()]
     torch.library.opcheck(torch.ops.mlan.mm_adapter.default,
-                          (*tensors, None, 1.0, 10.0, 0.2, torch.tensor(9), 2, None, "cpu"))
+                          (*inputs.values(), None, 1.0, 10.0, 0.2, torch.tensor(9), 2, None, "cpu"))
+    tensors = [value.clone().requires_grad_() for value in inputs.values()]
     torch._dynamo.reset()
 
     def adapter(x):

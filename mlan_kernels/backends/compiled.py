@@ -28,19 +28,13 @@ def supports(name, device, dtype):
     return None
 
 
-def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
-            seed, groups, single_modality):
-    """x: [B, L, D]; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] (fp32;
-    fp64 for fp64 x), the post-dropout hidden."""
-    return torch.ops.mlan_C.mm_adapter_forward(
-        x, down_weight, down_bias, up_weight, up_bias, routing_weights, float(scale),
-        float(dropout_p), int(seed), int(groups), bool(single_modality))
-
-
-def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
-             dropout_p, seed, groups):
-    """Returns (grad_x [B, L, D] without the router term, grad_down_weight, grad_down_bias,
-    grad_up_weight, grad_up_bias in their parameters' dtypes, grad_routing_weights [B, E])."""
-    return torch.ops.mlan_C.mm_adapter_backward(
-        grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, float(scale),
-        float(dropout_p), int(seed), int(groups))
+# The contract's two functions are the compiled ops themselves (no Python in between):
+#   forward(x [B, L, D], down_weight, down_bias, up_weight, up_bias, routing_weights [B, E], scale,
+#           dropout_p, seed, groups, single_modality) -> (y [B, L, D] in x.dtype, h [B, L, r] fp32
+#           (fp64 for fp64 x), the post-dropout hidden)
+#   backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
+#            dropout_p, seed, groups) -> (grad_x [B, L, D] without the router term,
+#            grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias in their parameters'
+#            dtypes, grad_routing_weights [B, E])
+forward = torch.ops.mlan_C.mm_adapter_forward.default
+backward = torch.ops.mlan_C.mm_adapter_backward.default

@@ -9,7 +9,7 @@ Backends (registry: mlan_kernels.dispatch, op "kl_div"; modules backends/kl_*.py
 (CUDA; CPU only under TRITON_INTERPRET=1, for tests), "cpu" (the compiled C++ kernels; the CPU
 default for fp32/bf16/fp16) and "chunked" (plain torch over blocks of rows; the only fp64 path,
 and the fallback when the others cannot run). `kl_div_logits` (the user API) applies the
-reduction and the eager / torch.compile split of ops/_custom_op.py.
+reduction; KLDivFunction is the one autograd path, eager and compiled.
 
 The fused linear + KL op (logits computed chunk by chunk) is in ops/fused_linear_kl.py.
 """
@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .. import dispatch
 from ..functional import REDUCTIONS, compute_dtype, reduce_rows
-from ._custom_op import choose_apply, eager_function
 
 
 def _backend(logits: Tensor, requested: str):
@@ -84,26 +83,27 @@ def _(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto"):
             torch.empty_like(logits_q, memory_format=torch.contiguous_format))
 
 
-def _setup_context(ctx, inputs, output):
-    logits_p, logits_q, mask, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.mark_non_differentiable(lse_p, lse_q)
-    ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
-    ctx.backend = backend
-    ctx.traced = True
+class KLDivFunction(torch.autograd.Function):
+    """The op's one autograd path, eager and under torch.compile (the custom ops are opaque
+    nodes with fakes there). Per row t, with p = softmax(logits_p), q = softmax(logits_q):
+        KL_t = Σ_v p_v (log p_v − log q_v)
+        ∂/∂logits_p[t, v] = g_t · p_v (log p_v − log q_v − KL_t);  ∂/∂logits_q[t, v] = g_t · (q_v − p_v)
+    """
 
+    @staticmethod
+    def forward(ctx, logits_p, logits_q, mask, backend):
+        kl, lse_p, lse_q = torch.ops.mlan.kl_div_logits.default(logits_p, logits_q, mask, backend)
+        ctx.mark_non_differentiable(lse_p, lse_q)
+        ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
+        ctx.backend = backend
+        return kl, lse_p, lse_q
 
-def _backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
-    logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
-    backward = kl_div_logits_backward_op if ctx.traced else kl_rows_backward
-    grad_p, grad_q = backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
-    return grad_p, grad_q, None, None
-
-
-kl_div_logits_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-_EagerKL = eager_function("_EagerKL", kl_rows_forward, _setup_context, _backward)
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+        logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
+        grad_p, grad_q = torch.ops.mlan.kl_div_logits_backward.default(
+            grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
+        return grad_p, grad_q, None, None
 
 
 def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=("logits_p", "logits_q")):
@@ -133,8 +133,7 @@ def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=
 
 def kl_rows(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     """Differentiable per-row KL of flat logits [T, V] (mask [T] bool or None) -> [T]."""
-    apply = choose_apply(kl_div_logits_op, _EagerKL)
-    return apply(logits_p, logits_q, mask, backend)[0]
+    return KLDivFunction.apply(logits_p, logits_q, mask, backend)[0]
 
 
 def kl_div_logits(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = None,
