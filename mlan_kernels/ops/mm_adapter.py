@@ -17,6 +17,7 @@ from ..functional import compute_dtype
 from ..functional import routing_weights as _router_softmax
 from .validation import validate_mm_adapter_args
 
+
 def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
