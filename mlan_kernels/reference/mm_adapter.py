@@ -9,7 +9,7 @@ M_e is the dense [D, r] block-diagonal form of the grouped up-projection
 up_weight[e] ([D, r/g]): output channel j reads hidden block j // (D/g).
 The router softmax, the dense form and the dropout mask (Philox, bit-identical to Triton's
 `tl.randint`) are production helpers of mlan_kernels/functional.py. The backward oracle is
-autograd of this function (tests/helpers.py `oracle`).
+autograd of the forward (mm_adapter_backward_reference).
 """
 import torch
 
@@ -43,3 +43,17 @@ def mm_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, router_w
     mixed = torch.einsum("be,bled->bld", weights, per_expert)              # [B, L, D]
     y = xc + scale * mixed
     return y.to(x.dtype), h, weights
+
+
+def mm_adapter_backward_reference(grad_y, x, down_weight, down_bias, up_weight, up_bias,
+                                  routing_weights, scale=1.0, dropout_p=0.0, seed=0, groups=1):
+    """The backward oracle: gradients of <grad_y, y> by autograd of mm_adapter_reference with the
+    routing weights [B, E] as a leaf (the backends' backward contract: the op adds the router
+    term). Returns (grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias,
+    grad_routing_weights), each in its input's dtype."""
+    leaves = [tensor.detach().requires_grad_() for tensor in
+              (x, down_weight, down_bias, up_weight, up_bias, routing_weights)]
+    with torch.enable_grad():
+        y, _, _ = mm_adapter_reference(*leaves[:5], weights=leaves[5], scale=scale,
+                                       dropout_p=dropout_p, seed=seed, groups=groups)
+        return torch.autograd.grad(y, leaves, grad_y)
