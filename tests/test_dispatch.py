@@ -94,3 +94,16 @@ def test_float64_under_auto_falls_back_silently(recwarn, monkeypatch):
     assert dispatch.select_backend(CPU, torch.float64) == "reference"
     assert dispatch.select_backend(CPU, torch.float64, op="kl_div") == "chunked"
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_grad_scale_env_override_reaches_the_op(monkeypatch):
+    from mlan_kernels import scale_grads_
+    calls = []
+    foreach = dispatch.get_backend("foreach", op="grad_scale")
+    original = foreach.scale_grads
+    monkeypatch.setattr(foreach, "scale_grads", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setenv("MLAN_GRAD_SCALE_BACKEND", "foreach")
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 2.0)
+    norms = scale_grads_([[param]], [0.5])
+    assert calls and torch.allclose(param.grad, torch.ones(3)) and torch.allclose(norms, torch.tensor([12.0]).sqrt())
