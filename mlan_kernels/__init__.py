@@ -1,5 +1,5 @@
 """mlan-kernels: fused MM-Adapter (LaVIN) kernels and mixed-modality training utilities."""
-from . import dispatch, reference, training
+from . import dispatch, training
 from .checkpoint import load_adapters, load_lavin_adapters, save_adapters
 from .config import AdapterConfig
 from .integrations import (merge_adapters, patch, patch_clip_vision, patch_llama,
@@ -11,7 +11,7 @@ from .ops import fused_linear_kl, kl_div_logits, mm_adapter, scale_grads_
 from .summary import count_trainable_parameters, summary
 
 __version__ = "0.1.0"
-__all__ = ["MMAdapter", "mm_adapter", "dispatch", "reference", "AdapterConfig", "patch",
+__all__ = ["MMAdapter", "mm_adapter", "dispatch", "AdapterConfig", "patch",
            "patch_llama", "patch_clip_vision",
            "unpatch", "unpatched", "merge_adapters", "unmerge_adapters", "record_routing_weights", "set_backend",
            "LavinModel", "build_lavin", "save_adapters", "load_adapters", "load_lavin_adapters",

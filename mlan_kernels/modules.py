@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .ops.mm_adapter import mm_adapter
-from .reference import routing_weights as _router_softmax
+from .functional import routing_weights as _router_softmax
 
 # LaVIN's RepAdapter_Router: conv_A is the down-projection, conv_B / conv_D the up-projections
 # of expert 0 / expert 1 (Conv1d kernel size 1, so each weight has a trailing dimension of 1),

@@ -35,8 +35,14 @@ _TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_train_mixed.py"
                   "-k", "not ddp and not fsdp2 and not console_scripts"]
 TESTS = {
     # The oracle's own tests only (for time: _OP_TESTS makes a survivor cost minutes).
-    "mlan_kernels/reference.py": ["tests/test_reference.py", "tests/test_behaviour_reference.py"],
-    "mlan_kernels/reference_kl.py": _KL_TESTS + ["tests/test_grad_scale.py"],
+    "mlan_kernels/reference/mm_adapter.py": ["tests/test_reference.py",
+                                             "tests/test_behaviour_reference.py"],
+    "mlan_kernels/reference/kl.py": _KL_TESTS,
+    "mlan_kernels/reference/grad_scale.py": ["tests/test_grad_scale.py"],
+    "mlan_kernels/functional.py": ["tests/test_reference.py", "tests/test_behaviour_reference.py",
+                                   "tests/test_kl_div.py"],
+    "mlan_kernels/dispatch.py": ["tests/test_dispatch.py", "tests/test_mm_adapter_op.py",
+                                 "tests/test_kl_div.py", "tests/test_grad_scale.py"],
     "mlan_kernels/ops/mm_adapter.py": _OP_TESTS,
     # test_mm_adapter_op.py is left out for time (~55 s a survivor; it makes only valid calls).
     "mlan_kernels/ops/validation.py": ["tests/test_validation.py",
@@ -44,7 +50,12 @@ TESTS = {
     "mlan_kernels/ops/kl_div.py": _KL_TESTS,
     "mlan_kernels/ops/fused_linear_kl.py": _KL_TESTS,
     "mlan_kernels/ops/grad_scale.py": ["tests/test_grad_scale.py"],
-    "mlan_kernels/backends/reference.py": _OP_TESTS,
+    "mlan_kernels/backends/plain_torch.py": _OP_TESTS,
+    "mlan_kernels/backends/kl_chunked.py": _KL_TESTS,
+    "mlan_kernels/backends/kl_compiled.py": _KL_TESTS,
+    "mlan_kernels/backends/kl_triton.py": _KL_TESTS,
+    "mlan_kernels/backends/grad_scale_foreach.py": ["tests/test_grad_scale.py"],
+    "mlan_kernels/backends/grad_scale_triton.py": ["tests/test_grad_scale.py"],
     "mlan_kernels/backends/compiled.py": _OP_TESTS + ["tests/test_compiled_backend.py"],
     "mlan_kernels/backends/triton.py": _OP_TESTS,
     "mlan_kernels/integrations/patching.py": _INTEGRATION_TESTS,

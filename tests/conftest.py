@@ -30,10 +30,10 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def reset_backend_warnings():
     """Forget which 'backend unavailable' warnings were already issued, so each test sees its own."""
-    from mlan_kernels import dispatch
-    dispatch._warned.clear()
+    from mlan_kernels.utils import reset_warnings
+    reset_warnings()
     yield
-    dispatch._warned.clear()
+    reset_warnings()
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _kl_cpu_kernels_built() -> bool:
-    from mlan_kernels.ops.kl_div import cpu_kernels_unavailable
-    return cpu_kernels_unavailable() is None
+    from mlan_kernels import dispatch
+    return dispatch.unavailable_reason("cpu", torch.device("cpu"), torch.float32, op="kl_div") is None
 
 
 HAS_KL_CPU = _kl_cpu_kernels_built()      # the compiled extension with the KL kernels loads

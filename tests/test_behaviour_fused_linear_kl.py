@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlan_kernels.ops.fused_linear_kl import fused_linear_kl
-from mlan_kernels.reference_kl import kl_div_logits_reference
+from mlan_kernels.reference import kl_div_logits_reference
 
 from helpers import HAS_KL_CPU
 

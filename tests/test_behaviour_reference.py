@@ -1,4 +1,4 @@
-"""Behaviour of the oracle (mlan_kernels/reference.py), checked against definitions written out
+"""Behaviour of the oracle (mlan_kernels/reference/), checked against definitions written out
 here independently of it: the router is softmax((W_R x[b, 0] + b_R) / t) computed in fp32 (fp64
 for fp64 inputs), the forward is docs/mm_adapter.md's formula with the grouped up-projection
 applied group by group, and Philox4x32-10 gives the published known answer."""

@@ -1,10 +1,10 @@
-"""scale_grads_: per-group norms, clipping and multipliers vs the plain loop of reference_kl."""
+"""scale_grads_: per-group norms, clipping and multipliers vs the plain loop of the oracle."""
 import pytest
 import torch
 from torch import nn
 
 from mlan_kernels.ops.grad_scale import scale_grads_
-from mlan_kernels.reference_kl import scale_grads_reference
+from mlan_kernels.reference import scale_grads_reference
 
 from helpers import HAS_TRITON
 
@@ -87,7 +87,7 @@ def test_triton_tables_are_built_once_per_parameter_set_and_stay_correct():
     """A training loop calls scale_grads_ every step on the same parameters: the layout and
     address tables are built (and uploaded) once; a new grad storage gets a new address table
     and still the reference's result."""
-    from mlan_kernels.ops import grad_scale
+    from mlan_kernels.backends import grad_scale_triton as grad_scale
     grad_scale._layout_tables.cache_clear()
     grad_scale._address_table.cache_clear()
     ours, reference = make_groups(), make_groups()

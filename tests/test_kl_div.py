@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlan_kernels.ops.kl_div import kl_div_logits, kl_div_logits_backward_op, kl_div_logits_op
-from mlan_kernels.reference_kl import kl_div_logits_reference, kl_rows_grad_reference
+from mlan_kernels.reference import kl_div_logits_reference, kl_rows_grad_reference
 
 from helpers import HAS_KL_CPU, HAS_TRITON
 
@@ -155,8 +155,7 @@ def test_opcheck_and_eager_equals_custom_op():
     p, q = make_logits(rows=6, vocab=33)
     mask = torch.tensor([True, False, True, True, True, False])
     for mask_arg in (None, mask):
-        torch.library.opcheck(kl_div_logits_op, (p.clone().requires_grad_(), q.clone().requires_grad_(),
-                                                 mask_arg, "chunked"))
+        torch.library.opcheck(kl_div_logits_op, (p, q, mask_arg, "chunked"))   # (no autograd: KLDivFunction's)
     kl, lse_p, lse_q = kl_div_logits_op(p, q, mask, "chunked")
     torch.library.opcheck(kl_div_logits_backward_op, (torch.randn(6), p, q, mask, lse_p, lse_q, kl, "chunked"))
     eager = kl_div_logits(p, q, mask, "none", "chunked")
@@ -195,20 +194,25 @@ def test_triton_gpu_large_vocab(dtype):
 
 
 def test_auto_backend_and_fallback_warning(monkeypatch, recwarn):
-    from mlan_kernels.ops import kl_div as module
-    assert module.select_kl_backend(torch.device("cpu"), torch.float32) == ("cpu" if HAS_KL_CPU else "chunked")
-    module._warned.clear()
-    assert module.select_kl_backend(torch.device("cpu"), torch.float64) == "chunked"
+    from mlan_kernels import dispatch
+    from mlan_kernels.utils import reset_warnings
+
+    def select_kl_backend(device, dtype, requested="auto"):
+        return dispatch.select_backend(device, dtype, requested, op="kl_div")
+    monkeypatch.delenv("MLAN_KL_BACKEND", raising=False)
+    assert select_kl_backend(torch.device("cpu"), torch.float32) == ("cpu" if HAS_KL_CPU else "chunked")
+    reset_warnings()
+    assert select_kl_backend(torch.device("cpu"), torch.float64) == "chunked"
     assert not [w for w in recwarn if "KL backend" in str(w.message)]     # fp64: chunked by design
     with pytest.warns(RuntimeWarning, match="KL backend 'cpu' unavailable: cpu KL supports"):
-        assert module.select_kl_backend(torch.device("cpu"), torch.float64, "cpu") == "chunked"
-    module._warned.clear()
+        assert select_kl_backend(torch.device("cpu"), torch.float64, "cpu") == "chunked"
+    reset_warnings()
     with pytest.warns(RuntimeWarning, match="KL backend 'triton' unavailable"):
-        assert module.select_kl_backend(torch.device("cpu"), torch.float64, "triton") == "chunked"
+        assert select_kl_backend(torch.device("cpu"), torch.float64, "triton") == "chunked"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    module._warned.clear()
+    reset_warnings()
     with pytest.warns(RuntimeWarning, match="needs CUDA tensors"):
-        assert module.select_kl_backend(torch.device("cpu"), torch.float32, "triton") == "chunked"
+        assert select_kl_backend(torch.device("cpu"), torch.float32, "triton") == "chunked"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

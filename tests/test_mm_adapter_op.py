@@ -250,7 +250,7 @@ def test_env_override_selects_backend(monkeypatch, device):
 
 
 def test_forced_cuda_on_cpu_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(dispatch, "_warned", set())
+    dispatch.reset_warnings()
     monkeypatch.setenv("MLAN_BACKEND", "cuda")
     inputs = make_adapter_inputs(*SMALL, torch.float32, "cpu")
     with warnings.catch_warnings(record=True) as caught:

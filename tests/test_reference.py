@@ -1,11 +1,12 @@
-"""The oracle (mlan_kernels/reference.py) and the reference backend's hand-written backward."""
+"""The oracle (mlan_kernels/reference/) and the reference backend's hand-written backward
+(mlan_kernels/backends/plain_torch.py)."""
 import pytest
 import torch
 
 from helpers import (HAS_TRITON, TEMPERATURE, explicit_weights, make_adapter_inputs,
                      oracle, random_grad)
 from mlan_kernels import mm_adapter
-from mlan_kernels.backends import reference as reference_backend
+from mlan_kernels.backends import plain_torch as reference_backend
 from mlan_kernels.reference import (compact_up_weight, dense_up_weight, dropout_keep_mask,
                                     mm_adapter_reference, philox_uint32, routing_weights)
 
@@ -91,7 +92,7 @@ def test_dense_compact_round_trip_and_block_structure(groups):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("experts", [1, 2, 3])
 def test_reference_backward_matches_autograd(experts, groups, dropout_p, routing, device):
-    """backends/reference.backward == autograd of the oracle with the routing weights as a leaf
+    """backends/plain_torch.backward == autograd of the oracle with the routing weights as a leaf
     (the backend's contract: token-wise grads and ∂w; the op adds the router term itself)."""
     batch, length, dim, rank = 3, 5, 8, 4
     inputs = make_adapter_inputs(batch, length, dim, rank, experts, groups, torch.float64, device)
@@ -144,11 +145,12 @@ def test_gradcheck(function, routing):
 
 # ---------------------------------------------------------------- opcheck
 def _op_args(routing):
-    inputs = make_adapter_inputs(2, 5, 16, 4, 2, 2, torch.float32, device="cpu")
-    tensors = {name: value.requires_grad_() for name, value in inputs.items()}
+    """The kernel entry points have no autograd of their own (MMAdapterFunction is the op's
+    one autograd path, checked by gradcheck above), so opcheck gets plain tensors."""
+    tensors = make_adapter_inputs(2, 5, 16, 4, 2, 2, torch.float32, device="cpu")
     weights = None
     if routing == "explicit":
-        weights = explicit_weights(2, 2, torch.float32, "cpu").requires_grad_()
+        weights = explicit_weights(2, 2, torch.float32, "cpu")
         tensors["router_weight"] = tensors["router_bias"] = None
     return (tensors["x"], tensors["down_weight"], tensors["down_bias"], tensors["up_weight"],
             tensors["up_bias"], tensors["router_weight"], tensors["router_bias"], weights,
@@ -167,6 +169,6 @@ def test_opcheck_backward():
                                               router_weight, router_bias, None, scale, temperature,
                                               dropout_p, seed, groups, None, backend)
     grad_y = random_grad(x.shape, x.dtype, device="cpu")
-    args = (grad_y, x.detach(), h, weights.detach(), down_weight.detach(), down_bias.detach(),
-            up_weight.detach(), up_bias.detach(), scale, dropout_p, seed, groups, backend)
+    args = (grad_y, x, h, weights, down_weight, down_bias, up_weight, up_bias, scale, dropout_p,
+            seed, groups, backend)
     torch.library.opcheck(torch.ops.mlan.mm_adapter_backward.default, args)

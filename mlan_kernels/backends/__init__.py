@@ -1,1 +1,2 @@
-"""MM-Adapter backends: modules with the same `forward`/`backward` (see mlan_kernels.dispatch)."""
+"""Backends of every op: one module per (op, implementation), with the op's functions; the
+registry that lists them and picks one is mlan_kernels.dispatch (backends never import it)."""

@@ -1,7 +1,7 @@
 """Compiled backends `cpu` and `cuda`: the C++/OpenMP and CUDA kernels of csrc/, as the ops
 torch.ops.mlan_C.mm_adapter_forward / mm_adapter_backward of the extension `mlan_kernels._C`.
 
-Same `forward`/`backward` contract as backends/reference.py. The ops validate their arguments
+Same `forward`/`backward` contract as every MM-Adapter backend (mlan_kernels.dispatch). The ops validate their arguments
 in C++ and pick the CPU or CUDA kernels by the tensors' device (torch's dispatcher). Importing
 this module raises ImportError when the extension was not built; the dispatcher then falls back
 to the reference backend with one warning that says how to build it.
@@ -19,33 +19,22 @@ except ImportError as error:
     raise ImportError(f"the compiled extension mlan_kernels._C is not built or does not load "
                       f"({error}); {BUILD_HINT}") from error
 
-_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-           "cuda": (torch.float32, torch.bfloat16, torch.float16)}
-
-
 def supports(name, device, dtype):
-    """None when backend `name` ("cpu" | "cuda") can run tensors of this device/dtype, else why not."""
+    """None when backend `name` ("cpu" | "cuda") can run tensors of this device/dtype, else why
+    not (the registry checked the dtypes and devices)."""
     if name == "cuda" and not _C.cuda_compiled:
         return ("mlan_kernels._C was built without its CUDA kernels (no CUDA torch or nvcc at "
                 f"build time, or MLAN_SKIP_CUDA=1); {BUILD_HINT} on a machine with nvcc")
-    if dtype not in _DTYPES[name]:
-        return f"the {name} backend supports {_DTYPES[name]}, got {dtype}"
     return None
 
 
-def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
-            seed, groups, single_modality):
-    """x: [B, L, D]; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] (fp32;
-    fp64 for fp64 x), the post-dropout hidden."""
-    return torch.ops.mlan_C.mm_adapter_forward(
-        x, down_weight, down_bias, up_weight, up_bias, routing_weights, float(scale),
-        float(dropout_p), int(seed), int(groups), bool(single_modality))
-
-
-def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
-             dropout_p, seed, groups):
-    """Returns (grad_x [B, L, D] without the router term, grad_down_weight, grad_down_bias,
-    grad_up_weight, grad_up_bias in their parameters' dtypes, grad_routing_weights [B, E])."""
-    return torch.ops.mlan_C.mm_adapter_backward(
-        grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, float(scale),
-        float(dropout_p), int(seed), int(groups))
+# The contract's two functions are the compiled ops themselves (no Python in between):
+#   forward(x [B, L, D], down_weight, down_bias, up_weight, up_bias, routing_weights [B, E], scale,
+#           dropout_p, seed, groups, single_modality) -> (y [B, L, D] in x.dtype, h [B, L, r] fp32
+#           (fp64 for fp64 x), the post-dropout hidden)
+#   backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
+#            dropout_p, seed, groups) -> (grad_x [B, L, D] without the router term,
+#            grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias in their parameters'
+#            dtypes, grad_routing_weights [B, E])
+forward = torch.ops.mlan_C.mm_adapter_forward.default
+backward = torch.ops.mlan_C.mm_adapter_backward.default

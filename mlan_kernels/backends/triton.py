@@ -1,6 +1,6 @@
 """Triton backend: launches the fused kernels of mlan_kernels/triton/mm_adapter_kernels.py.
 
-Same `forward`/`backward` contract as backends/reference.py. Runs on CUDA tensors, and on CPU
+Same `forward`/`backward` contract as every MM-Adapter backend (mlan_kernels.dispatch). Runs on CUDA tensors, and on CPU
 tensors under TRITON_INTERPRET=1 (tests), where small fixed tile sizes keep programs cheap.
 """
 import functools
@@ -8,22 +8,18 @@ import functools
 import torch
 import triton
 
-from ..dispatch import triton_interpreter
-from ..reference import dropout_threshold
+from ..functional import dropout_threshold
 from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_finalize_kernel,
                                          mm_adapter_bwd_rows_kernel, mm_adapter_fwd_kernel,
                                          router_bwd_kernel, router_kernel,
                                          weight_slots_kernel)
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
+from ..utils import triton_interpreter
 
 def supports(name, device, dtype):
-    """None when tensors of this device/dtype can run here, else the reason. The interpreter
-    (TRITON_INTERPRET=1) runs the kernels in numpy, which has no bfloat16: its bf16 dots
-    return garbage, so bf16 is refused there (the dispatcher falls back with one warning)."""
-    if dtype not in _DTYPES:
-        return f"triton backend supports {_DTYPES}, got {dtype}"
+    """None when tensors of this device/dtype can run here, else the reason (the registry
+    checked the dtypes and devices). The interpreter (TRITON_INTERPRET=1) runs the kernels in
+    numpy, which has no bfloat16: its bf16 dots return garbage, so bf16 is refused there (the
+    dispatcher falls back with one warning)."""
     if dtype == torch.bfloat16 and _interpreted(device):
         return "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 correctly"
     return None
@@ -87,7 +83,7 @@ def _weight_slots(x, down_weight, up_weight, up_bias, coef, scale, groups, r_pad
 
 def routing(x0, router_weight, router_bias, temperature):
     """The router's [B, E] fp32 softmax for routing tokens x0 [B, D] in one launch (the op's
-    default, reference.routing_weights, costs 4 launches, 7 with 16-bit inputs)."""
+    default, functional.routing_weights, costs 4 launches, 7 with 16-bit inputs)."""
     batch, dim = x0.shape
     experts = router_weight.shape[0]
     if x0.stride(-1) != 1:                  # (a stride-0 row axis is fine: rows repeat row 0)

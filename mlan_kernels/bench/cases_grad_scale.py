@@ -5,7 +5,7 @@ params are fp32 whatever the activation dtype), max_norm = 1e6 (the clip factor 
 and applied but stays 1, so repeated calls leave the grads unchanged).
 
 Implementations: ours = scale_grads_ with backend "foreach" (everywhere) and "triton" (CUDA);
-loop = reference_kl.scale_grads_reference, a Python loop over the parameters (the reference);
+loop = reference.scale_grads_reference, a Python loop over the parameters (the reference);
 copy = y.copy_(x) of one flat fp32 tensor of all the grads' values.
 """
 import functools
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.grad_scale import scale_grads_
-from ..reference_kl import scale_grads_reference
+from ..reference import scale_grads_reference
 from . import traffic
 from .cases import TOLERANCE, Case, Impl, copy_impl
 

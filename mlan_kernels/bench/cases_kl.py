@@ -2,7 +2,7 @@
 fused_linear_kl: hidden states h_p, h_q [T, H] and an LM head W [V, H] in that dtype.
 
 Implementations: ours = each KL backend that runs here ("triton" on CUDA, the compiled "cpu"
-kernels on CPU, "chunked" everywhere: plain torch over blocks of rows); eager = mlan_kernels.reference_kl (row-wise
+kernels on CPU, "chunked" everywhere: plain torch over blocks of rows); eager = mlan_kernels.reference (row-wise
 log_softmax, full [T, V] temporaries), compile = torch.compile of it; unfused =
 F.kl_div(log_softmax(q), log_softmax(p), log_target=True) as most training code writes it
 (in the logits' dtype); copy = y.copy_(logits_p) (2·T·V bytes: what reading both logits once
@@ -13,9 +13,10 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from ..ops.fused_linear_kl import fused_linear_kl
-from ..ops.kl_div import cpu_kernels_unavailable, kl_div_logits
-from ..reference_kl import kl_div_logits_reference
+from ..ops.kl_div import kl_div_logits
+from ..reference import kl_div_logits_reference
 from . import traffic
 from .cases import TOLERANCE, Case, autograd_impl, compiled, copy_impl
 
@@ -25,7 +26,8 @@ def kl_backends(device: torch.device) -> list:
     kernels, CPU tensors, when mlan_kernels._C is built)."""
     if device.type == "cuda":
         return (["triton"] if importlib.util.find_spec("triton") is not None else []) + ["chunked"]
-    return (["cpu"] if cpu_kernels_unavailable() is None else []) + ["chunked"]
+    cpu_ok = dispatch.unavailable_reason("cpu", device, torch.float32, op="kl_div") is None
+    return (["cpu"] if cpu_ok else []) + ["chunked"]
 
 
 def _random(shape, dtype, device, seed, std=2.0):

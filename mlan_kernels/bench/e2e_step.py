@@ -53,7 +53,7 @@ from .. import dispatch
 from ..config import AdapterConfig
 from ..integrations import patching
 from ..integrations.llama import patch_llama
-from ..reference import routing_weights
+from ..functional import routing_weights
 from . import timing
 
 VARIANTS = ("fused", "eager_adapters", "no_adapters")

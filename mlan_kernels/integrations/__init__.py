@@ -1,6 +1,6 @@
 """HuggingFace integrations: MM-Adapters in LLaMA / CLIP, merging, the LaVIN assembly.
 
-Layering: this package imports `mlan_kernels.config` / `modules` / `ops` / `reference`, never the reverse.
+Layering: this package imports `mlan_kernels.config` / `modules` / `ops` / `functional`, never the reverse.
 """
 from ..config import AdapterConfig
 from .clip import patch_clip_vision

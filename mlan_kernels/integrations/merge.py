@@ -11,7 +11,7 @@ The router makes U and c modality dependent: merge with the weights of one modal
 import torch
 from torch import nn
 
-from ..reference import dense_up_weight
+from ..functional import dense_up_weight
 from .patching import AdaptedNorm
 
 MERGED_ATTRIBUTE = "_mlan_merged"

@@ -22,8 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference_kl import compute_dtype, reduce_rows
-from ._custom_op import choose_apply, eager_function
+from ..functional import compute_dtype, reduce_rows
 from .kl_div import kl_rows_backward, kl_rows_forward, validate_kl_args
 
 WEIGHT_GRAD_BLOCK = 4096    # vocabulary rows per ∂weight partial product (bf16/fp16 weights)
@@ -121,25 +120,26 @@ def _(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size, backend
             torch.empty_like(hidden_q, memory_format=dense), torch.empty_like(weight))
 
 
-def _linear_setup_context(ctx, inputs, output):
-    hidden_p, hidden_q, weight, chunk_size, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.mark_non_differentiable(lse_p, lse_q)
-    ctx.save_for_backward(hidden_p, hidden_q, weight, lse_p, lse_q, kl)
-    ctx.hyper = (chunk_size, backend)
-    ctx.traced = True
+class FusedLinearKLFunction(torch.autograd.Function):
+    """The op's one autograd path, eager and under torch.compile. With logits_{p,q} = hidden_{p,q} Wᵀ
+    and ∂logits from the KL row formulas (ops/kl_div.py), chunk by chunk:
+        ∂hidden_p = ∂logits_p W,  ∂hidden_q = ∂logits_q W,  ∂W = ∂logits_pᵀ hidden_p + ∂logits_qᵀ hidden_q
+    """
 
+    @staticmethod
+    def forward(ctx, hidden_p, hidden_q, weight, chunk_size, backend):
+        kl, lse_p, lse_q = torch.ops.mlan.fused_linear_kl.default(hidden_p, hidden_q, weight,
+                                                                  chunk_size, backend)
+        ctx.mark_non_differentiable(lse_p, lse_q)
+        ctx.save_for_backward(hidden_p, hidden_q, weight, lse_p, lse_q, kl)
+        ctx.hyper = (chunk_size, backend)
+        return kl, lse_p, lse_q
 
-def _linear_backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
-    backward = fused_linear_kl_backward_op if ctx.traced else fused_linear_kl_backward
-    return (*backward(grad_kl.contiguous(), *ctx.saved_tensors, *ctx.hyper), None, None)
-
-
-fused_linear_kl_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
-
-
-_EagerFusedLinearKL = eager_function("_EagerFusedLinearKL", fused_linear_kl_forward,
-                                     _linear_setup_context, _linear_backward)
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+        grads = torch.ops.mlan.fused_linear_kl_backward.default(grad_kl.contiguous(),
+                                                                *ctx.saved_tensors, *ctx.hyper)
+        return (*grads, None, None)
 
 
 def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
@@ -172,8 +172,7 @@ def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
     flat_mask = None if mask is None else mask.reshape(-1).to(device=hidden_p.device, dtype=torch.bool)
     if flat_mask is not None:
         flat_p, flat_q = flat_p[flat_mask], flat_q[flat_mask]
-    apply = choose_apply(fused_linear_kl_op, _EagerFusedLinearKL)
-    rows = apply(flat_p, flat_q, lm_head_weight, chunk_size, backend)[0]
+    rows = FusedLinearKLFunction.apply(flat_p, flat_q, lm_head_weight, chunk_size, backend)[0]
     if flat_mask is not None:
         rows = rows.new_zeros(flat_mask.shape[0]).masked_scatter(flat_mask, rows)
     out = reduce_rows(rows, flat_mask, reduction)

@@ -5,187 +5,27 @@
     torch.ops.mlan.kl_div_logits_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl,
                                           backend) -> (grad_logits_p, grad_logits_q)
 
-Backends: "triton" (CUDA; CPU only under TRITON_INTERPRET=1, for tests), "cpu" (the compiled
-C++ kernels of csrc/cpu/kl_div_kernels.cpp: one row per task, SIMD exp; the CPU default for
-fp32/bf16/fp16) and "chunked" (plain torch over blocks of rows, never more than `CHUNK_ROWS`·V
-fp32 temporaries; the only fp64 path, and the fallback when the extension is not built).
-`kl_div_logits` (the user API) applies the reduction and the eager / torch.compile split of
-ops/mm_adapter.py: a plain autograd.Function eagerly, the registered
-custom op (fake + autograd) while compiling.
+Backends (registry: mlan_kernels.dispatch, op "kl_div"; modules backends/kl_*.py): "triton"
+(CUDA; CPU only under TRITON_INTERPRET=1, for tests), "cpu" (the compiled C++ kernels; the CPU
+default for fp32/bf16/fp16) and "chunked" (plain torch over blocks of rows; the only fp64 path,
+and the fallback when the others cannot run). `kl_div_logits` (the user API) applies the
+reduction; KLDivFunction is the one autograd path, eager and compiled.
 
 The fused linear + KL op (logits computed chunk by chunk) is in ops/fused_linear_kl.py.
 """
-import functools
-import importlib.util
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..dispatch import triton_interpreter, warn_once
-from ..reference_kl import REDUCTIONS, compute_dtype, reduce_rows
-from ._custom_op import choose_apply, eager_function
-
-BACKENDS = ("auto", "triton", "cpu", "chunked")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK_ROWS = 64          # rows per block of the chunked path (measured: docs/commit_balance.md §8)
-_warned = set()
+from .. import dispatch
+from ..functional import REDUCTIONS, compute_dtype, reduce_rows
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): small chunks in the interpreter (tests), wide ones on GPU."""
-    import triton
-    if device.type != "cuda" or triton_interpreter():
-        return min(128, triton.next_power_of_2(vocab)), 1
-    return min(4096, triton.next_power_of_2(vocab)), 8
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_kernels_unavailable() -> Optional[str]:
-    """None when the compiled extension with the KL ops loads, else why not."""
-    try:
-        importlib.import_module("mlan_kernels._C")
-    except ImportError as error:
-        return (f"the compiled extension mlan_kernels._C does not load ({error}); build it with "
-                "`pip install --no-build-isolation -e .`")
-    if not hasattr(torch.ops.mlan_C, "kl_div_forward"):
-        return "mlan_kernels._C was built before the KL kernels existed; rebuild it"
-    return None
-
-
-def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None when `backend` ("triton" | "cpu") can run these logits, else why not."""
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"the cpu KL kernels need CPU tensors, got {device}"
-        if dtype not in CPU_DTYPES:
-            return f"cpu KL supports {CPU_DTYPES}, got {dtype}"
-        return cpu_kernels_unavailable()
-    if dtype not in TRITON_DTYPES:
-        return f"triton KL supports {TRITON_DTYPES}, got {dtype}"
-    if device.type != "cuda" and not triton_interpreter():
-        return "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
-    if not _triton_importable():
-        return "triton is not installed"
-    return None
-
-
-def select_kl_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
-    """The backend that runs logits on `device` with `dtype`: "auto" = "triton" on CUDA, the
-    compiled "cpu" kernels on CPU, "chunked" for float64 or when those cannot run (with one
-    warning saying why, as for an explicitly requested backend that cannot run)."""
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "chunked":
-        return "chunked"
-    wanted = requested if requested != "auto" else ("triton" if device.type == "cuda" else "cpu")
-    reason = _unavailable(wanted, device, dtype)
-    if reason is None:
-        return wanted
-    if requested != "auto" or dtype != torch.float64:    # float64 is chunked-only by design
-        warn_once(f"mlan_kernels: KL backend {wanted!r} unavailable: {reason}; using 'chunked'", _warned)
-    return "chunked"
-
-
-def _row_blocks(total: int, mask: Optional[Tensor], block: int):
-    """Index tensors (or slices) of the selected rows, `block` at a time."""
-    if mask is None:
-        return [slice(start, min(start + block, total)) for start in range(0, total, block)]
-    selected = mask.nonzero().flatten()
-    return [selected[start:start + block] for start in range(0, selected.numel(), block)]
-
-
-def _chunked_forward(logits_p, logits_q, mask):
-    """The cpu kernels' formula in torch ops (csrc/cpu/kl_div_kernels.h): with e = e^(x−max x),
-    f = e^(y−max y), d = (x−max x) − (y−max y), KL = Σe·d/Σe + log1p(Σ(f − e)/Σe) with f − e as
-    e·expm1(−d) where |d| < 0.5, which keeps its accuracy when p ≈ q, unlike log Σf − log Σe."""
-    dtype = compute_dtype(logits_p.dtype)
-    total = logits_p.shape[0]
-    kl, lse_p, lse_q = (logits_p.new_zeros(total, dtype=dtype) for _ in range(3))
-    for rows in _row_blocks(total, mask, CHUNK_ROWS):
-        x, y = logits_p[rows].to(dtype), logits_q[rows].to(dtype)
-        max_x, max_y = x.amax(-1, keepdim=True), y.amax(-1, keepdim=True)
-        e, f = x - max_x, y - max_y                       # shifted logits, then their exps
-        d = e - f
-        e.exp_()
-        f.exp_()
-        supported = e > 0
-        sum_e, sum_f = e.sum(-1), f.sum(-1)
-        weighted = (e * d).masked_fill_(supported.logical_not(), 0.0).sum(-1)
-        # Σ (f − e): e·expm1(−d) where |d| < 0.5 (there f − e would cancel), else f − e itself
-        gap = torch.where(d.abs() < 0.5, d.neg().expm1_().mul_(e), f - e)
-        differences = torch.where(supported, gap, f).sum(-1)
-        kl[rows] = weighted / sum_e + torch.log1p(differences / sum_e)
-        lse_p[rows], lse_q[rows] = max_x.squeeze(-1) + sum_e.log(), max_y.squeeze(-1) + sum_f.log()
-    return kl, lse_p, lse_q
-
-
-def _chunked_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False):
-    dtype = compute_dtype(logits_p.dtype)
-    if inplace:              # each block is read in full before its gradients are written
-        grad_p, grad_q = logits_p, logits_q
-    else:
-        grad_p, grad_q = torch.zeros_like(logits_p), torch.zeros_like(logits_q)
-    for rows in _row_blocks(logits_p.shape[0], mask, CHUNK_ROWS):
-        # three [rows, V] blocks in the compute dtype, updated in place
-        diff = logits_p[rows].to(dtype) - lse_p[rows, None]           # log p
-        prob_q = logits_q[rows].to(dtype) - lse_q[rows, None]         # log q
-        prob_p = diff.exp()
-        diff.sub_(prob_q).masked_fill_(prob_p.gt(0).logical_not_(), 0.0)   # log p − log q where p > 0
-        grad = grad_kl[rows, None].to(dtype)
-        prob_q.exp_().sub_(prob_p).mul_(grad)                          # grad · (q − p)
-        grad_p[rows] = diff.sub_(kl[rows, None]).mul_(prob_p).mul_(grad).to(grad_p.dtype)
-        grad_q[rows] = prob_q.to(grad_q.dtype)
-    return grad_p, grad_q
-
-
-def _triton_forward(logits_p, logits_q, mask):
-    from ..triton.kl_kernels import kl_forward_kernel
-    total, vocab = logits_p.shape
-    kl, lse_p, lse_q = (logits_p.new_empty(total, dtype=torch.float32) for _ in range(3))
-    block, warps = _triton_block(vocab, logits_p.device)
-    mask_u8 = None if mask is None else mask.to(torch.uint8)
-    kl_forward_kernel[(total,)](logits_p, logits_q, mask_u8, kl, lse_p, lse_q, vocab,
-                                logits_p.stride(0), logits_q.stride(0), HAS_MASK=mask is not None,
-                                BLOCK_V=block, num_warps=warps)
-    return kl, lse_p, lse_q
-
-
-def _triton_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False):
-    from ..triton.kl_kernels import kl_backward_kernel
-    total, vocab = logits_p.shape
-    if inplace:              # each program loads a vocabulary block before storing over it
-        grad_p, grad_q = logits_p, logits_q
-    else:
-        grad_p = torch.empty(total, vocab, dtype=logits_p.dtype, device=logits_p.device)
-        grad_q = torch.empty(total, vocab, dtype=logits_q.dtype, device=logits_q.device)
-    block, warps = _triton_block(vocab, logits_p.device)
-    mask_u8 = None if mask is None else mask.to(torch.uint8)
-    kl_backward_kernel[(total,)](grad_kl.contiguous(), logits_p, logits_q, mask_u8, lse_p, lse_q,
-                                 kl, grad_p, grad_q, vocab, logits_p.stride(0), logits_q.stride(0),
-                                 HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps)
-    return grad_p, grad_q
-
-
-def _cpu_forward(logits_p, logits_q, mask):
-    return torch.ops.mlan_C.kl_div_forward(logits_p, logits_q, mask)
-
-
-def _cpu_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False):
-    if inplace:
-        torch.ops.mlan_C.kl_div_backward_inplace(grad_kl, logits_p, logits_q, lse_p, lse_q, kl)
-        return logits_p, logits_q
-    return torch.ops.mlan_C.kl_div_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl)
-
-
-_FORWARDS = {"triton": _triton_forward, "cpu": _cpu_forward, "chunked": _chunked_forward}
-_BACKWARDS = {"triton": _triton_backward, "cpu": _cpu_backward, "chunked": _chunked_backward}
+def _backend(logits: Tensor, requested: str):
+    """The module of the KL backend that runs these logits."""
+    return dispatch.get_backend(dispatch.select_backend(logits.device, logits.dtype, requested,
+                                                        op="kl_div"), op="kl_div")
 
 
 def _rows_contiguous(logits: Tensor) -> Tensor:
@@ -198,8 +38,7 @@ def kl_rows_forward(logits_p, logits_q, mask, backend="auto"):
         zeros = logits_p.new_zeros(logits_p.shape[0], dtype=compute_dtype(logits_p.dtype))
         return zeros, zeros.clone(), zeros.clone()
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
-    forward = _FORWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)]
-    return forward(logits_p, logits_q, mask)
+    return _backend(logits_p, backend).forward(logits_p, logits_q, mask)
 
 
 def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto",
@@ -215,8 +54,8 @@ def kl_rows_backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backen
         return ((logits_p, logits_q) if inplace
                 else (torch.zeros_like(logits_p), torch.zeros_like(logits_q)))
     logits_p, logits_q = _rows_contiguous(logits_p), _rows_contiguous(logits_q)
-    backward = _BACKWARDS[select_kl_backend(logits_p.device, logits_p.dtype, backend)]
-    return backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=inplace)
+    return _backend(logits_p, backend).backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q,
+                                                kl, inplace=inplace)
 
 
 @torch.library.custom_op("mlan::kl_div_logits", mutates_args=())
@@ -244,26 +83,27 @@ def _(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, backend="auto"):
             torch.empty_like(logits_q, memory_format=torch.contiguous_format))
 
 
-def _setup_context(ctx, inputs, output):
-    logits_p, logits_q, mask, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.mark_non_differentiable(lse_p, lse_q)
-    ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
-    ctx.backend = backend
-    ctx.traced = True
+class KLDivFunction(torch.autograd.Function):
+    """The op's one autograd path, eager and under torch.compile (the custom ops are opaque
+    nodes with fakes there). Per row t, with p = softmax(logits_p), q = softmax(logits_q):
+        KL_t = Σ_v p_v (log p_v − log q_v)
+        ∂/∂logits_p[t, v] = g_t · p_v (log p_v − log q_v − KL_t);  ∂/∂logits_q[t, v] = g_t · (q_v − p_v)
+    """
 
+    @staticmethod
+    def forward(ctx, logits_p, logits_q, mask, backend):
+        kl, lse_p, lse_q = torch.ops.mlan.kl_div_logits.default(logits_p, logits_q, mask, backend)
+        ctx.mark_non_differentiable(lse_p, lse_q)
+        ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
+        ctx.backend = backend
+        return kl, lse_p, lse_q
 
-def _backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
-    logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
-    backward = kl_div_logits_backward_op if ctx.traced else kl_rows_backward
-    grad_p, grad_q = backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
-    return grad_p, grad_q, None, None
-
-
-kl_div_logits_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-_EagerKL = eager_function("_EagerKL", kl_rows_forward, _setup_context, _backward)
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+        logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
+        grad_p, grad_q = torch.ops.mlan.kl_div_logits_backward.default(
+            grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
+        return grad_p, grad_q, None, None
 
 
 def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=("logits_p", "logits_q")):
@@ -288,14 +128,12 @@ def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r} "
                          f"('mean' is not accepted: F.kl_div's 'mean' divides by T·V)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dispatch.check_name(backend, op="kl_div")
 
 
 def kl_rows(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     """Differentiable per-row KL of flat logits [T, V] (mask [T] bool or None) -> [T]."""
-    apply = choose_apply(kl_div_logits_op, _EagerKL)
-    return apply(logits_p, logits_q, mask, backend)[0]
+    return KLDivFunction.apply(logits_p, logits_q, mask, backend)[0]
 
 
 def kl_div_logits(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = None,

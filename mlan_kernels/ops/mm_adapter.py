@@ -1,4 +1,4 @@
-"""The `mlan::mm_adapter` op: one schema, autograd, fake (meta) kernels, backend dispatch.
+"""The `mlan::mm_adapter` op: one schema, fake (meta) kernels, backend dispatch, one autograd path.
 
     torch.ops.mlan.mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight,
                               router_bias, weights, scale, temperature, dropout_p, seed, groups,
@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..reference import compute_dtype
-from ..reference import routing_weights as _router_softmax
-from ._custom_op import choose_apply, eager_function
+from ..functional import compute_dtype
+from ..functional import routing_weights as _router_softmax
 from .validation import validate_mm_adapter_args
+
 
 def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
@@ -24,7 +24,7 @@ def _seed(seed: Optional[Tensor]) -> int:
 
 def _routing(x, router_weight, router_bias, weights, temperature, experts, router=None):
     """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]
-    (`router`: a backend's own fused router, same math as reference.routing_weights)."""
+    (`router`: a backend's own fused router, same math as functional.routing_weights)."""
     batch, length, _ = x.shape
     if weights is not None:
         return weights.to(compute_dtype(x.dtype)).clone()
@@ -133,71 +133,80 @@ def _(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias,
             torch.empty_like(routing_weights))
 
 
-def _setup_context(ctx, inputs, output):
-    (x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
-     temperature, dropout_p, seed, groups, single_modality, backend) = inputs
-    _, h, rw = output
-    ctx.mark_non_differentiable(h)
-    ctx.set_materialize_grads(False)    # unused outputs (h, rw) get None, not zero-filled tensors
-    ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
-    ctx.hyper = (scale, temperature, dropout_p, groups, backend)
-    ctx.traced = True  # set by the custom op's autograd: the backward must stay an opaque op
-    ctx.weights_given = weights is not None
-    ctx.by_first = _routes_by_first(single_modality, x.shape[0])
-    ctx.dtypes = (weights.dtype if weights is not None else None,
-                  router_weight.dtype if router_weight is not None else None)
+class MMAdapterFunction(torch.autograd.Function):
+    """The op's one autograd path, eager and under torch.compile (which traces this Function and
+    sees the two custom ops as opaque nodes with fakes).
+
+    Forward (mlan::mm_adapter): w = router(x[:, 0]) or `weights`; H = dropout(x W_Aᵀ + b_A);
+        y = x + s Σ_e w_{b,e} (H M_eᵀ + b_U[e]).
+    Backward: mlan::mm_adapter_backward gives the token-wise gradients
+        ∂H = s Σ_e w_e (∂y M_e) (then the dropout mask), ∂x = ∂y + ∂H W_A, ∂W_A = ∂Hᵀ x,
+        ∂b_A = Σ ∂H, ∂M_e = s w_e ∂yᵀ H, ∂b_U[e] = s w_e Σ_l ∂y, ∂w_e = s <∂y, H M_eᵀ + b_U[e]>;
+    then, here in fp32, the softmax + router backward
+        dz = w ⊙ (∂w − <w, ∂w>) / t ;  ∂W_R = dzᵀ x0 ;  ∂b_R = Σ_b dz ;  ∂x[:, 0] += dz W_R.
+    Eagerly, a backend with a one-launch router backward (triton) runs that last step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
+                weights, scale, temperature, dropout_p, seed, groups, single_modality, backend):
+        y, h, rw = torch.ops.mlan.mm_adapter.default(
+            x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights,
+            scale, temperature, dropout_p, seed, groups, single_modality, backend)
+        ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)    # unused outputs (h, rw) get None, not zero-filled tensors
+        ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
+        ctx.hyper = (scale, temperature, dropout_p, groups, backend)
+        ctx.weights_given = weights is not None
+        ctx.by_first = _routes_by_first(single_modality, x.shape[0])
+        ctx.dtypes = (weights.dtype if weights is not None else None,
+                      router_weight.dtype if router_weight is not None else None)
+        return y, h, rw
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_h, grad_rw):
+        x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed = ctx.saved_tensors
+        scale, temperature, dropout_p, groups, backend = ctx.hyper
+        grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+        grad_x, g_dw, g_db, g_uw, g_ub, grad_w = torch.ops.mlan.mm_adapter_backward.default(
+            grad_y, x, h, rw, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed,
+            groups, backend)
+        if grad_rw is not None:
+            grad_w = grad_w + grad_rw
+        token_grads = (grad_x, g_dw, g_db, g_uw, g_ub)
+        no_grads = (None,) * 7                      # scale .. backend are not differentiable
+        weights_dtype, router_dtype = ctx.dtypes
+        fused = None                                # the backend's one-launch router backward
+        if not (torch.compiler.is_compiling() or ctx.weights_given or x.shape[1] == 0):
+            fused = _fused_router_backward(x, backend)
+        grads = fused and fused(grad_w, rw, x, router_weight, temperature, grad_x, ctx.by_first)
+        if grads is not None:
+            return token_grads + grads + (None,) + no_grads
+        if ctx.by_first:                            # every row was row 0: its gradient is the sum
+            grad_w = grad_w.sum(0, keepdim=True)    # rows 1.. get zero (weights) / nothing (router)
+        if ctx.weights_given:
+            if ctx.by_first:
+                grad_w = torch.cat([grad_w, grad_w.new_zeros(x.shape[0] - 1, grad_w.shape[1])])
+            return token_grads + (None, None, grad_w.to(weights_dtype)) + no_grads
+        if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
+            return token_grads + (torch.zeros_like(router_weight),
+                                  router_weight.new_zeros(router_weight.shape[0]), None) + no_grads
+        # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
+        routed = grad_w.shape[0]
+        rw = rw[:routed]
+        # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
+        grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
+        x0 = x[:routed, 0].to(rw.dtype)
+        grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
+        grad_router_bias = grad_logits.sum(0).to(router_dtype)
+        grad_x[:routed, 0].add_((grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype))  # [B, D]
+        return token_grads + (grad_router_weight, grad_router_bias, None) + no_grads
 
 
 def _fused_router_backward(x, backend):
     """The chosen backend's router_backward (softmax + router backward in one launch), if any."""
     name = dispatch.select_backend(x.device, x.dtype, backend)
     return getattr(dispatch.get_backend(name), "router_backward", None)
-
-
-def _backward(ctx, grad_y, _grad_h, grad_rw):
-    x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed = ctx.saved_tensors
-    scale, temperature, dropout_p, groups, backend = ctx.hyper
-    grad_y = torch.zeros_like(x) if grad_y is None else grad_y
-    token_backward = mm_adapter_backward_op if ctx.traced else _backward_impl
-    grad_x, g_dw, g_db, g_uw, g_ub, grad_w = token_backward(
-        grad_y, x, h, rw, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed,
-        groups, backend)
-    if grad_rw is not None:
-        grad_w = grad_w + grad_rw
-    weights_dtype, router_dtype = ctx.dtypes
-    no_grads = (None,) * 7                      # scale .. backend are not differentiable
-    fused = None                                # the backend's one-launch router backward
-    if not (ctx.traced or ctx.weights_given or x.shape[1] == 0):    # (eager only)
-        fused = _fused_router_backward(x, backend)
-    grads = fused and fused(grad_w, rw, x, router_weight, temperature, grad_x, ctx.by_first)
-    if grads is not None:
-        return (grad_x, g_dw, g_db, g_uw, g_ub) + grads + (None,) + no_grads
-    if ctx.by_first:                            # every row was row 0: its gradient is the sum
-        grad_w = grad_w.sum(0, keepdim=True)    # rows 1.. get zero (weights) / nothing (router)
-    if ctx.weights_given:
-        if ctx.by_first:
-            grad_w = torch.cat([grad_w, grad_w.new_zeros(x.shape[0] - 1, grad_w.shape[1])])
-        return (grad_x, g_dw, g_db, g_uw, g_ub, None, None, grad_w.to(weights_dtype)) + no_grads
-    if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
-        return (grad_x, g_dw, g_db, g_uw, g_ub, torch.zeros_like(router_weight),
-                router_weight.new_zeros(router_weight.shape[0]), None) + no_grads
-    # Softmax + router backward, fp32: dz = w ⊙ (dw − <w, dw>) / t ; dW_R = dzᵀ x0 ; dx0 += dz W_R.
-    # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
-    routed = grad_w.shape[0]
-    rw = rw[:routed]
-    # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
-    grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
-    x0 = x[:routed, 0].to(rw.dtype)
-    grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
-    grad_router_bias = grad_logits.sum(0).to(router_dtype)
-    grad_x[:routed, 0].add_((grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype))  # [B, D]
-    return (grad_x, g_dw, g_db, g_uw, g_ub, grad_router_weight, grad_router_bias, None) + no_grads
-
-
-mm_adapter_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-_EagerMMAdapter = eager_function("_EagerMMAdapter", _forward_impl, _setup_context, _backward)
 
 
 def new_dropout_seed() -> Tensor:
@@ -231,8 +240,7 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
         seed = new_dropout_seed()
     elif not isinstance(seed, Tensor):
         seed = torch.tensor(int(seed), dtype=torch.int64)
-    apply = choose_apply(mm_adapter_op, _EagerMMAdapter)
-    y, _, rw = apply(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
-                     weights, float(scale), float(temperature), float(dropout_p), seed, groups,
-                     single_modality, backend)
+    y, _, rw = MMAdapterFunction.apply(
+        x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights,
+        float(scale), float(temperature), float(dropout_p), seed, groups, single_modality, backend)
     return (y, rw) if return_routing_weights else y

@@ -15,7 +15,7 @@ log1p of a sum of per-element differences), so only such rows pay the second rea
 Entries with x = −inf have p_v = 0 and contribute nothing (never 0·inf = nan); rows that the
 mask leaves out are not read at all (KL_t = 0, lse = 0).
 
-The backward reads both rows once more and writes both gradients (see reference_kl.py):
+The backward reads both rows once more and writes both gradients (see reference/kl.py):
     ∂logits_p = g_t · p (x − y − (lse_p − lse_q) − KL_t),   ∂logits_q = g_t · (q − p).
 """
 import triton

@@ -1,21 +1,35 @@
-"""Reference backend: the oracle's forward and the design doc's backward formulas in plain torch.
-
-The backward here is checked against autograd of `reference.mm_adapter_reference` in the tests,
-so it doubles as a readable statement of the gradients every fused backend must reproduce.
+"""MM-Adapter backend "reference": the op in plain torch, on any device and dtype (the only
+float64 path, and the fallback when no fused backend can run). Not the oracle: the tests
+compare it, like every backend, against mlan_kernels.reference. Its backward states the design
+doc's gradient formulas (docs/mm_adapter.md) in torch. Contract: mlan_kernels.dispatch.
 """
 import torch
 
-from ..reference import (compact_up_weight, compute_dtype, dense_up_weight, dropout_keep_mask,
-                         mm_adapter_reference)
+from ..functional import compact_up_weight, compute_dtype, dense_up_weight, dropout_keep_mask
+
+
+def _hidden(xc, down_weight, down_bias, dropout_p, seed):
+    """H = dropout(x W_Aᵀ + b_A) [B, L, r] in the compute dtype of xc [B, L, D]."""
+    h = xc @ down_weight.to(xc.dtype).t() + down_bias.to(xc.dtype)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, h.shape[0] * h.shape[1], h.shape[2], dropout_p, xc.device)
+        h = h * keep.view_as(h) / (1.0 - dropout_p)
+    return h
 
 
 def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
             seed, groups, single_modality):
-    """x: [B, L, D]; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] (fp32/fp64)."""
-    y, h, _ = mm_adapter_reference(x, down_weight, down_bias, up_weight, up_bias,
-                                   weights=routing_weights, scale=scale, dropout_p=dropout_p,
-                                   seed=seed, groups=groups)
-    return y, h
+    """x: [B, L, D]; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] (fp32/fp64).
+
+    Each sample's experts are mixed before the up-projection (one [D, r] matrix per sample):
+    y = x + s (H (Σ_e w_{b,e} M_e)ᵀ + Σ_e w_{b,e} b_U[e])."""
+    compute = compute_dtype(x.dtype)
+    xc, w = x.to(compute), routing_weights.to(compute)
+    h = _hidden(xc, down_weight, down_bias, dropout_p, seed)                  # [B, L, r]
+    mixed_up = torch.einsum("be,edr->bdr", w, dense_up_weight(up_weight.to(compute), groups))
+    mixed_bias = w @ up_bias.to(compute)                                      # [B, D]
+    y = xc + scale * (torch.einsum("blr,bdr->bld", h, mixed_up) + mixed_bias[:, None])
+    return y.to(x.dtype), h
 
 
 def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,

@@ -1,6 +1,6 @@
-"""KL divergence between rows of logits, and per-group gradient scaling, in plain torch: the
-oracle the fused KL kernels (ops/kl_div.py) and grad scaling (ops/grad_scale.py) are tested
-against. Gradients of this file come from autograd.
+"""KL divergence between rows of logits in plain torch: the oracle the fused KL backends
+(backends/kl_*.py, through ops/kl_div.py and ops/fused_linear_kl.py) are tested against.
+Gradients of this file come from autograd; kl_rows_grad_reference states them in closed form.
 
 Notation: logits_p, logits_q [T, V] (T rows = tokens, V = vocabulary), any float dtype,
 computed in fp32 (fp64 stays fp64):
@@ -15,14 +15,12 @@ Reductions over rows selected by `mask` [T] (bool; None = all rows):
     "batchmean" -> Σ_selected KL_t / max(#selected, 1)   (mean per token, like F.kl_div's
                    "batchmean" for an unmasked [T, V] input)
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype  # KL accumulates at >= fp32, like the adapter
-
-REDUCTIONS = ("batchmean", "sum", "none")
+from ..functional import compute_dtype, reduce_rows  # KL accumulates at >= fp32, like the adapter
 
 
 def kl_rows_reference(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -36,19 +34,6 @@ def kl_rows_reference(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     support = p > 0
     zero = torch.zeros((), dtype=dtype)
     return (p * (torch.where(support, log_p, zero) - torch.where(support, log_q, zero))).sum(-1)
-
-
-def reduce_rows(rows: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:
-    """Apply `reduction` to per-row values rows [T] over the rows selected by mask [T] (bool)."""
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    count = rows.shape[0] if mask is None else mask.sum()
-    return total / (count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1))
 
 
 def kl_div_logits_reference(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = None,
@@ -83,28 +68,3 @@ def kl_rows_grad_reference(logits_p: Tensor, logits_q: Tensor, grad_rows: Tensor
     kl = (p * diff).sum(-1, keepdim=True)
     g = grad_rows.to(dtype)[:, None]
     return g * p * (diff - kl), g * (q - p)
-
-
-def scale_grads_reference(groups: Sequence[Sequence[Tensor]], multipliers: Sequence[float],
-                          max_norm: Optional[float] = None, eps: float = 1e-6) -> Tensor:
-    """Per-group gradient norm, clip and multiplier, one parameter at a time (the slow loop).
-
-    For group i with grads g (parameters without .grad are skipped):
-        norm_i = ‖concat(g)‖₂ (fp32)
-        clip_i = min(1, max_norm / (norm_i + eps))   (1 when max_norm is None)
-        g     *= multipliers[i] · clip_i               in place
-    Returns the pre-scaling norms [G] (fp32).
-    """
-    norms = []
-    for params, multiplier in zip(groups, multipliers):
-        squares = torch.zeros((), dtype=torch.float32)
-        for param in params:
-            if param.grad is not None:
-                squares = squares + param.grad.detach().float().pow(2).sum().cpu()
-        norm = squares.sqrt()
-        clip = 1.0 if max_norm is None else min(1.0, max_norm / (float(norm) + eps))
-        for param in params:
-            if param.grad is not None:
-                param.grad.mul_(multiplier * clip)
-        norms.append(norm)
-    return torch.stack(norms) if norms else torch.zeros(0)
