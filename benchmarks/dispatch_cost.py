@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from tests.helpers import make_adapter_inputs
+from mlan_kernels.testing import make_adapter_inputs
 
 op_module = importlib.import_module("mlan_kernels.ops.mm_adapter")
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")

@@ -9,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mlan_kernels.bench.cases_adapter import adapter_impl, make_inputs
-from mlan_kernels.bench.timing import measure
+from mlan_kernels.testing import measure
 
 
 def main(argv=None):

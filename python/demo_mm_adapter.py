@@ -17,17 +17,14 @@ shape (slow; meant for CPU-only machines). Exits 1 if any check fails.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 from mlan_kernels.help_format import DefaultsHelpFormatter
+from mlan_kernels.testing import TOLERANCES, make_adapter_inputs, measure, random_grad, reference_error
 
 RANK, EXPERTS, GROUPS, TEMPERATURE, SCALE, DROPOUT_P, DROPOUT_SEED = 8, 2, 2, 10.0, 1.0, 0.1, 1234
-# (rtol, atol) per activation dtype: a diff passes when <= atol + rtol * max|expected|.
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (5e-3, 1e-3)}
 PARAMETERS = ("down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")
 # Column label of each compared tensor, in the design doc's symbols.
 OUTPUT_LABELS = {"y": "y", "x": "dX", "down_weight": "dW_A", "down_bias": "db_A",
@@ -53,23 +50,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def make_problem(name, batch, tokens, dim, device, dtype, single_modality, generator):
-    """Parameters (fp32), input x [B, L, D] and upstream gradient grad_y [B, L, D] (dtype)."""
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-
-    params = {"down_weight": uniform((RANK, dim), (6.0 / (RANK + dim)) ** 0.5),    # Xavier
-              "down_bias": uniform((RANK,), 0.1),
-              "up_weight": uniform((EXPERTS, dim, RANK // GROUPS), 0.5),
-              "up_bias": uniform((EXPERTS, dim), 0.1),
-              "router_weight": uniform((EXPERTS, dim), dim ** -0.5),             # nn.Linear init
-              "router_bias": uniform((EXPERTS,), dim ** -0.5)}
-    x = torch.randn(batch, tokens, dim, generator=generator)
-    if single_modality:
-        x[:, 0] = torch.randn(dim, generator=generator)          # one modality token for all
-    grad_y = torch.randn(batch, tokens, dim, generator=generator)
-    return {"name": name, "x": x.to(device, dtype), "grad_y": grad_y.to(device, dtype),
-            "params": {key: value.to(device) for key, value in params.items()}}
+def make_problem(name, batch, tokens, dim, device, dtype, single_modality, seed):
+    """Parameters (fp32), input x [B, L, D] and upstream gradient grad_y [B, L, D] (dtype), from
+    the tests' builder (`mlan_kernels.testing.make_adapter_inputs`)."""
+    params = make_adapter_inputs(batch, tokens, dim, RANK, EXPERTS, GROUPS, dtype, device,
+                                 param_dtype=torch.float32, seed=seed,
+                                 single_modality=single_modality)
+    x = params.pop("x")
+    return {"name": name, "x": x, "grad_y": random_grad(x.shape, dtype, device, seed=seed + 1),
+            "params": params}
 
 
 def _leaves(problem):
@@ -114,33 +103,18 @@ def oracle_forward_backward(problem):
 
 
 def compare(result, expected, dtype):
-    """(max |diff| per output, worst diff / tolerance) with the activation dtype's tolerance."""
-    rtol, atol = TOLERANCES[dtype]
+    """(max |diff| per output, worst reference_error / tolerance) with the activation dtype's
+    entry of the tolerance table."""
     diffs, worst = {}, 0.0
     for key, want in expected.items():
-        got, want = result[key].double(), want.double()
-        diffs[key] = (got - want).abs().max().item()
-        worst = max(worst, diffs[key] / (atol + rtol * want.abs().max().item()))
+        diffs[key] = (result[key].double() - want.double()).abs().max().item()
+        worst = max(worst, reference_error(result[key], want) / TOLERANCES[dtype])
     return diffs, worst
 
 
 def median_ms(function, iters, device):
-    """Median wall time of `function()` in ms over `iters` runs after one warm-up."""
-    function()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            function()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            function()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median time of `function()` in ms over `iters` runs after one warm-up."""
+    return measure(function, device, warmup=1, iters=iters)["median_ms"]
 
 
 def time_backend(problem, backend, iters, device):
@@ -165,7 +139,6 @@ def run_device(device, dtype, args, check_rows, timing_rows):
     chosen = dispatch.select_backend(device, dtype)
     print(f"{device.type} {str(dtype).replace('torch.', '')}: default backend "
           f"(select_backend) -> {chosen}")
-    generator = torch.Generator().manual_seed(0)
     shape = {"batch": args.batch, "tokens": args.tokens, "dim": args.dim}
     plans = [(routing, shape, ("auto", "reference"), args.iters) for routing in ("mixed", "single")]
     if args.triton_interpret:
@@ -176,9 +149,9 @@ def run_device(device, dtype, args, check_rows, timing_rows):
         else:
             print(f"  triton backend skipped: {reason}")
     all_passed = True
-    for name, sizes, backends, iters in plans:
+    for seed, (name, sizes, backends, iters) in enumerate(plans):
         problem = make_problem(name, device=device, dtype=dtype,
-                               single_modality=name.startswith("single"), generator=generator, **sizes)
+                               single_modality=name.startswith("single"), seed=2 * seed, **sizes)
         tokens = sizes["batch"] * sizes["tokens"]
         expected = forward_backward(problem, "reference")
         checks = [(backend, "reference", forward_backward(problem, backend), expected)
@@ -225,11 +198,11 @@ def main(argv=None):
         all_passed &= run_device(device, dtype, args, check_rows, timing_rows)
 
     print_table("Correctness: max |diff| of y and of each gradient (fp32 params; "
-                "PASS when every diff <= atol + rtol * max|expected|)",
+                "PASS when every diff <= tol * max(1, max|expected|))",
                 ["device", "batch", "backend", "vs", *OUTPUT_LABELS.values(), "diff/tol", "result"],
                 check_rows)
-    tolerances = "; ".join(f"{str(dtype).replace('torch.', '')} rtol={rtol:g} atol={atol:g}"
-                           for dtype, (rtol, atol) in TOLERANCES.items())
+    tolerances = "; ".join(f"{str(dtype).replace('torch.', '')} tol={tolerance:g}"
+                           for dtype, tolerance in TOLERANCES.items())
     print(f"tolerances: {tolerances}; diff/tol = worst ratio over the row (<= 1 passes)")
     print_table("Timing: median ms (fwd = training-mode forward; tokens/s from fwd+bwd)",
                 ["device", "dtype", "batch", "backend", "BxLxD", "fwd ms", "fwd+bwd ms",

@@ -1,12 +1,25 @@
-"""Shared test inputs and gradient helpers for the MM-Adapter tests.
+"""What the tests share beyond `mlan_kernels.testing` (re-exported here, so every test imports
+its helpers one way: `from helpers import ...`): the oracle's fp64 gradients, which the runtime
+toolkit may not compute (the oracle package is test-only), and what is built here.
 
 (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA and provides the `device` fixture.)
 """
 import importlib.util
 
+import pytest
 import torch
 
+from mlan_kernels import dispatch, mm_adapter
 from mlan_kernels.reference import mm_adapter_reference
+from mlan_kernels.testing import (TEMPERATURE, TOLERANCES, assert_close_to_reference,
+                                  assert_verbose_allclose, assert_within_pytorch_error,
+                                  explicit_weights, make_adapter_inputs, random_grad,
+                                  reference_error)
+
+__all__ = ["BACKENDS", "HAS_KL_CPU", "HAS_TRITON", "TEMPERATURE", "TOLERANCES",
+           "assert_close_to_reference", "assert_verbose_allclose", "assert_within_pytorch_error",
+           "compiled_backend_built", "explicit_weights", "grads_of", "make_adapter_inputs", "oracle",
+           "random_grad", "reference_error", "run_op"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -17,49 +30,6 @@ def _kl_cpu_kernels_built() -> bool:
 
 
 HAS_KL_CPU = _kl_cpu_kernels_built()      # the compiled extension with the KL kernels loads
-TEMPERATURE = 10.0          # the op's default router temperature
-ROUTER_LOGIT_STD = 2.0      # std of router logits / TEMPERATURE: routing far from uniform
-PARAM_NAMES = ("down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")
-
-
-def make_adapter_inputs(B, L, D, r, E, g, dtype, device, param_dtype=None, seed=0,
-                        nonzero=True):
-    """Random x [B, L, D] (dtype) and adapter parameters (param_dtype, default dtype).
-
-    nonzero=False zeroes the up-projection (LaVIN's init: the adapter is the identity);
-    the same seed draws the same x either way.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    param_dtype = param_dtype or dtype
-
-    def randn(*shape, std=1.0, dtype=param_dtype):
-        values = torch.randn(*shape, generator=generator, dtype=torch.float64) * std
-        return values.to(device=device, dtype=dtype)
-
-    up_weight = randn(E, D, r // g, std=(g / r) ** 0.5)
-    up_bias = randn(E, D, std=0.1)
-    inputs = dict(
-        x=randn(B, L, D, dtype=dtype),
-        down_weight=randn(r, D, std=D ** -0.5),
-        down_bias=randn(r, std=0.1),
-        up_weight=up_weight if nonzero else torch.zeros_like(up_weight),
-        up_bias=up_bias if nonzero else torch.zeros_like(up_bias),
-        router_weight=randn(E, D, std=ROUTER_LOGIT_STD * TEMPERATURE / D ** 0.5),
-        router_bias=randn(E),
-    )
-    return inputs
-
-
-def explicit_weights(B, E, dtype, device, seed=1):
-    """Random routing weights [B, E] (rows sum to 1), far from uniform."""
-    logits = torch.randn(B, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.softmax(2.0 * logits, dim=-1).to(device=device, dtype=dtype)
-
-
-def random_grad(shape, dtype, device, seed=1):
-    """A fixed random output gradient (same values for every caller with the same seed/dtype)."""
-    values = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return values.to(device=device, dtype=dtype)
 
 
 def grads_of(fn, inputs, grad_y=None):
@@ -85,3 +55,30 @@ def oracle(inputs, grad_y=None, **hyper):
                 for name, value in inputs.items()}
     grad_y = None if grad_y is None else grad_y.to(torch.float64)
     return grads_of(lambda **kw: mm_adapter_reference(**kw, **hyper), inputs64, grad_y)
+
+
+# ---------------------------------------------------------------- the op's backends
+def compiled_backend_built(name):
+    """Whether the compiled backend `name` ("cpu" | "cuda") is built (mlan_kernels._C)."""
+    return dispatch.unavailable_reason(name, torch.device(name), torch.float32) is None
+
+
+# Every backend of mlan::mm_adapter (parametrize a `backend` fixture with it). The `device`
+# fixture is cuda when a GPU is present: the compiled cpu backend runs without one.
+BACKENDS = ["reference",
+            pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+            pytest.param("cpu", marks=pytest.mark.skipif(
+                not compiled_backend_built("cpu") or torch.cuda.is_available(),
+                reason="mlan_kernels._C not built (or a GPU run)")),
+            pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not compiled_backend_built("cuda"), reason="mlan_kernels._C built without CUDA")])]
+
+
+def run_op(backend, inputs, grad_y=None, single_modality=None, **hyper):
+    """(y, grads) of mm_adapter on `backend`; fails if the dispatcher would fall back."""
+    x = inputs["x"]
+    reason = dispatch.unavailable_reason(backend, x.device, x.dtype)
+    assert reason is None, f"backend {backend!r} cannot run {x.dtype} on {x.device}: {reason}"
+    assert dispatch.select_backend(x.device, x.dtype, backend) == backend
+    return grads_of(lambda **kw: mm_adapter(**kw, backend=backend, single_modality=single_modality,
+                                            **hyper), inputs, grad_y)

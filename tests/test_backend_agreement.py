@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from helpers import HAS_TRITON, explicit_weights, grads_of, make_adapter_inputs, random_grad
+from helpers import (BACKENDS, HAS_TRITON, assert_close_to_reference, explicit_weights, grads_of,
+                     make_adapter_inputs, random_grad, run_op)
 from mlan_kernels import dispatch, mm_adapter
 from mlan_kernels.reference import mm_adapter_reference, routing_weights
-from test_mm_adapter_op import BACKENDS, TOLERANCES, assert_close, run_op
 
 SHAPE = (3, 7, 64, 8, 2, 2)
 
@@ -50,13 +50,12 @@ def test_single_modality_true_routes_every_sample_by_sample_zero(backend, device
     y, grads = run_op(backend, inputs, grad_y, single_modality=True, groups=g)
     y_expected, grads_expected = first_sample_oracle(
         {k: v for k, v in inputs.items() if k != "weights"}, grad_y, weights, groups=g)
-    tol = TOLERANCES[torch.float32]
-    assert_close(y, y_expected, tol)
+    assert_close_to_reference(y, y_expected, name="y")
     for name, expected in grads_expected.items():
         if expected is None:                        # the router, when weights are given
             assert grads[name] is None, name
             continue
-        assert_close(grads[name], expected, tol, name, scaled=True)
+        assert_close_to_reference(grads[name], expected, name=name)
     if explicit:                                    # rows 1.. were never used
         assert torch.count_nonzero(grads["weights"][1:]) == 0
 

@@ -10,6 +10,7 @@ import torch
 
 from mlan_kernels.bench import cli, render, report, timing, traffic
 from mlan_kernels.bench.cases import OPS, Spec, grid
+from mlan_kernels.testing import measure, summarize_times
 
 OLD_RESULTS = "benchmarks/results/h100-bf16-single-2026-11-23.json"
 
@@ -30,12 +31,12 @@ def test_traffic_formulas():
 
 
 def test_summarize_and_measure():
-    stats = timing.summarize_times([1.0, 2.0, 3.0, 4.0, 100.0])
+    stats = summarize_times([1.0, 2.0, 3.0, 4.0, 100.0])
     assert stats["median_ms"] == 3.0 and stats["iters"] == 5
     assert stats["q1_ms"] <= stats["median_ms"] <= stats["q3_ms"]
     assert stats["iqr_ms"] == pytest.approx(stats["q3_ms"] - stats["q1_ms"])
     calls = []
-    result = timing.measure(lambda: calls.append(1), "cpu", warmup=2, iters=3)
+    result = measure(lambda: calls.append(1), "cpu", warmup=2, iters=3)
     assert len(calls) == 5 and result["iters"] == 3 and result["median_ms"] >= 0
 
 

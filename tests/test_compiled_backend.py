@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import explicit_weights, make_adapter_inputs, oracle, random_grad
+from helpers import (assert_close_to_reference, assert_within_pytorch_error, explicit_weights, grads_of,
+                     make_adapter_inputs, oracle, random_grad)
 from mlan_kernels import dispatch, mm_adapter
 from mlan_kernels.reference import (dropout_keep_mask, mm_adapter_backward_reference,
                                     mm_adapter_reference)
@@ -18,8 +19,6 @@ from mlan_kernels.reference import (dropout_keep_mask, mm_adapter_backward_refer
 compiled = pytest.importorskip("mlan_kernels.backends.compiled",
                                reason="mlan_kernels._C is not built")
 TOKEN_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
-# Relative to max(1, max |expected|): activations' rounding dominates in 16-bit dtypes.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def backend_args(shape, dtype, device="cpu", p=0.3, seed=77, scale=0.7, param_dtype=None):
@@ -61,14 +60,13 @@ class oracle_backend:
                                              up_bias, weights, scale, p, seed, groups)
 
 
-def assert_all_close(actual, expected, tolerance, names=("y", "h", "grad_x", "grad_down_weight",
-                                                          "grad_down_bias", "grad_up_weight",
-                                                          "grad_up_bias", "grad_routing_weights")):
+def assert_all_close(actual, expected, dtype, names=("y", "h", "grad_x", "grad_down_weight",
+                                                      "grad_down_bias", "grad_up_weight",
+                                                      "grad_up_bias", "grad_routing_weights")):
+    """Each pair within the toolkit's tolerance for `dtype` (the activations' dtype)."""
     for name, a, b in zip(names, actual, expected):
         assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-        scale = max(1.0, b.double().abs().max().item())
-        error = (a.double() - b.double()).abs().max().item() / scale
-        assert error <= tolerance, f"{name}: error {error:.2e} > {tolerance:.0e}"
+        assert_close_to_reference(a, b, dtype, name)
 
 
 SHAPES = [(3, 7, 64, 8, 2, 2), (2, 5, 100, 4, 3, 1), (2, 70, 96, 8, 3, 4), (1, 3, 1024, 8, 2, 2)]
@@ -84,13 +82,15 @@ def test_cpu_backend_matches_the_oracle(shape, dtype):
     args = backend_args(shape, dtype)
     grad_y = random_grad(args[0].shape, dtype, "cpu")
     expected = run_backend(oracle_backend, args, grad_y=grad_y)
-    assert_all_close(run_backend(compiled, args, grad_y=grad_y), expected, TOLERANCE[dtype])
+    assert_all_close(run_backend(compiled, args, grad_y=grad_y), expected, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_op_on_cpu_backend_matches_fp64_oracle(dtype, p):
-    """Through mlan::mm_adapter (router, autograd) with fp32 params, vs autograd of the oracle."""
+    """Through mlan::mm_adapter (router, autograd) with fp32 params, vs autograd of the oracle;
+    in 16 bits also flash-attention's rule: our error ≤ 2 × that of the oracle run by PyTorch
+    with every input in the same dtype (measured: ≤ 0.86 × in y, far less in the gradients)."""
     inputs = make_adapter_inputs(2, 37, 128, 8, 2, 2, dtype, "cpu", param_dtype=torch.float32)
     grad_y = random_grad(inputs["x"].shape, dtype, "cpu")
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
@@ -99,7 +99,14 @@ def test_op_on_cpu_backend_matches_fp64_oracle(dtype, p):
     y_expected, grads_expected = oracle(inputs, grad_y, groups=2, dropout_p=p, seed=5)
     got = [y] + [leaves[name].grad for name in grads_expected]
     want = [y_expected.to(dtype)] + [grads_expected[name].to(inputs[name].dtype) for name in grads_expected]
-    assert_all_close(got, want, TOLERANCE[dtype], names=["y"] + list(grads_expected))
+    assert_all_close(got, want, dtype, names=["y"] + list(grads_expected))
+    if dtype != torch.float32:
+        low = {name: value.to(dtype) for name, value in inputs.items()}
+        y_torch, grads_torch = grads_of(lambda **kw: mm_adapter_reference(
+            **kw, groups=2, dropout_p=p, seed=5)[0], low, grad_y)
+        assert_within_pytorch_error(y, y_torch, y_expected, name="y")
+        for name, expected in grads_expected.items():
+            assert_within_pytorch_error(leaves[name].grad, grads_torch[name], expected, name=name)
 
 
 def test_dispatcher_picks_cpu_backend_for_cpu_tensors(monkeypatch):
@@ -303,8 +310,7 @@ class TestCudaKernels:
         args = backend_args(shape, dtype, device="cuda")
         grad_y = random_grad(args[0].shape, dtype, "cuda")
         expected = run_backend(oracle_backend, args, grad_y=grad_y)
-        tolerance = {torch.float32: 1e-4}.get(dtype, TOLERANCE[dtype])
-        assert_all_close(run_backend(compiled, args, grad_y=grad_y), expected, tolerance)
+        assert_all_close(run_backend(compiled, args, grad_y=grad_y), expected, dtype)
 
     def test_cuda_is_deterministic_and_strided_x_matches(self):
         args = backend_args((3, 100, 256, 8, 2, 2), torch.bfloat16, device="cuda")

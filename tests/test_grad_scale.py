@@ -6,7 +6,7 @@ from torch import nn
 from mlan_kernels.ops.grad_scale import scale_grads_
 from mlan_kernels.reference import scale_grads_reference
 
-from helpers import HAS_TRITON
+from helpers import HAS_TRITON, assert_verbose_allclose
 
 BACKENDS = ["foreach", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 
@@ -31,18 +31,19 @@ def grads(groups):
 
 
 @pytest.mark.parametrize("max_norm", [None, 1.0, 1e6])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-3, 2e-3)],
+                         ids=["fp32", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_plain_loop(backend, max_norm, dtype):
+def test_matches_plain_loop(backend, max_norm, dtype, atol, rtol):
     ours, reference = make_groups(dtype), make_groups(dtype)
     multipliers = [0.5, 2.0, 1.0]
     norms = scale_grads_(ours, multipliers, max_norm=max_norm, backend=backend)
     expected = scale_grads_reference(reference, multipliers, max_norm=max_norm)
     assert norms.dtype == torch.float32 and norms.shape == (3,)
-    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-3)
-    torch.testing.assert_close(norms, expected, **tolerance)
-    for got, want in zip(grads(ours), grads(reference)):
-        torch.testing.assert_close(got, want, **tolerance)
+    assert_verbose_allclose(norms, expected, atol=atol, rtol=rtol, name="norms")
+    for index, (got, want) in enumerate(zip(grads(ours), grads(reference))):
+        assert got.dtype == want.dtype == dtype
+        assert_verbose_allclose(got, want, atol=atol, rtol=rtol, name=f"grad {index}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,29 +8,12 @@ import warnings
 import pytest
 import torch
 
-from helpers import (HAS_TRITON, TEMPERATURE, explicit_weights, grads_of, make_adapter_inputs,
-                     oracle, random_grad)
+from helpers import (BACKENDS, HAS_TRITON, TEMPERATURE, assert_close_to_reference,
+                     assert_within_pytorch_error, compiled_backend_built,
+                     explicit_weights, grads_of, make_adapter_inputs, oracle, random_grad, run_op)
 from mlan_kernels import dispatch, mm_adapter
-from mlan_kernels.reference import routing_weights
+from mlan_kernels.reference import mm_adapter_reference, routing_weights
 
-# y: atol/rtol as given; gradients: atol multiplied by max(1, max |expected grad|).
-TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4),
-              torch.float16: dict(atol=2e-2, rtol=2e-2)}
-
-
-def _compiled(name):
-    """Whether the compiled backend `name` ("cpu" | "cuda") is built (mlan_kernels._C)."""
-    return dispatch.unavailable_reason(name, torch.device(name), torch.float32) is None
-
-
-# The `device` fixture is cuda when a GPU is present: the compiled cpu backend runs without one.
-BACKENDS = ["reference",
-            pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
-            pytest.param("cpu", marks=pytest.mark.skipif(
-                not _compiled("cpu") or torch.cuda.is_available(),
-                reason="mlan_kernels._C not built (or a GPU run)")),
-            pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-                not _compiled("cuda"), reason="mlan_kernels._C built without CUDA")])]
 DTYPES = [pytest.param((torch.float32, None), id="fp32"),
           pytest.param((torch.float16, None), id="fp16"),
           pytest.param((torch.float16, torch.float32), id="fp16-fp32params")]
@@ -46,33 +29,26 @@ def backend(request):
     return request.param
 
 
-def run_op(backend, inputs, grad_y=None, single_modality=None, **hyper):
-    """(y, grads) of mm_adapter on `backend`; fails if the dispatcher would fall back."""
-    x = inputs["x"]
-    reason = dispatch.unavailable_reason(backend, x.device, x.dtype)
-    assert reason is None, f"backend {backend!r} cannot run {x.dtype} on {x.device}: {reason}"
-    assert dispatch.select_backend(x.device, x.dtype, backend) == backend
-    return grads_of(lambda **kw: mm_adapter(**kw, backend=backend, single_modality=single_modality,
-                                            **hyper), inputs, grad_y)
-
-
-def assert_close(actual, expected, tol, name="y", scaled=False):
-    atol = tol["atol"] * (max(1.0, expected.abs().max().item()) if scaled else 1.0)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol["rtol"],
-                               msg=lambda message: f"{name}: {message}")
-
-
 def assert_matches_oracle(inputs, y, grads, grad_y, **hyper):
-    """y and every gradient (same dtype as its input) vs autograd of the fp64 oracle."""
-    tol = TOLERANCES[inputs["x"].dtype]
+    """y and every gradient (same dtype as its input) vs autograd of the fp64 oracle; in 16 bits
+    also flash-attention's rule: our error ≤ 2 × that of the oracle run by PyTorch with every
+    input in that dtype (measured on CPU: ≤ 1.0× reference and cpu, ≤ 1.53× interpreted triton;
+    with E = 1 the router's gradients are exactly 0 for both)."""
+    dtype = inputs["x"].dtype
     y_expected, grads_expected = oracle(inputs, grad_y, **hyper)
     assert y.dtype == inputs["x"].dtype and y.shape == inputs["x"].shape
-    assert_close(y, y_expected, tol)
+    assert_close_to_reference(y, y_expected, dtype, "y")
     assert set(grads) == set(grads_expected)
     for name, expected in grads_expected.items():
         assert grads[name] is not None, f"no gradient for {name}"
         assert grads[name].dtype == inputs[name].dtype, name
-        assert_close(grads[name], expected, tol, name, scaled=True)
+        assert_close_to_reference(grads[name], expected, dtype, name)
+    if dtype in (torch.float16, torch.bfloat16):
+        low = {name: value.to(dtype) for name, value in inputs.items()}
+        y_torch, grads_torch = grads_of(lambda **kw: mm_adapter_reference(**kw, **hyper)[0], low, grad_y)
+        assert_within_pytorch_error(y, y_torch, y_expected, name="y")
+        for name, expected in grads_expected.items():
+            assert_within_pytorch_error(grads[name], grads_torch[name], expected, name=name)
 
 
 # ---------------------------------------------------------------- forward + all gradients
@@ -184,12 +160,11 @@ def test_routing_is_per_sample(backend, device):
     # Routing every sample by sample 0's token (the LaVIN bug) would change the outputs:
     y_bug = mm_adapter(**inputs, weights=weights[:1].expand(B, E), groups=g, backend=backend)
     assert not torch.allclose(y_bug[1:], y[1:], atol=1e-3)
-    tol = TOLERANCES[torch.float32]
     for b in range(B):                       # no dropout: its mask depends on the token index
         alone = {**inputs, "x": inputs["x"][b:b + 1]}
         y_alone, grads_alone = run_op(backend, alone, grad_y[b:b + 1], groups=g)
-        assert_close(y_alone[0], y[b], tol, f"y[{b}]")
-        assert_close(grads_alone["x"][0], grads["x"][b], tol, f"grad x[{b}]", scaled=True)
+        assert_close_to_reference(y_alone[0], y[b], name=f"y[{b}]")
+        assert_close_to_reference(grads_alone["x"][0], grads["x"][b], name=f"grad x[{b}]")
 
 
 def test_single_modality_fast_path(backend, device, monkeypatch):
@@ -204,16 +179,14 @@ def test_single_modality_fast_path(backend, device, monkeypatch):
 
     monkeypatch.setattr(module, "forward", spy)
     B, L, D, r, E, g = SMALL
-    inputs = make_adapter_inputs(*SMALL, torch.float32, device)
-    inputs["x"][:, 0] = inputs["x"][0, 0]                       # one modality token for all
+    inputs = make_adapter_inputs(*SMALL, torch.float32, device, single_modality=True)
     grad_y = random_grad((B, L, D), torch.float32, device)
     y_fast, grads_fast = run_op(backend, inputs, grad_y, single_modality=None, groups=g)
     y_general, grads_general = run_op(backend, inputs, grad_y, single_modality=False, groups=g)
     assert seen == [True, False]
-    tol = TOLERANCES[torch.float32]
-    assert_close(y_fast, y_general, tol)
+    assert_close_to_reference(y_fast, y_general, name="y")
     for name in grads_fast:
-        assert_close(grads_fast[name], grads_general[name], tol, name, scaled=True)
+        assert_close_to_reference(grads_fast[name], grads_general[name], name=name)
     assert_matches_oracle(inputs, y_fast, grads_fast, grad_y, groups=g)
 
 
@@ -228,17 +201,16 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(adapter, fullgraph=True)
     y_eager, grads_eager = grads_of(adapter, inputs)
     y_compiled, grads_compiled = grads_of(compiled, inputs)
-    tol = TOLERANCES[torch.float32]
-    assert_close(y_compiled, y_eager, tol)
+    assert_close_to_reference(y_compiled, y_eager, name="y")
     for name in grads_eager:
-        assert_close(grads_compiled[name], grads_eager[name], tol, name, scaled=True)
+        assert_close_to_reference(grads_compiled[name], grads_eager[name], name=name)
     torch._dynamo.reset()
 
 
 def test_env_override_selects_backend(monkeypatch, device):
     cpu = torch.device("cpu")
     monkeypatch.delenv("MLAN_BACKEND", raising=False)
-    assert dispatch.select_backend(cpu, torch.float32) == ("cpu" if _compiled("cpu") else "reference")
+    assert dispatch.select_backend(cpu, torch.float32) == ("cpu" if compiled_backend_built("cpu") else "reference")
     monkeypatch.setenv("MLAN_BACKEND", "reference")
     assert dispatch.select_backend(device, torch.float32) == "reference"
     if HAS_TRITON:                   # on CPU via the interpreter (conftest sets TRITON_INTERPRET)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mlan_kernels.ops.mm_adapter import mm_adapter
-from tests.helpers import make_adapter_inputs
+from helpers import make_adapter_inputs
 
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")
 

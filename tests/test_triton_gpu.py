@@ -6,21 +6,18 @@ import torch
 from mlan_kernels.ops.mm_adapter import mm_adapter
 from mlan_kernels.reference import mm_adapter_reference
 
+from helpers import assert_close_to_reference, make_adapter_inputs, random_grad
+
 pytestmark = pytest.mark.gpu
 
-# Relative (to the largest reference magnitude) tolerance per activation dtype.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+PARAMS = ("down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias")
 
 
 def _inputs(batch, length, dim, rank, experts, groups, dtype, same_routing=False):
-    generator = torch.Generator().manual_seed(0)
-    rand = lambda *shape, std=0.05: (torch.randn(*shape, generator=generator) * std).cuda()
-    x = torch.randn(batch, length, dim, generator=generator).cuda().to(dtype)
-    if same_routing:
-        x[:, 0] = x[0, 0]
-    params = [rand(rank, dim), rand(rank), rand(experts, dim, rank // groups), rand(experts, dim),
-              rand(experts, dim, std=1.0), rand(experts)]
-    return x, params, torch.randn(x.shape, generator=generator).cuda().to(dtype)
+    """x [B, L, D] (dtype), the six parameters (fp32) and ∂y (dtype), on the GPU."""
+    inputs = make_adapter_inputs(batch, length, dim, rank, experts, groups, dtype, "cuda",
+                                 param_dtype=torch.float32, single_modality=same_routing)
+    return inputs["x"], [inputs[name] for name in PARAMS], random_grad((batch, length, dim), dtype, "cuda")
 
 
 def _run(fn, x, params, grad_y):
@@ -42,8 +39,7 @@ def test_triton_matches_reference_on_gpu(dtype, dim, experts, groups, rank, drop
                 x, params, grad_y)
     names = ["y", "x", "down_weight", "down_bias", "up_weight", "up_bias", "router_weight", "router_bias"]
     for name, a, b in zip(names, got, want):
-        error = (a.double() - b.double()).abs().max().item() / b.double().abs().max().item()
-        assert error < TOLERANCE[dtype], f"{name}: relative error {error:.2e} ({dtype})"
+        assert_close_to_reference(a, b, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -51,7 +47,7 @@ def test_single_modality_path_equals_general_path_on_gpu(dtype):
     x, params, _ = _inputs(8, 256, 4096, 8, 2, 2, dtype, same_routing=True)
     fast = mm_adapter(x, *params, groups=2, backend="triton", single_modality=None)
     general = mm_adapter(x, *params, groups=2, backend="triton", single_modality=False)
-    assert (fast.float() - general.float()).abs().max().item() <= TOLERANCE[dtype] * x.abs().max().item()
+    assert_close_to_reference(fast, general, dtype, "y")
 
 
 def test_dispatcher_picks_triton_for_cuda_tensors():

@@ -1,7 +1,7 @@
 """MM-Adapter cases: x [B, L, D] (B = 8 samples, N = B·L tokens) in the activation dtype, fp32
-adapter params (r = 8, E = 2) with non-zero up weights, a random ∂y; routing "mixed" (samples
-routed differently: the general per-sample path) or "single" (all samples share x[:, 0], so
-the op detects one modality and takes its fast path).
+adapter params (r = 8, E = 2) with non-zero up weights, a random ∂y (the tests' builder);
+routing "mixed" (samples routed differently: the general per-sample path) or "single" (all
+samples share x[:, 0], so the op detects one modality and takes its fast path).
 
 Implementations: ours = each fused backend that can run here (triton, cuda on GPU; cpu on CPU);
 eager = mlan_kernels.reference (LaVIN-style math), compile = torch.compile of it, lora =
@@ -12,8 +12,9 @@ import torch
 from .. import dispatch
 from ..ops.mm_adapter import mm_adapter
 from ..reference import mm_adapter_reference
+from ..testing import TOLERANCES, make_adapter_inputs, random_grad
 from . import traffic
-from .cases import TOLERANCE, Case, autograd_impl, compiled, copy_impl
+from .cases import Case, autograd_impl, compiled, copy_impl
 
 RANK, EXPERTS, BATCH, TEMPERATURE = 8, 2, 8, 10.0
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
@@ -21,19 +22,12 @@ FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
 def make_inputs(tokens, dim, dtype, device, rank=RANK, experts=EXPERTS, groups=2,
                 single_modality=False, batch=BATCH, param_dtype=torch.float32):
-    """x [B, N/B, D] (dtype), the adapter params (param_dtype) and ∂y, from a fixed seed."""
-    generator = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape, std=0.02):
-        return (torch.randn(*shape, generator=generator) * std).to(device=device, dtype=param_dtype)
-
-    x = torch.randn(batch, tokens // batch, dim, generator=generator).to(device=device, dtype=dtype)
-    if single_modality:
-        x[:, 0] = x[0, 0]
-    params = dict(down_weight=rand(rank, dim), down_bias=rand(rank), up_weight=rand(experts, dim, rank // groups),
-                  up_bias=rand(experts, dim), router_weight=rand(experts, dim, std=1.0), router_bias=rand(experts))
-    grad_y = torch.randn(x.shape, generator=generator).to(device=device, dtype=dtype)
-    return x, params, grad_y
+    """x [B, N/B, D] (dtype), the adapter params (param_dtype) and ∂y, from a fixed seed
+    (`mlan_kernels.testing.make_adapter_inputs`, the tests' builder)."""
+    params = make_adapter_inputs(batch, tokens // batch, dim, rank, experts, groups, dtype, device,
+                                 param_dtype=param_dtype, single_modality=single_modality)
+    x = params.pop("x")
+    return x, params, random_grad(x.shape, dtype, device)
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list:
@@ -86,4 +80,4 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype) -> Case:
     return Case("mm_adapter", device, dtype, fields, label=f"N={tokens} D={dim} g={groups} {routing}",
                 size=tokens, series=f"D={dim} g={groups} {routing}",
                 min_bytes=lambda phase: traffic.mm_adapter_bytes(phase, tokens, dim, RANK, x.element_size()),
-                copy_numel=x.numel(), element=x.element_size(), impls=impls, tolerance=TOLERANCE[dtype])
+                copy_numel=x.numel(), element=x.element_size(), impls=impls, tolerance=TOLERANCES[dtype])

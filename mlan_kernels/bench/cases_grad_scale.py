@@ -16,8 +16,9 @@ from torch import nn
 
 from ..ops.grad_scale import scale_grads_
 from ..reference import scale_grads_reference
+from ..testing import TOLERANCES
 from . import traffic
-from .cases import TOLERANCE, Case, Impl, copy_impl
+from .cases import Case, Impl, copy_impl
 
 MULTIPLIERS, MAX_NORM = (1.0, 1.0), 1e6
 
@@ -75,4 +76,4 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype) -> Case:
     return Case("scale_grads", device, torch.float32, fields,
                 label=f"56 adapters, {numel:,} fp32", size=numel,
                 series="lavin-7b", min_bytes=lambda phase: traffic.scale_grads_bytes(numel, 4),
-                copy_numel=numel, element=4, impls=impls, tolerance=TOLERANCE[torch.float32])
+                copy_numel=numel, element=4, impls=impls, tolerance=TOLERANCES[torch.float32])

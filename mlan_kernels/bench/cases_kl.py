@@ -17,8 +17,9 @@ from .. import dispatch
 from ..ops.fused_linear_kl import fused_linear_kl
 from ..ops.kl_div import kl_div_logits
 from ..reference import kl_div_logits_reference
+from ..testing import TOLERANCES
 from . import traffic
-from .cases import TOLERANCE, Case, autograd_impl, compiled, copy_impl
+from .cases import Case, autograd_impl, compiled, copy_impl
 
 
 def kl_backends(device: torch.device) -> list:
@@ -61,7 +62,7 @@ def build_kl_div(shape: dict, device: torch.device, dtype: torch.dtype) -> Case:
                 size=tokens, series=f"V={vocab}",
                 min_bytes=lambda phase: traffic.kl_div_bytes(phase, tokens, vocab, element),
                 copy_numel=tokens * vocab, element=element,
-                impls=impls + [copy_impl(inputs["logits_p"])], tolerance=TOLERANCE[dtype])
+                impls=impls + [copy_impl(inputs["logits_p"])], tolerance=TOLERANCES[dtype])
 
 
 def _linear_ours(hidden_p, hidden_q, weight, backend):
@@ -87,4 +88,4 @@ def build_fused_linear_kl(shape: dict, device: torch.device, dtype: torch.dtype)
                 label=f"T={tokens} H={hidden} V={vocab}", size=tokens, series=f"H={hidden} V={vocab}",
                 min_bytes=lambda phase: traffic.fused_linear_kl_bytes(phase, tokens, hidden, vocab, element),
                 copy_numel=vocab * hidden, element=element,
-                impls=impls + [copy_impl(inputs["weight"])], tolerance=TOLERANCE[dtype])
+                impls=impls + [copy_impl(inputs["weight"])], tolerance=TOLERANCES[dtype])

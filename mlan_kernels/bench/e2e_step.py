@@ -30,7 +30,7 @@ causal SDPA / flash attention keeps the base stack at its fastest; adapter cost 
 Presets: "paper" = LLaMA-7B layer shape (D 4096, MLP 11008, 32 heads), 4 layers (the top of
 the 2-4 range of docs/performance.md: more adapter sites per step, ~1.6 GB of bf16
 weights), batch 4 x seq 2048, bf16 on GPU; "small" = CPU-sized fp32 (D 512, 2 layers, batch 4
-x seq 256); "tiny" = tests. Timing (bench/timing.py): median and IQR over `iters` steps after
+x seq 256); "tiny" = tests. Timing (testing.measure): median and IQR over `iters` steps after
 `warmup`; CUDA events around each step (one sync before and after the loop), perf_counter on CPU.
 Memory: `peak_memory_bytes` is torch.cuda.max_memory_allocated over the timed steps (weights,
 optimizer state and activations; None on CPU). The CPU proxies, on every device: `saved_bytes`
@@ -54,6 +54,7 @@ from ..config import AdapterConfig
 from ..integrations import patching
 from ..integrations.llama import patch_llama
 from ..functional import routing_weights
+from ..testing import measure
 from . import timing
 
 VARIANTS = ("fused", "eager_adapters", "no_adapters")
@@ -182,7 +183,7 @@ def measure_variant(variant, preset, device, dtype, iters, warmup, seed=0):
     step_memory = timing.peak_memory(step, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)      # the peak of the timed steps only
-    times = timing.measure(step, device, warmup=warmup, iters=iters)
+    times = measure(step, device, warmup=warmup, iters=iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     shape = PRESETS[preset] if isinstance(preset, str) else preset
     tokens = shape["batch"] * shape["seq_len"]

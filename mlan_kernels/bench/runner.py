@@ -5,25 +5,23 @@ median_ms, q1_ms, q3_ms, iqr_ms, min_ms, iters, min_bytes, gb_per_s (min_bytes /
 copy_gb_per_s (y.copy_(x) in the same case), pct_copy, speedup_vs_eager (reference median /
 this median, same phase), peak_memory_bytes (timing.peak_memory of one more call),
 saved_bytes (activations kept for backward, grad-mode implementations), max_rel_err and ok
-(the output check against the reference, implementations that compute the same math).
+(the output check against the reference, implementations that compute the same math, with
+`mlan_kernels.testing`'s tolerance table).
 An implementation that raises gets one row with `error` and a warning; the run goes on.
 """
 import warnings
 
 import torch
 
+from ..testing import measure, reference_error
 from . import timing
 from .traffic import copy_bytes
 
 
 def relative_error(outputs, expected) -> float:
-    """max |a − b| / max |b| over paired tensors (compared in fp64 on the CPU)."""
-    worst = 0.0
-    for actual, wanted in zip(outputs, expected):
-        actual, wanted = actual.detach().double().cpu(), wanted.detach().double().cpu()
-        scale = max(wanted.abs().max().item(), 1e-30) if wanted.numel() else 1.0
-        worst = max(worst, (actual - wanted).abs().max().item() / scale if wanted.numel() else 0.0)
-    return worst
+    """The worst `reference_error` (max |a − b| / max(1, max |b|)) over paired tensors."""
+    return max((reference_error(actual, wanted) for actual, wanted in zip(outputs, expected)),
+               default=0.0)
 
 
 def check_impl(case, impl, expected):
@@ -77,7 +75,7 @@ def _run_impl(case, impl, iters, warmup, phases, memory, expected):
         if phases is not None and phase not in phases and impl.role != "ceiling":
             continue
         row = _base_row(case, impl, phase)
-        row.update(timing.measure(fn, case.device, warmup=warmup, iters=iters))
+        row.update(measure(fn, case.device, warmup=warmup, iters=iters))
         row["min_bytes"] = (copy_bytes(case.copy_numel, case.element) if impl.role == "ceiling"
                             else case.min_bytes(phase))
         row["gb_per_s"] = row["min_bytes"] / row["median_ms"] / 1e6

@@ -1,10 +1,7 @@
-"""How one callable is timed and how much memory it uses.
+"""How much memory one callable uses. (Its time: `mlan_kernels.testing.measure`, the one timer
+of the tests, the benchmarks, the demo and the trainer; on CPU the thread count in use,
+torch.get_num_threads, goes into the run's environment, report.py.)
 
-measure: `warmup` untimed calls, then `iters` timed calls -> median, quartiles, minimum (ms).
-  CUDA: one event pair around each of back-to-back calls, one sync at the end (no L2 flush:
-  the paper shapes are far larger than L2; the host may run ahead, as in a training step, so a
-  call costs max(GPU time, host time)). CPU: time.perf_counter around each call; the thread
-  count in use (torch.get_num_threads) goes into the run's environment (report.py).
 peak_memory: extra bytes at the peak of one call. CUDA: torch.cuda.max_memory_allocated minus
   the bytes allocated before. CPU (Linux): growth of the process's peak resident set (VmHWM,
   reset through /proc/self/clear_refs after malloc_trim) over its resident set before the call
@@ -13,41 +10,8 @@ peak_memory: extra bytes at the peak of one call. CUDA: torch.cuda.max_memory_al
 saved_tensor_bytes: bytes autograd keeps for backward, from saved_tensors_hooks.
 """
 import ctypes
-import statistics
-import time
 
 import torch
-
-
-def measure(fn, device, warmup=5, iters=20):
-    """Run fn() warmup + iters times -> dict(median_ms, q1_ms, q3_ms, iqr_ms, min_ms, iters)."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
-        torch.cuda.synchronize(device)
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        times = []
-        for _ in range(iters):
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return summarize_times(times)
-
-
-def summarize_times(times_ms):
-    """Median, quartiles, IQR and minimum (ms) of a list of per-call times."""
-    quartiles = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
-    return {"median_ms": statistics.median(times_ms), "q1_ms": quartiles[0], "q3_ms": quartiles[2],
-            "iqr_ms": quartiles[2] - quartiles[0], "min_ms": min(times_ms), "iters": len(times_ms)}
 
 
 def _proc_status_bytes(key):

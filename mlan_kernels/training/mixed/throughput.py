@@ -1,22 +1,27 @@
 """Train-step throughput of a trained LavinModel per adapter backend (fused vs reference).
 
 Same batches, same weights: forward + backward of the whole model (no optimizer step), timed
-with perf_counter (CUDA synchronized), tokens/s = (text + image tokens) / median step time.
+with `mlan_kernels.testing.measure` (median of `repeats` passes), tokens/s = (text + image
+tokens) / median pass time.
 """
-import statistics
-import time
-
 import torch
 
 from ...data.dataset import split_by_modality
 from ...dispatch import select_backend
 from ...integrations import set_backend
+from ...testing import measure
 from .batches import batch_to, iterate_batches
 
 
 def _step(model, inputs):
     model.zero_grad(set_to_none=True)
     model(**inputs).loss.backward()
+
+
+def _pass(trainer, module, prepared):
+    for inputs, _ in prepared:
+        with trainer.autocast():
+            _step(module, inputs)
 
 
 def backend_throughput(trainer, backends=("auto", "reference"), batches: int = 6, repeats: int = 3) -> list:
@@ -38,18 +43,8 @@ def backend_throughput(trainer, backends=("auto", "reference"), batches: int = 6
         for backend in backends:
             set_backend(module, backend)
             _step(module, prepared[0][0])                          # warm-up
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for inputs, _ in prepared:
-                    with trainer.autocast():
-                        _step(module, inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
+            seconds = measure(lambda: _pass(trainer, module, prepared), device, warmup=0,
+                              iters=repeats)["median_ms"] / 1e3
             rows.append({"backend": backend, "resolved": select_backend(device, dtype, backend),
                          "tokens_per_s": sum(t for _, t in prepared) / seconds,
                          "median_pass_s": seconds, "batches": len(prepared)})
