@@ -65,14 +65,15 @@ def expected_text_answer(task, question):
 
 
 def image_facts(path):
-    """(nearest colour name of the bright pixels, fill ratio of their bounding box)."""
+    """(nearest colour name of the bright pixels, fill ratio of their bounding box, the
+    horizontal centre of that box in image widths)."""
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
     bright = pixels.max(axis=2) > 100
     rows, cols = np.nonzero(bright)
     mean = pixels[bright].mean(axis=0)
     colour = min(COLOURS, key=lambda name: np.abs(np.asarray(COLOURS[name]) - mean).sum())
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    return colour, bright.sum() / box
+    return colour, bright.sum() / box, (cols.min() + cols.max() + 1) / 2 / pixels.shape[1]
 
 
 def test_answers_match_questions_and_images(synthetic):
@@ -82,12 +83,15 @@ def test_answers_match_questions_and_images(synthetic):
         if not record.has_image:
             assert answer == expected_text_answer(task, question), record.id
             continue
-        colour, fill = image_facts(record.image)
+        colour, fill, centre = image_facts(record.image)
         if task == "colour":
             assert answer == colour, record.id
-        else:
+        elif task == "shape":
             expected = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
             assert answer == expected, (record.id, fill)
+        else:
+            assert task == "side" and abs(centre - 0.5) >= 0.1, (record.id, centre)
+            assert answer == ("left" if centre < 0.5 else "right"), (record.id, centre)
 
 
 def test_chance_levels(synthetic):
@@ -95,8 +99,10 @@ def test_chance_levels(synthetic):
     tasks = meta["tasks"]
     assert tasks["colour"]["chance"] == 1 / len(COLOURS) and tasks["shape"]["chance"] == 1 / 3
     assert tasks["bigger"]["chance"] == 1 / 2 and tasks["add"]["chance"] == 1 / 10
+    assert tasks["side"]["chance"] == 1 / 2
     counts = meta["splits"]["eval"]["tasks"]
-    image = (counts["colour"] / 6 + counts["shape"] / 3) / (counts["colour"] + counts["shape"])
+    image = ((counts["colour"] / 6 + counts["shape"] / 3 + counts["side"] / 2)
+             / (counts["colour"] + counts["shape"] + counts["side"]))
     assert meta["chance"]["image"] == pytest.approx(image)
     assert chance_levels(meta) == meta["chance"]
     hand_made = {"tasks": {"a": {"modality": "text", "chance": 0.5},

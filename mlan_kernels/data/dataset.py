@@ -57,13 +57,18 @@ def truncate(input_ids: list[int], labels: list[int], max_length: int
     return input_ids[:1] + input_ids[start:first + 1], labels[:1] + labels[start:first + 1]
 
 
-def load_pixels(path: str, image_size: int) -> torch.Tensor:
+def image_pixels(image: Image.Image, image_size: int) -> torch.Tensor:
     """RGB image resized to image_size², scaled to [0, 1], CLIP-normalized: float32 [3, S, S]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32) / 255.0                    # [S, S, 3]
+    image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0                        # [S, S, 3]
     pixels = (pixels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def load_pixels(path: str, image_size: int) -> torch.Tensor:
+    """`image_pixels` of the image file at `path`: float32 [3, S, S]."""
+    with Image.open(path) as image:
+        return image_pixels(image, image_size)
 
 
 class InstructionDataset(Dataset):

@@ -5,9 +5,10 @@ fresh random instances of the same tasks (same templates and value ranges as tra
 Text tasks:  add     "what is three plus four ?" -> "seven"      (a in 0..5, b in 0..4)
              bigger  "which is bigger : three or seven ?" -> "seven"
              repeat  "repeat the word : apple" -> "apple"
-Image tasks (dark background, one large filled shape at a random place):
+Image tasks (dark background, one filled shape, its centre clearly left or right of the middle):
              colour  "what colour is the shape ?" -> one of 6 colours
              shape   "what shape is this ?" -> circle / square / triangle
+             side    "is the shape on the left or the right ?" -> left / right
 Chance (meta.json "tasks"[t]["chance"]): 1/|answers|, except bigger: 1/2 (one of the two numbers
 asked about). Per modality: the mean over its tasks weighted by their eval frequency.
 Record ids are "{split}-{index:05d}-{task}" (see task_from_id).
@@ -32,17 +33,25 @@ NOUNS = ("apple", "bread", "candle", "chair", "cloud", "garden", "horse", "house
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 235),
            "yellow": (235, 225, 35), "white": (240, 240, 240), "magenta": (225, 40, 225)}
 SHAPES = ("circle", "square", "triangle")
+SIDES = ("left", "right")
 SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
 class Scene:
-    """One generated image: colour name, shape name, top-left corner and side, in pixels."""
+    """One generated image: colour name, shape name, top-left corner and side length of the
+    shape, and the image's side length, in pixels."""
     colour: str
     shape: str
     left: int
     top: int
     size: int
+    image_size: int
+
+    @property
+    def side(self) -> str:
+        """"left" or "right": the half of the image that holds the shape's centre."""
+        return SIDES[int(2 * self.left + self.size > self.image_size)]
 
 
 @dataclass(frozen=True)
@@ -86,8 +95,51 @@ TASKS = (
     Task("shape", "image", ("what shape is this ?", "which shape is in the picture ?",
                             "name the shape ."), SHAPES, 1 / len(SHAPES),
          lambda rng, scene: ({}, scene.shape)),
+    Task("side", "image", ("is the shape on the left or the right ?",
+                           "which side is the shape on , left or right ?",
+                           "where is the shape : left or right ?"), SIDES, 1 / len(SIDES),
+         lambda rng, scene: ({}, scene.side)),
 )
 TASKS_BY_NAME = {task.name: task for task in TASKS}
+
+
+# Statements about the same world, the text corpus of the demo's pretrained LLaMA (stage 1):
+# the facts and words the tasks ask about, never in the tasks' question/answer format.
+STATEMENTS = {
+    "add": ("{a} plus {b} is {c} .", "{a} and {b} make {c} ."),
+    "bigger": ("{big} is bigger than {small} .", "{small} is less than {big} ."),
+    "repeat": ("{word} , {word} .", "the word {word} . again : {word} ."),
+    "scene": ("a {colour} {shape} on the {side} .", "the {shape} is {colour} .",
+              "the {colour} {shape} is on the {side} ."),
+}
+
+
+def _statement_fields(kind: str, rng: np.random.Generator) -> dict:
+    if kind == "add":                                  # every sum up to nine
+        a = int(rng.integers(0, 10))
+        b = int(rng.integers(0, 10 - a))
+        return {"a": NUMBERS[a], "b": NUMBERS[b], "c": NUMBERS[a + b]}
+    if kind == "bigger":
+        small, big = sorted(int(x) for x in rng.choice(len(NUMBERS), size=2, replace=False))
+        return {"big": NUMBERS[big], "small": NUMBERS[small]}
+    if kind == "repeat":
+        return {"word": NOUNS[int(rng.integers(len(NOUNS)))]}
+    return {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
+            "side": str(rng.choice(SIDES))}
+
+
+def statements(count: int, seed: int = 0) -> list[str]:
+    """`count` random statements (kinds and templates uniform), deterministic for the seed."""
+    check_int("count", count)
+    rng = np.random.default_rng([seed, 7])
+    kinds = list(STATEMENTS)
+    texts = []
+    for _ in range(count):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        templates = STATEMENTS[kind]
+        texts.append(templates[int(rng.integers(len(templates)))]
+                     .format(**_statement_fields(kind, rng)))
+    return texts
 
 
 def task_from_id(record_id: str) -> str:
@@ -96,9 +148,15 @@ def task_from_id(record_id: str) -> str:
 
 
 def random_scene(rng: np.random.Generator, image_size: int) -> Scene:
-    size = int(rng.integers(int(0.45 * image_size), int(0.7 * image_size) + 1))
-    left, top = (int(x) for x in rng.integers(1, image_size - size, size=2))
-    return Scene(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), left, top, size)
+    """A shape of 40-60 % of the image side whose centre lies at least 1/8 of the image
+    from the vertical middle line, so its side (left/right) is never ambiguous."""
+    size = int(rng.integers(int(0.4 * image_size), int(0.6 * image_size) + 1))
+    lefts = [left for left in range(1, image_size - size)
+             if abs(2 * left + size - image_size) >= image_size / 4]
+    left = lefts[int(rng.integers(len(lefts)))]
+    top = int(rng.integers(1, image_size - size))
+    return Scene(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), left, top, size,
+                 image_size)
 
 
 def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
@@ -149,11 +207,13 @@ def _make_split(out_dir: Path, split: str, size: int, seed: int, image_size: int
 
 
 def vocabulary_texts() -> list[str]:
-    """Every word the tasks and the prompt template can produce."""
+    """Every word the tasks, the statements and the prompt template can produce."""
     texts = [PROMPT_TEMPLATE.format(human="")]
     for task in TASKS:
         texts += [re.sub(r"\{\w+\}", " ", template) for template in task.templates]
         texts += list(task.answers)
+    for templates in STATEMENTS.values():
+        texts += [re.sub(r"\{\w+\}", " ", template) for template in templates]
     return texts + list(NUMBERS) + list(NOUNS)
 
 

@@ -1,0 +1,212 @@
+"""Stage 1 of the demo: a pretrained tiny base for LaVIN's recipe, made once and cached.
+
+LaVIN tunes MM-Adapters on a frozen *pretrained* LLaMA and CLIP. The demo's base models are
+tiny and are made here, on the synthetic world of mlan_kernels.data.synthetic:
+
+  llama/      LlamaForCausalLM (+ tokenizer.json) trained as a language model on `statements`:
+              the facts and words the tasks ask about ("three plus four is seven ."), never the
+              tasks' question/answer format, which stage 2's adapters have to learn.
+  clip/       CLIPVisionModel trained to classify the colour, shape and side of freshly rendered
+              scenes from its pooled CLS token, one linear head per attribute (the heads are
+              dropped). A scene's caption is exactly these three attributes, so contrastive
+              image-caption training would learn the same features; the heads are its direct,
+              cheaper form.
+  base.json   the settings, the held-out accuracies of both models and the seconds spent.
+
+`pretrained_base(directory, tokenizer)` reuses a directory whose base.json holds the same
+settings and vocabulary, and otherwise builds it in a temporary directory renamed into place,
+so an interrupted run never leaves a half-written base behind.
+"""
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...data.dataset import image_pixels
+from ...data.synthetic import COLOURS, SHAPES, SIDES, random_scene, render, statements
+from ...data.tokenizer import WordTokenizer
+from ...integrations.tiny import tiny_clip, tiny_llama
+from ..scheduler import CosineWithWarmup
+
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "side": SIDES}
+
+
+@dataclass(frozen=True)
+class BaseSettings:
+    """Shapes and budgets of the two base models (the tiny LaVIN of the demo)."""
+    dim: int = 128                # LLaMA hidden size (intermediate 4·dim)
+    layers: int = 2
+    heads: int = 4
+    max_positions: int = 128      # LLaMA positions: prompt + answer + modality/image tokens
+    clip_dim: int = 128           # CLIP hidden size (intermediate 2·clip_dim)
+    clip_layers: int = 4
+    image_size: int = 28
+    patch_size: int = 4
+    text_steps: int = 600         # AdamW steps of the language model
+    vision_steps: int = 600       # AdamW steps of the vision tower
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def _optimizer(model: nn.Module, lr: float, steps: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineWithWarmup(steps // 20, steps))
+    return optimizer, schedule
+
+
+def _encode(texts: list, tokenizer: WordTokenizer) -> tuple:
+    """(input_ids [N, T], labels [N, T]): <s> text </s>, right-padded; labels -100 on padding."""
+    rows = [[tokenizer.bos_id] + ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+    labels = input_ids.masked_fill(input_ids == tokenizer.pad_id, -100)
+    return input_ids, labels
+
+
+def last_word_accuracy(llama, texts: list, tokenizer: WordTokenizer) -> float:
+    """Share of `texts` whose last word before the final " ." the model predicts (greedy) from
+    the words before it: the sum, the bigger number, the repeated noun, the side or colour."""
+    input_ids, _ = _encode(texts, tokenizer)
+    lengths = (input_ids != tokenizer.pad_id).sum(1)          # <s> ... word . </s>
+    with torch.no_grad():
+        logits = llama(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_id)).logits
+    rows = torch.arange(len(texts))
+    position = lengths - 3                                    # the token before `word`
+    predicted = logits[rows, position].argmax(-1)
+    return float((predicted == input_ids[rows, position + 1]).float().mean())
+
+
+def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
+    """(LlamaForCausalLM in eval mode, {"loss", "held_out_last_word_accuracy", "seconds"})."""
+    start = time.perf_counter()
+    llama = tiny_llama(seed=settings.seed, hidden_size=settings.dim, layers=settings.layers,
+                       heads=settings.heads, intermediate_size=4 * settings.dim,
+                       vocab_size=tokenizer.vocab_size,
+                       max_position_embeddings=settings.max_positions).train()
+    corpus = statements(settings.text_steps * settings.batch_size, seed=settings.seed)
+    optimizer, schedule = _optimizer(llama, settings.lr, settings.text_steps)
+    for step in range(settings.text_steps):
+        batch = corpus[step * settings.batch_size:(step + 1) * settings.batch_size]
+        input_ids, labels = _encode(batch, tokenizer)
+        loss = llama(input_ids=input_ids, attention_mask=labels != -100, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llama.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    llama.eval()
+    held_out = statements(1000, seed=settings.seed + 1)
+    return llama, {"loss": float(loss.detach()), "seconds": time.perf_counter() - start,
+                   "held_out_last_word_accuracy": last_word_accuracy(llama, held_out, tokenizer)}
+
+
+def scenes(count: int, settings: BaseSettings, seed: int) -> tuple:
+    """(pixel_values float32 [count, 3, S, S], {attribute: long [count]}) of random scenes,
+    rendered and normalized exactly as the synthetic task's images are."""
+    rng = np.random.default_rng([seed, 11])
+    pixels, labels = [], {name: [] for name in ATTRIBUTES}
+    for _ in range(count):
+        scene = random_scene(rng, settings.image_size)
+        pixels.append(image_pixels(render(scene, settings.image_size, rng), settings.image_size))
+        for name, values in ATTRIBUTES.items():
+            labels[name].append(values.index(getattr(scene, name)))
+    return torch.stack(pixels), {name: torch.tensor(v) for name, v in labels.items()}
+
+
+def pretrain_clip(settings: BaseSettings):
+    """(CLIPVisionModel in eval mode, {"loss", "held_out_accuracy": {attribute: acc}, "seconds"})."""
+    start = time.perf_counter()
+    clip = tiny_clip(seed=settings.seed + 1, hidden_size=settings.clip_dim,
+                     layers=settings.clip_layers, heads=4, intermediate_size=2 * settings.clip_dim,
+                     image_size=settings.image_size, patch_size=settings.patch_size).train()
+    heads = nn.ModuleDict({name: nn.Linear(settings.clip_dim, len(values))
+                           for name, values in ATTRIBUTES.items()})
+    model = nn.ModuleDict({"clip": clip, "heads": heads})
+    pool = min(settings.vision_steps * settings.batch_size, 16384)
+    pixels, labels = scenes(pool, settings, seed=settings.seed)
+    optimizer, schedule = _optimizer(model, settings.lr, settings.vision_steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    def losses(batch_pixels, batch_labels):
+        pooled = clip(pixel_values=batch_pixels).pooler_output
+        return {name: nn.functional.cross_entropy(heads[name](pooled), batch_labels[name],
+                                                  reduction="none") for name in ATTRIBUTES}, pooled
+
+    for _ in range(settings.vision_steps):
+        rows = torch.randint(pool, (settings.batch_size,), generator=generator)
+        per_attribute, _ = losses(pixels[rows], {n: v[rows] for n, v in labels.items()})
+        loss = sum(value.mean() for value in per_attribute.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    eval_pixels, eval_labels = scenes(1000, settings, seed=settings.seed + 1)
+    with torch.no_grad():
+        pooled = clip(pixel_values=eval_pixels).pooler_output
+    accuracy = {name: float((heads[name](pooled).argmax(-1) == eval_labels[name]).float().mean())
+                for name in ATTRIBUTES}
+    return clip, {"loss": float(loss.detach()), "seconds": time.perf_counter() - start,
+                  "held_out_accuracy": accuracy}
+
+
+def _fingerprint(settings: BaseSettings, tokenizer: WordTokenizer) -> dict:
+    vocabulary = sorted(tokenizer.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return {"settings": dataclasses.asdict(settings), "vocabulary": [word for word, _ in vocabulary]}
+
+
+def load_base_record(directory) -> dict:
+    """base.json of a finished base directory, or {} when there is none."""
+    path = Path(directory) / "base.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings = BaseSettings(),
+                    log=print) -> dict:
+    """Make (or reuse) the stage-1 base under `directory`; returns its base.json record:
+    {"settings", "vocabulary", "llama": stats, "clip": stats, "reused": bool}.
+    The models are at directory/llama (with tokenizer.json) and directory/clip."""
+    directory = Path(directory)
+    wanted = _fingerprint(settings, tokenizer)
+    record = load_base_record(directory)
+    if record and all(record.get(key) == value for key, value in wanted.items()):
+        log(f"stage 1: reusing the pretrained base in {directory}")
+        return record | {"reused": True}
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"base directory {directory} holds something other than a base made "
+                         f"with these settings and vocabulary; remove it or pass another one")
+    log(f"stage 1: pretraining the tiny LLaMA ({settings.text_steps} steps) and CLIP "
+        f"({settings.vision_steps} steps) into {directory}")
+    torch.manual_seed(settings.seed)
+    llama, llama_stats = pretrain_llama(settings, tokenizer)
+    clip, clip_stats = pretrain_clip(settings)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".base-", dir=directory.parent))
+    try:
+        llama.save_pretrained(scratch / "llama")
+        tokenizer.save(scratch / "llama" / "tokenizer.json")
+        clip.save_pretrained(scratch / "clip")
+        record = wanted | {"llama": llama_stats, "clip": clip_stats}
+        (scratch / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+        if directory.exists():
+            directory.rmdir()
+        scratch.rename(directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"stage 1: LLaMA held-out last-word accuracy "
+        f"{llama_stats['held_out_last_word_accuracy']:.1%} ({llama_stats['seconds']:.0f} s); "
+        "CLIP held-out accuracy " + ", ".join(
+            f"{name} {value:.1%}" for name, value in clip_stats["held_out_accuracy"].items())
+        + f" ({clip_stats['seconds']:.0f} s)")
+    return record | {"reused": False}

@@ -1,0 +1,118 @@
+"""Stage 1 of the demo (mlan_kernels/training/mixed/base.py): the statements are true and
+in the vocabulary, the scenes' labels match their pixels, the base is made once, reused,
+refused when it was made otherwise, never left half-written, and learns with a real budget."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from mlan_kernels.data.synthetic import (COLOURS, NUMBERS, SHAPES, SIDES, statements,
+                                         vocabulary_texts)
+from mlan_kernels.data.tokenizer import WordTokenizer
+from mlan_kernels.training.mixed import base
+from mlan_kernels.training.mixed.base import ATTRIBUTES, BaseSettings, pretrained_base, scenes
+
+TINY = BaseSettings(dim=16, layers=1, heads=2, clip_dim=16, clip_layers=4, text_steps=2,
+                    vision_steps=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return WordTokenizer.from_texts(vocabulary_texts())
+
+
+def test_statements_are_true_deterministic_and_in_the_vocabulary(tokenizer):
+    texts = statements(400, seed=5)
+    assert texts == statements(400, seed=5) and texts != statements(400, seed=6)
+    kinds = set()
+    for text in texts:
+        assert tokenizer.unk_id not in tokenizer.encode(text), text
+        words = text.split()
+        numbers = [NUMBERS.index(word) for word in words if word in NUMBERS]
+        if "plus" in words or "make" in words:
+            kinds.add("add")
+            assert numbers[0] + numbers[1] == numbers[2], text
+        elif "bigger" in words:
+            kinds.add("bigger")
+            assert numbers[0] > numbers[1], text
+        elif "less" in words:
+            kinds.add("bigger")
+            assert numbers[0] < numbers[1], text
+        elif re.fullmatch(r"(the word )?(\w+) (,|\. again :) \2 \.", text):
+            kinds.add("repeat")
+        else:
+            kinds.add("scene")
+            assert len(set(words) & set(COLOURS)) == len(set(words) & set(SHAPES)) == 1, text
+            assert ("on" in words) == (len(set(words) & set(SIDES)) == 1), text
+    assert kinds == {"add", "bigger", "repeat", "scene"}
+
+
+def test_scene_labels_match_the_pixels():
+    """Colour = nearest named colour of the bright pixels; side = the half holding the
+    centre of their bounding box (measured on the normalized pixels, undoing CLIP's normalization)."""
+    from mlan_kernels.data.dataset import CLIP_MEAN, CLIP_STD
+    pixels, labels = scenes(60, TINY, seed=2)
+    assert pixels.shape == (60, 3, 28, 28) and pixels.dtype == torch.float32
+    rgb = (pixels * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None]) * 255
+    for i in range(60):
+        image = rgb[i].permute(1, 2, 0).numpy()
+        bright = image.max(axis=2) > 100
+        _, cols = np.nonzero(bright)
+        mean = image[bright].mean(axis=0)
+        colour = min(COLOURS, key=lambda name: np.abs(np.asarray(COLOURS[name]) - mean).sum())
+        assert ATTRIBUTES["colour"][labels["colour"][i]] == colour
+        centre = (cols.min() + cols.max() + 1) / 2 / 28
+        assert ATTRIBUTES["side"][labels["side"][i]] == ("left" if centre < 0.5 else "right")
+    assert set(labels["shape"].tolist()) == {0, 1, 2}
+
+
+def test_the_base_is_made_once_and_reused(tmp_path, tokenizer):
+    lines = []
+    record = pretrained_base(tmp_path / "base", tokenizer, TINY, log=lines.append)
+    assert record["reused"] is False
+    assert {p.name for p in (tmp_path / "base").iterdir()} == {"llama", "clip", "base.json"}
+    assert set(record["clip"]["held_out_accuracy"]) == set(ATTRIBUTES)
+    stamp = (tmp_path / "base" / "llama" / "model.safetensors").stat().st_mtime_ns
+    again = pretrained_base(tmp_path / "base", tokenizer, TINY, log=lines.append)
+    assert again["reused"] is True and "reusing" in lines[-1]
+    assert (tmp_path / "base" / "llama" / "model.safetensors").stat().st_mtime_ns == stamp
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "base" / "llama")
+    assert llama.config.vocab_size == tokenizer.vocab_size
+    assert CLIPVisionModel.from_pretrained(tmp_path / "base" / "clip").config.hidden_size == 16
+    assert WordTokenizer.load(tmp_path / "base" / "llama" / "tokenizer.json").vocab_size == \
+        tokenizer.vocab_size
+
+
+def test_a_base_made_otherwise_is_refused_not_overwritten(tmp_path, tokenizer):
+    pretrained_base(tmp_path / "base", tokenizer, TINY, log=lambda line: None)
+    before = (tmp_path / "base" / "base.json").read_text()
+    other = BaseSettings(**{**TINY.__dict__, "seed": 1})
+    with pytest.raises(ValueError, match="^base directory .* holds something other"):
+        pretrained_base(tmp_path / "base", tokenizer, other, log=lambda line: None)
+    assert (tmp_path / "base" / "base.json").read_text() == before
+
+
+def test_a_failure_while_pretraining_leaves_no_directory(tmp_path, tokenizer, monkeypatch):
+    def broken(settings):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(base, "pretrain_clip", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pretrained_base(tmp_path / "base", tokenizer, TINY, log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_budget_learns_the_facts_and_the_attributes(tokenizer):
+    """Small models, a budget of seconds: the LM predicts the facts' last word and the vision
+    tower separates colour and side far above chance (1/6 and 1/2)."""
+    torch.manual_seed(0)
+    settings = BaseSettings(dim=32, layers=1, heads=2, clip_dim=32, clip_layers=2,
+                            text_steps=150, vision_steps=150, batch_size=32, lr=1e-2)
+    _, llama_stats = base.pretrain_llama(settings, tokenizer)
+    _, clip_stats = base.pretrain_clip(settings)
+    assert llama_stats["held_out_last_word_accuracy"] > 0.8, llama_stats
+    accuracy = clip_stats["held_out_accuracy"]
+    assert accuracy["colour"] > 0.6 and accuracy["side"] > 0.8, accuracy
+    assert json.dumps(llama_stats) and json.dumps(clip_stats)
