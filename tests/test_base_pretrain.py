@@ -116,3 +116,36 @@ def test_a_real_budget_learns_the_facts_and_the_attributes(tokenizer):
     accuracy = clip_stats["held_out_accuracy"]
     assert accuracy["colour"] > 0.6 and accuracy["side"] > 0.8, accuracy
     assert json.dumps(llama_stats) and json.dumps(clip_stats)
+
+
+def test_mlan_train_base_pretrains_once_then_trains_only_adapters(tmp_path):
+    """`mlan-train --base DIR`: stage 1 writes DIR, stage 2 trains adapters, neck and modality
+    token on the frozen base, records the trainable share; a second run reuses DIR."""
+    from safetensors.torch import load_file
+    from mlan_kernels.data.synthetic import make_synthetic
+    from mlan_kernels.training.mixed.cli import main
+    data = tmp_path / "data"
+    make_synthetic(data, train_size=80, eval_size=16, seed=3)
+    tiny = ["--data", str(data), "--base", str(tmp_path / "base"), "--base-steps", "2",
+            "--dim", "16", "--layers", "1", "--heads", "2", "--clip-dim", "16", "--steps", "2",
+            "--batch-size", "4", "--warmup-steps", "0", "--no-progress", "--no-plots",
+            "--eval-samples", "4"]
+    assert main([*tiny, "--out", str(tmp_path / "run")]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["train_base"] is False
+    assert run["config"]["llama"] == str(tmp_path / "base" / "llama")
+    trained = load_file(tmp_path / "run" / "checkpoint" / "trainable.safetensors")
+    assert trained and all("adapter" in name or name.startswith(("neck.", "modality_embedding."))
+                           for name in trained)
+    parameters = run["parameters"]
+    assert parameters["trainable"] == sum(t.numel() for t in trained.values()) < parameters["total"]
+    stamp = (tmp_path / "base" / "base.json").stat().st_mtime_ns
+    assert main([*tiny, "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "base" / "base.json").stat().st_mtime_ns == stamp
+
+
+def test_base_and_llama_together_are_refused(tmp_path, capsys):
+    from mlan_kernels.training.mixed.cli import main
+    assert main(["--data", str(tmp_path), "--base", str(tmp_path / "b"), "--llama",
+                 str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "--base" in capsys.readouterr().err

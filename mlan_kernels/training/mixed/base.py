@@ -210,3 +210,32 @@ def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings 
             f"{name} {value:.1%}" for name, value in clip_stats["held_out_accuracy"].items())
         + f" ({clip_stats['seconds']:.0f} s)")
     return record | {"reused": False}
+
+
+def settings_of(config) -> BaseSettings:
+    """The base a TrainConfig's tiny-model options and --base-steps describe (LLaMA positions
+    for --max-length tokens after the modality token and the image tokens)."""
+    from .config import max_length
+    positions = max(BaseSettings.max_positions, max_length(config) + 1 + config.clip_layers // 4)
+    return BaseSettings(dim=config.dim, layers=config.layers, heads=config.heads,
+                        max_positions=positions, text_steps=config.base_steps,
+                        vision_steps=config.base_steps,
+                        clip_dim=config.clip_dim, clip_layers=config.clip_layers,
+                        image_size=config.image_size, patch_size=config.patch_size,
+                        seed=config.seed)
+
+
+def with_pretrained_base(config, rank: int = 0, world_size: int = 1):
+    """`config` with --llama/--clip set to the stage-1 base in config.base, which rank 0 makes
+    first when it is not there (the others wait). The tokenizer is the data's (or --tokenizer)."""
+    from .tokenizers import load_tokenizer
+    if rank == 0:
+        tokenizer = load_tokenizer(config)
+        if not isinstance(tokenizer, WordTokenizer):
+            raise ValueError(f"--base {config.base}: needs the synthetic task's word tokenizer, "
+                             f"got {type(tokenizer).__name__}")
+        pretrained_base(config.base, tokenizer, settings_of(config))
+    if world_size > 1:
+        torch.distributed.barrier()
+    return dataclasses.replace(config, llama=str(Path(config.base) / "llama"),
+                               clip=str(Path(config.base) / "clip"))

@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from .base import with_pretrained_base
 from .config import build_parser, config_from_args
 from .preflight import check_device, check_paths, check_run_directory
 from .report import plot_shares, write_run
@@ -80,7 +81,8 @@ def table_row(share, summary) -> dict:
                summary["tokens"]["image_tokens"] + summary["tokens"]["text_tokens"], 1),
            "kappa_ema": summary["kappa"][-1]["kappa_ema"] if summary["kappa"] else None,
            "probe_s": summary["probe_seconds_mean"],
-           "peak_memory_mb": summary["peak_memory"]["bytes"] / 2**20}
+           "peak_memory_mb": summary["peak_memory"]["bytes"] / 2**20,
+           "parameters": summary["parameters"]}
     row["by_task"] = {task: accuracy for modality in ("text", "image")
                       for task, accuracy in final.get(modality, {}).get("by_task", {}).items()}
     for entry in summary.get("backends", []):
@@ -111,6 +113,9 @@ def format_table(rows, chance) -> str:
             lines.append(f"share {row['share']:g} by task: " + ", ".join(
                 f"{task} {value:.0%}" + (f" (chance {tasks[task]:.0%})" if task in tasks else "")
                 for task, value in row["by_task"].items()))
+    for row in rows[:1]:
+        trainable, total = row["parameters"]["trainable"], row["parameters"]["total"]
+        lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
     if chance:
         lines.append(f"chance level (exact match): text-only {chance.get('text', 0):.1%}, "
                      f"image-text {chance.get('image', 0):.1%}")
@@ -160,6 +165,8 @@ def run(config) -> int:
     rank, world_size = init_distributed(config)
     if config.make_data:
         ensure_data(config.data, rank, world_size)
+    if config.base:
+        config = with_pretrained_base(config, rank, world_size)
     shares = config.shares or [config.language_share]
     rows = []
     for share in shares:

@@ -46,6 +46,9 @@ class TrainConfig:
     train_base: Optional[bool] = None         # train LLaMA/CLIP too; default: yes for the tiny
                                               # random-init models, no with --llama (LaVIN)
     # model (tiny, built in code) — ignored for a part given as a local checkpoint
+    base: Optional[str] = None                # stage 1: pretrain a tiny LLaMA/CLIP base here unless
+                                              # present, then train adapters on it frozen (LaVIN)
+    base_steps: int = 600                     # stage-1 AdamW steps of each base model
     llama: Optional[str] = None               # local HF LlamaForCausalLM directory
     clip: Optional[str] = None                # local HF CLIPVisionModel directory
     tokenizer: Optional[str] = None           # tokenizer.json (default: DATA/tokenizer.json or the --llama one)
@@ -115,6 +118,10 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "max_grad_norm": "gradient clipping per CoMMIT side (fused scale_grads_); 0 = no clipping",
     "seed": "seed of the models, the mixture and the batches",
     "train_base": "train LLaMA/CLIP too (default: yes for the tiny random models, no with --llama)",
+    "base": "LaVIN's recipe on a pretrained tiny base: pretrain the tiny LLaMA (language model on "
+            "statements) and CLIP (scene attributes) into this directory unless it holds them "
+            "(stage 1), then train only adapters, neck and modality token on them, frozen",
+    "base_steps": "stage 1 (--base): AdamW steps of the LLaMA and of the CLIP pretraining",
     "llama": "local HF LlamaForCausalLM directory (default: a tiny LLaMA built in code)",
     "clip": "local HF CLIPVisionModel directory (default: a tiny CLIP built in code)",
     "tokenizer": "tokenizer.json (default: DATA/tokenizer.json, or the --llama directory's)",
@@ -237,8 +244,8 @@ def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
 
 
 def max_length(config) -> int:
-    """--max-length, else 64 for the tiny synthetic models and 512 with --llama."""
-    return config.max_length or (512 if config.llama else 64)
+    """--max-length, else 64 for the tiny synthetic models (--base's too) and 512 with --llama."""
+    return config.max_length or (512 if config.llama and not config.base else 64)
 
 
 FLOAT_RANGES = {            # option: (check, accepted values); every float must also be finite
@@ -253,7 +260,7 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "balance_alpha": (lambda v: v >= 0, ">= 0"),
 }
 POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
-                 "clip_layers", "image_size", "patch_size")
+                 "clip_layers", "image_size", "patch_size", "base_steps")
 NON_NEGATIVE_INTS = ("probe_every", "save_every", "eval_every", "stop_after", "threads",
                      "max_image_pixels")
 SEED_LIMIT = 2**32

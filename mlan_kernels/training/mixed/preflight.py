@@ -25,10 +25,14 @@ def check_device(device: str):
 
 
 def check_paths(config):
-    """--data, --llama, --clip, --tokenizer and --resume must exist locally."""
+    """--data, --llama, --clip, --tokenizer and --resume must exist locally; --base excludes
+    --llama/--clip."""
     if not config.make_data and not os.path.isdir(config.data):
         raise ValueError(f"--data {config.data}: not a directory (pass --make-data to generate "
                          f"the synthetic task there)")
+    if config.base is not None and (config.llama is not None or config.clip is not None):
+        raise ValueError(f"--base {config.base}: the base's LLaMA and CLIP are used; do not "
+                         f"also pass --llama/--clip")
     for option in ("llama", "clip"):
         path = getattr(config, option)
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):

@@ -37,6 +37,8 @@ def run_summary(trainer, totals: dict) -> dict:
                  "epoch_padding_ratio": trainer.batches.padding_ratio(),
                  "image_errors": trainer.train_set.image_errors, "files": trainer.load_reports},
         "tokens": tokens,
+        "parameters": {"trainable": sum(p.numel() for p in trainer.module.parameters() if p.requires_grad),
+                       "total": sum(p.numel() for p in trainer.module.parameters())},
         "loss": totals["loss"],
         "lr": history["lr"],
         "eval": history["eval"],
