@@ -83,3 +83,43 @@ def test_merge_errors_name_what_is_wrong():
     keys = list(adapters(model))
     with pytest.raises(KeyError, match=f"no routing weights given for adapter '{keys[-1]}'"):
         merge_adapters(model, {key: torch.tensor([0.5, 0.5]) for key in keys[:-1]})
+
+
+@pytest.mark.parametrize("placement", ["attn", "block"])
+def test_consumers_with_their_own_bias_merge_and_unmerge_exactly(placement):
+    """q/k/v (and gate/up) with non-zero biases: merged == unmerged, merging adds no trainable
+    parameter, unmerging gives every original parameter back bit for bit."""
+    model = randomize_all(patch_llama(tiny_llama(attention_bias=True, mlp_bias=True), scale=2.0,
+                                      placement=placement))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    ids = token_ids(batch=1)
+    with record_routing_weights(model) as recorder:
+        unmerged = model(ids).logits
+    merge_adapters(model, recorder.weights)
+    torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} <= trainable
+    unmerge_adapters(model)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+class WrappedLinear(torch.nn.Linear):
+    """Stands for a PEFT-wrapped projection: a Linear, but not a plain nn.Linear."""
+
+
+def test_merging_into_a_wrapped_projection_names_the_adapter_and_the_projection():
+    model = randomize_all(patch_llama(tiny_llama()))
+    attention = model.model.layers[0].self_attn
+    plain = attention.k_proj
+    attention.k_proj = WrappedLinear(plain.in_features, plain.out_features, bias=False)
+    with pytest.raises(TypeError, match=r"^llama\.layers\.0\.attn: can only merge into nn\.Linear, "
+                                        r"self_attn\.k_proj is WrappedLinear \(merge before "
+                                        r"wrapping with PEFT\)$"):
+        merge_adapters(model, torch.tensor([0.5, 0.5]))
