@@ -123,3 +123,14 @@ def test_merging_into_a_wrapped_projection_names_the_adapter_and_the_projection(
                                         r"self_attn\.k_proj is WrappedLinear \(merge before "
                                         r"wrapping with PEFT\)$"):
         merge_adapters(model, torch.tensor([0.5, 0.5]))
+
+
+def test_the_bias_merging_adds_to_a_projection_is_not_trainable():
+    """A merged model is for inference: the biases the fold gives bias-free q/k/v are frozen
+    like the base weights, and unmerging removes them again."""
+    model = randomize_all(patch_llama(tiny_llama()))
+    merge_adapters(model, torch.tensor([0.5, 0.5]))
+    added = [p for name, p in model.named_parameters() if name.endswith("proj.bias")]
+    assert added and not any(p.requires_grad for p in added)
+    unmerge_adapters(model)
+    assert not any(name.endswith("proj.bias") for name, _ in model.named_parameters())
