@@ -15,16 +15,7 @@ from mlan_kernels.integrations import patch_clip_vision, patch_llama
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 from mlan_kernels.training import BalanceMonitor, balance_groups
 
-
-class Toy(nn.Module):
-    """A feature side (encoder) and a language side (head): x [T, 4] -> logits [T, 6]."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder, self.head = nn.Linear(4, 4), nn.Linear(4, 6)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.encoder(x)))
+from test_kappa_stability import Toy      # feature side `encoder`, language side `head`
 
 
 def monitor_of(toy, **options):
