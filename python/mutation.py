@@ -70,6 +70,8 @@ TESTS = {
                                          "tests/test_kappa_stability.py",
                                          "tests/test_behaviour_balance.py",
                                          "-k", "not test_resume_keeps_the_stable_kappa_state"],
+    "mlan_kernels/training/auxiliary.py": ["tests/test_balance_auxiliary.py",
+                                           "tests/test_behaviour_auxiliary.py"],
     # The trainer tests are left out for time (~35 s a survivor; every one reaches get_lr):
     # the scores in docs/testing.md count only these two files.
     "mlan_kernels/training/scheduler.py": ["tests/test_scheduler.py",
