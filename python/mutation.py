@@ -60,6 +60,8 @@ TESTS = {
     # The file checks alone: test_integration_checkpoint.py reaches them through load_adapters
     # on tiny models (seconds a mutant) and asserts fewer of the messages.
     "mlan_kernels/checkpoint_validation.py": ["tests/test_behaviour_checkpoint_validation.py"],
+    "mlan_kernels/data/llava_grouping.py": ["tests/test_data_sampler_llava.py",
+                                            "tests/test_behaviour_sampler.py"],
     "mlan_kernels/data/sampler.py": ["tests/test_data_sampler_batches.py",
                                      "tests/test_data_sampler_mixture.py",
                                      "tests/test_data_sampler_llava.py",
