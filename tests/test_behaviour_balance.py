@@ -177,3 +177,68 @@ def test_edges_of_the_accepted_options_and_empty_sides():
         with pytest.raises(ValueError, match=r"^feature_params and language_params must both "
                                              r"be non-empty$"):
             BalanceMonitor(model, feature, language)
+
+
+def test_assign_sees_each_parameter_and_a_shared_one_once():
+    model = Toy()
+    model.tied = model.head                                   # the head's parameters twice
+    seen = []
+    feature, language = balance_groups(
+        model, assign=lambda name, p: seen.append(name) or ("feature" if p.dim() == 2 else "language"))
+    assert feature == [model.encoder.weight, model.head.weight]
+    assert language == [model.encoder.bias, model.head.bias]
+    assert seen == ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("probe_mode, forwards", [("train", 2), ("eval", 3)])
+def test_a_train_probe_reuses_the_training_logits(probe_mode, forwards):
+    """probe_mode="train": p_t is the training forward's logits, two extra forwards per probe;
+    "eval" recomputes p_t in eval mode, a third."""
+    model = Toy()
+    calls = []
+    monitor = BalanceMonitor(lambda x: (calls.append(1), model(x))[1], list(model.encoder.parameters()),
+                             list(model.head.parameters()), probe_mode=probe_mode, model=model)
+    probe(monitor, model, torch.randn(8, 4), feature_delta=0.1)
+    assert len(calls) == forwards
+
+
+def test_kl_is_the_mean_over_the_answer_tokens_only():
+    torch.manual_seed(2)
+    model = Toy()
+    x, mask = torch.randn(8, 4), torch.tensor([True, False, False, True, True, False, False, False])
+    monitor = monitor_of(model)
+    reference = model(x).detach()
+    monitor.before_step(0, x, reference, mask, probe=True)
+    with torch.no_grad():
+        model.encoder.weight.add_(0.3)
+    moved = model(x).detach()
+    record = monitor.after_step()
+    expected = float((torch.softmax(moved[mask], -1) * (torch.log_softmax(moved[mask], -1)
+                      - torch.log_softmax(reference[mask], -1))).sum(-1).mean())
+    assert record["kl_feat"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_probe_seconds_is_the_time_the_probe_took():
+    import time
+    model = Toy()
+    start = time.perf_counter()
+    record = probe(monitor_of(model), model, torch.randn(8, 4), feature_delta=0.1)
+    assert 0 < record["probe_seconds"] <= time.perf_counter() - start
+
+
+def test_16_bit_probe_logits_against_float32_training_logits():
+    """A model whose forward gives bf16 logits, trained on them upcast to fp32: the probe reads
+    p_t in the forward's dtype."""
+    torch.manual_seed(3)
+    model = Toy()
+    monitor = BalanceMonitor(lambda x: model(x).to(torch.bfloat16), list(model.encoder.parameters()),
+                             list(model.head.parameters()))
+    record = probe(monitor, model, torch.randn(8, 4), feature_delta=0.2)
+    assert record["kl_feat"] > 0 and record["kl_lang"] == 0
+
+
+def test_the_kl_backend_asked_for_is_the_one_used():
+    model = Toy()
+    monitor = monitor_of(model, backend="no-such-backend")
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        probe(monitor, model, torch.randn(8, 4), feature_delta=0.1)
