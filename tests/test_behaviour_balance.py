@@ -98,8 +98,10 @@ def test_by_default_no_probe_is_skipped_even_with_both_kls_zero():
 def test_a_probe_is_skipped_only_with_both_kls_strictly_below_min_kl(kls, skipped):
     model = Toy()
     monitor = monitor_of(model, min_kl=1e-3, reduce_kl=lambda kl_feat, kl_lang: kls)
-    record = probe(monitor, model, torch.randn(8, 4), feature_delta=0.1)
+    for _ in range(2):
+        record = probe(monitor, model, torch.randn(8, 4), feature_delta=0.1)
     assert record["skipped"] == skipped and (monitor.kappa_hat is None) == skipped
+    assert monitor.skipped == (2 if skipped else 0)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -202,7 +204,8 @@ def test_a_train_probe_reuses_the_training_logits(probe_mode, forwards):
     assert len(calls) == forwards
 
 
-def test_kl_is_the_mean_over_the_answer_tokens_only():
+@pytest.mark.parametrize("side", ["encoder", "head"])
+def test_kl_is_the_mean_over_the_answer_tokens_only(side):
     torch.manual_seed(2)
     model = Toy()
     x, mask = torch.randn(8, 4), torch.tensor([True, False, False, True, True, False, False, False])
@@ -210,12 +213,14 @@ def test_kl_is_the_mean_over_the_answer_tokens_only():
     reference = model(x).detach()
     monitor.before_step(0, x, reference, mask, probe=True)
     with torch.no_grad():
-        model.encoder.weight.add_(0.3)
+        weight = getattr(model, side).weight                 # one side moves
+        weight.add_(0.3 * torch.randn_like(weight))
     moved = model(x).detach()
     record = monitor.after_step()
     expected = float((torch.softmax(moved[mask], -1) * (torch.log_softmax(moved[mask], -1)
                       - torch.log_softmax(reference[mask], -1))).sum(-1).mean())
-    assert record["kl_feat"] == pytest.approx(expected, rel=1e-5)
+    kl = record["kl_feat"] if side == "encoder" else record["kl_lang"]
+    assert kl == pytest.approx(expected, rel=1e-5)
 
 
 def test_probe_seconds_is_the_time_the_probe_took():
