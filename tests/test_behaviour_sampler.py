@@ -198,3 +198,10 @@ def test_grouping_errors_say_what_to_change(kwargs, lengths, message):
     with pytest.raises(ValueError) as error:
         ModalityLengthBatchSampler(mixture, lengths, HAS_IMAGE, BATCH_SIZE, WORLD_SIZE, **kwargs)
     assert str(error.value) == message
+
+
+def test_llava_order_refuses_a_length_without_a_sign():
+    from mlan_kernels.data.llava_grouping import modality_length_grouped_indices
+    with pytest.raises(ValueError, match=r"^lengths must be non-zero \(> 0 image-text, "
+                                         r"< 0 text-only\)$"):
+        modality_length_grouped_indices([3, -2, 0, 5], 2, 1)
