@@ -117,6 +117,7 @@ def test_an_eval_probe_leaves_the_model_in_its_mode(training):
 def test_a_step_that_is_not_probed_forgets_an_earlier_probe():
     model = Toy()
     monitor = monitor_of(model, probe_every=2)
+    assert monitor.after_step() is None                   # nothing probed yet
     x = torch.randn(8, 4)
     assert monitor.before_step(0, x, model(x)) is True
     assert monitor.before_step(1, x, model(x)) is False
