@@ -138,6 +138,15 @@ def test_names_and_shapes_must_match_the_model():
                             targets)
     assert str(error.value) == ("f: adapter tensors do not match the model: missing "
                                 f"{[f't{i:02d}' for i in range(1, 9)]}, unexpected ['z0', 'z1']")
+    extra = {f"z{i:02d}": torch.ones(1) for i in range(10)}
+    with pytest.raises(ValueError) as error:                       # only unexpected names
+        check_against_model("f", {**targets, **extra}, targets)
+    assert str(error.value) == ("f: adapter tensors do not match the model: missing [], "
+                                f"unexpected {[f'z{i:02d}' for i in range(8)]}")
+    with pytest.raises(ValueError) as error:                       # only missing names
+        check_against_model("f", {"t11": torch.ones(2, 3)}, targets)
+    assert str(error.value) == ("f: adapter tensors do not match the model: missing "
+                                f"{[f't{i:02d}' for i in range(8)]}, unexpected []")
     with pytest.raises(ValueError) as error:
         check_against_model("f", {**targets, "t05": torch.ones(3, 2)}, targets)
     assert str(error.value) == "f: tensor 't05' has shape [3, 2], the model's is [2, 3]"
