@@ -58,6 +58,14 @@ def test_gradient_accumulates_only_into_the_given_parameters_that_train():
     assert torch.equal(other.grad, torch.ones(5)) and frozen.grad is None
     backward_auxiliary(loss, [lagging])                               # the graph was kept
     torch.testing.assert_close(lagging.grad, 1 + 2 * reference)
+    with pytest.raises(RuntimeError, match="second time"):            # by default it is freed
+        backward_auxiliary(loss, [lagging])
+
+
+def test_the_kl_backend_asked_for_is_the_one_used():
+    logits = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        auxiliary_kl_loss(logits, logits.detach(), weight=1.0, backend="no-such-backend")
 
 
 def test_misuse_is_refused_by_name():
