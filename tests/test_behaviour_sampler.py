@@ -112,3 +112,96 @@ def test_lengths_must_reach_the_largest_index():
     with pytest.raises(ValueError, match="lengths must cover every mixture index"):
         ModalityLengthBatchSampler(mixture, LENGTHS[:39], HAS_IMAGE[:39], 2)
     ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 2)             # exactly enough
+
+
+def test_an_empty_batch_adds_no_positions_to_the_padding_ratio():
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=12)
+    sampler = ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 2)
+    assert sampler.padding_ratio([[], [0, 1], []]) == sampler.padding_ratio([[0, 1]]) > 0
+
+
+def test_a_mega_batch_of_one_sample():
+    """batch_size 1 on one process: a mega-batch of one global batch (one sample) is allowed."""
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=6)
+    sampler = ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, 1, mega_batch_size=1)
+    assert sorted(i for batch in sampler for i in batch) == sorted(mixture.epoch_indices(0))
+
+
+# --- grouping="llava" (MLAN's): whatever the leftover, len() is what an epoch yields -----------
+def llava_samplers(num_samples, drop_last, accumulation=1):
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=num_samples,
+                             seed=1)
+    return [ModalityLengthBatchSampler(mixture, LENGTHS, HAS_IMAGE, BATCH_SIZE, WORLD_SIZE, rank,
+                                       drop_last=drop_last, seed=2, grouping="llava",
+                                       gradient_accumulation_steps=accumulation)
+            for rank in range(WORLD_SIZE)]
+
+
+# global batch 6: no leftover, a leftover of one sample, of five
+@pytest.mark.parametrize("num_samples", [12, 13, 17])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_llava_grouping_yields_len_batches_and_every_sample(num_samples, drop_last):
+    """Each rank yields len(sampler) full batches; with drop_last=False the ranks together
+    train on every sample of the epoch (the last batch topped up with the epoch's first ones),
+    with drop_last=True on every sample of the full global batches (all of them when the
+    mixture is a whole number of global batches)."""
+    samplers = llava_samplers(num_samples, drop_last)
+    shards = [list(sampler) for sampler in samplers]
+    full, rest = divmod(num_samples, WORLD_SIZE * BATCH_SIZE)
+    expected = full + (rest > 0 and not drop_last)
+    assert [len(batches) for batches in shards] == [len(samplers[0])] * WORLD_SIZE == \
+        [expected] * WORLD_SIZE
+    assert all(len(batch) == BATCH_SIZE for batches in shards for batch in batches)
+    trained = {i for batches in shards for batch in batches for i in batch}
+    epoch = set(samplers[0].mixture.epoch_indices(0))
+    assert trained <= epoch and len(trained) == (num_samples if rest == 0 or not drop_last
+                                                 else full * WORLD_SIZE * BATCH_SIZE)
+
+
+def test_llava_mega_batch_is_one_optimizer_step():
+    sampler = llava_samplers(12, False, accumulation=4)[0]
+    assert sampler.mega_batch_size == WORLD_SIZE * BATCH_SIZE * 4
+
+
+def test_mixed_batch_count_is_of_the_epoch_asked_for():
+    """mixed_batch_count(epoch) counts that epoch's global batches holding both modalities;
+    without an epoch, the current one (set_epoch)."""
+    sampler = llava_samplers(34, False)[0]
+    counts = [sum(len({HAS_IMAGE[i] for i in batch}) > 1 for batch in sampler.global_batches(epoch))
+              for epoch in range(6)]
+    assert len(set(counts)) > 1                   # the epochs differ, so the epoch matters
+    assert [sampler.mixed_batch_count(epoch) for epoch in range(6)] == counts
+    for epoch in (3, 1):
+        sampler.set_epoch(epoch)
+        assert sampler.mixed_batch_count() == counts[epoch]
+
+
+@pytest.mark.parametrize("kwargs, lengths, message", [
+    (dict(grouping="llava", mega_batch_size=6), LENGTHS,
+     "grouping='llava' fixes the mega-batch (world_size·batch_size·gradient_accumulation_steps, "
+     "sorted by length): leave mega_batch_size=None and group_by_length=True"),
+    (dict(grouping="llava", group_by_length=False), LENGTHS,
+     "grouping='llava' fixes the mega-batch (world_size·batch_size·gradient_accumulation_steps, "
+     "sorted by length): leave mega_batch_size=None and group_by_length=True"),
+    (dict(gradient_accumulation_steps=2), LENGTHS,
+     "gradient_accumulation_steps only shapes grouping='llava' (set mega_batch_size for the "
+     "default grouping)"),
+    (dict(grouping="llava"), [0] + LENGTHS[1:],
+     "grouping='llava' needs every length >= 1 (LLaVA signs lengths by modality)"),
+    (dict(), LENGTHS[:39], "lengths and has_image must have one entry per dataset sample, got "
+     "39 and 40"),
+    (dict(grouping="llava", gradient_accumulation_steps=0), LENGTHS,
+     "gradient_accumulation_steps must be an int >= 1, got 0"),
+])
+def test_grouping_errors_say_what_to_change(kwargs, lengths, message):
+    mixture = MixtureSampler(list(range(20)), list(range(20, 40)), 0.5, num_samples=12)
+    with pytest.raises(ValueError) as error:
+        ModalityLengthBatchSampler(mixture, lengths, HAS_IMAGE, BATCH_SIZE, WORLD_SIZE, **kwargs)
+    assert str(error.value) == message
+
+
+def test_llava_order_refuses_a_length_without_a_sign():
+    from mlan_kernels.data.llava_grouping import modality_length_grouped_indices
+    with pytest.raises(ValueError, match=r"^lengths must be non-zero \(> 0 image-text, "
+                                         r"< 0 text-only\)$"):
+        modality_length_grouped_indices([3, -2, 0, 5], 2, 1)

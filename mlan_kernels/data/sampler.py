@@ -179,11 +179,9 @@ class ModalityLengthBatchSampler(EpochState, Sampler[list[int]]):
         self.group_by_length = bool(group_by_length)
 
     def _keeps(self, size: int) -> bool:
-        """Whether a global batch of `size` samples is kept."""
-        full = size == self.global_batch_size
-        if self.grouping == "llava":
-            return full or (not self.drop_last and size > 0)
-        return full or (not self.drop_last and size >= self.world_size)
+        """Whether a global batch of `size` samples is kept (grouping="modality"; the llava
+        grouping tops its last batch up instead, see _llava_batches)."""
+        return size == self.global_batch_size or (not self.drop_last and size >= self.world_size)
 
     def _modality_batches(self, indices: list[int]) -> list[list[int]]:
         """Global batches of one modality's indices (mega-batch, sort, cut)."""

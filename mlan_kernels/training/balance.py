@@ -65,11 +65,9 @@ def balance_groups(model: nn.Module, assign: Optional[Callable[[str, nn.Paramete
         for parameter in part.parameters():
             side_of[id(parameter)] = FEATURE
     groups = {FEATURE: [], LANGUAGE: []}
-    seen = set()
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad or id(parameter) in seen:
+    for name, parameter in model.named_parameters():         # a shared parameter comes once
+        if not parameter.requires_grad:
             continue
-        seen.add(id(parameter))
         side = assign(name, parameter) if assign is not None else side_of.get(id(parameter))
         if side not in (FEATURE, LANGUAGE, None):
             raise ValueError(f"assign must return 'feature', 'language' or None, got {side!r} for {name}")
