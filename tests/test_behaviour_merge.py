@@ -134,3 +134,30 @@ def test_the_bias_merging_adds_to_a_projection_is_not_trainable():
     assert added and not any(p.requires_grad for p in added)
     unmerge_adapters(model)
     assert not any(name.endswith("proj.bias") for name, _ in model.named_parameters())
+
+
+def test_a_failing_merge_leaves_the_model_as_it_was():
+    """All or nothing: a missing key for the last adapter, a vector of the wrong length, or a
+    wrapped projection in the last layer raise before any adapter is merged."""
+    from mlan_kernels.integrations import is_merged
+    model = randomize_all(patch_llama(tiny_llama()))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    keys = list(adapters(model))
+    attention = model.model.layers[-1].self_attn
+    plain = attention.v_proj
+    failures = [
+        (KeyError, lambda: merge_adapters(model, {key: torch.tensor([0.5, 0.5]) for key in keys[:-1]})),
+        (ValueError, lambda: merge_adapters(model, {**{key: torch.tensor([0.5, 0.5]) for key in keys[:-1]},
+                                                     keys[-1]: torch.tensor([0.2, 0.3, 0.5])})),
+    ]
+    for error, call in failures:
+        with pytest.raises(error):
+            call()
+        assert not is_merged(model)
+        assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    attention.v_proj = WrappedLinear(plain.in_features, plain.out_features, bias=False)
+    attention.v_proj.load_state_dict(plain.state_dict())
+    with pytest.raises(TypeError):
+        merge_adapters(model, torch.tensor([0.5, 0.5]))
+    assert not is_merged(model)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())

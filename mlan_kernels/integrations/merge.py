@@ -63,33 +63,42 @@ def merge_adapters(model: nn.Module, weights):
     weights: routing weights — a tensor [E] (or [1, E]) used for every adapter, or a dict
     {adapter key: [E] or [B, E] with equal rows}, e.g. `record_routing_weights(...).weights`
     or LavinModel.modality_routing_weights("image"). A consumer without a bias gets one.
+    All or nothing: a missing key, a vector of the wrong length or a consumer that is not
+    nn.Linear raises before any weight changes.
     """
+    plans = []        # every adapter's weights and consumers are checked before any change
     for module in list(model.modules()):
         for child_name, adapted in list(module.named_children()):
             if not isinstance(adapted, AdaptedNorm):
                 continue
             vector = _weights_for(adapted.key, weights)
-            originals = {}
+            experts = adapted.adapter.router.weight.shape[0]
+            if vector.shape != (experts,):
+                raise ValueError(f"weights must have {experts} entries (one per expert), got "
+                                 f"shape {list(vector.shape)}")
             for path in adapted.site.consumers:
                 linear = module.get_submodule(path)
                 if type(linear) is not nn.Linear:
                     raise TypeError(f"{adapted.key}: can only merge into nn.Linear, {path} is "
                                     f"{type(linear).__name__} (merge before wrapping with PEFT)")
-                originals[path] = (linear.weight.detach().clone(),
-                                   None if linear.bias is None else linear.bias.detach().clone())
-            for path in adapted.site.consumers:
-                linear = module.get_submodule(path)
-                new_weight, new_bias = _fold(linear, adapted.adapter, vector)
-                with torch.no_grad():
-                    linear.weight.copy_(new_weight.to(linear.weight.dtype))
-                    if linear.bias is None:
-                        linear.bias = nn.Parameter(new_bias.to(linear.weight.dtype),
-                                                   requires_grad=False)
-                    else:
-                        linear.bias.copy_(new_bias.to(linear.bias.dtype))
-            module.__dict__.setdefault(MERGED_ATTRIBUTE, {})[child_name] = {
-                "adapted": adapted, "originals": originals}
-            setattr(module, child_name, adapted.norm)
+            plans.append((module, child_name, adapted, vector))
+    for module, child_name, adapted, vector in plans:
+        originals = {}
+        for path in adapted.site.consumers:       # one fp64 fold at a time: bounded memory
+            linear = module.get_submodule(path)
+            new_weight, new_bias = _fold(linear, adapted.adapter, vector)
+            originals[path] = (linear.weight.detach().clone(),
+                               None if linear.bias is None else linear.bias.detach().clone())
+            with torch.no_grad():
+                linear.weight.copy_(new_weight.to(linear.weight.dtype))
+                if linear.bias is None:
+                    linear.bias = nn.Parameter(new_bias.to(linear.weight.dtype),
+                                               requires_grad=False)
+                else:
+                    linear.bias.copy_(new_bias.to(linear.bias.dtype))
+        module.__dict__.setdefault(MERGED_ATTRIBUTE, {})[child_name] = {
+            "adapted": adapted, "originals": originals}
+        setattr(module, child_name, adapted.norm)
     return model
 
 
