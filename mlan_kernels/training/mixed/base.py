@@ -56,10 +56,18 @@ class BaseSettings:
     seed: int = 0
 
 
-def _optimizer(model: nn.Module, lr: float, steps: int):
+def _train(model: nn.Module, lr: float, steps: int, loss_at) -> float:
+    """`steps` AdamW steps (warm-up 5 %, cosine, clip 1.0) on loss_at(step); the last loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineWithWarmup(steps // 20, steps))
-    return optimizer, schedule
+    for step in range(steps):
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return float(loss.detach())
 
 
 def _encode(texts: list, tokenizer: WordTokenizer) -> tuple:
@@ -94,19 +102,16 @@ def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
                        vocab_size=tokenizer.vocab_size,
                        max_position_embeddings=settings.max_positions).train()
     corpus = statements(settings.text_steps * settings.batch_size, seed=settings.seed)
-    optimizer, schedule = _optimizer(llama, settings.lr, settings.text_steps)
-    for step in range(settings.text_steps):
+
+    def loss_at(step):
         batch = corpus[step * settings.batch_size:(step + 1) * settings.batch_size]
         input_ids, labels = _encode(batch, tokenizer)
-        loss = llama(input_ids=input_ids, attention_mask=labels != -100, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llama.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        return llama(input_ids=input_ids, attention_mask=labels != -100, labels=labels).loss
+
+    loss = _train(llama, settings.lr, settings.text_steps, loss_at)
     llama.eval()
     held_out = statements(1000, seed=settings.seed + 1)
-    return llama, {"loss": float(loss.detach()), "seconds": time.perf_counter() - start,
+    return llama, {"loss": loss, "seconds": time.perf_counter() - start,
                    "held_out_last_word_accuracy": last_word_accuracy(llama, held_out, tokenizer)}
 
 
@@ -134,30 +139,22 @@ def pretrain_clip(settings: BaseSettings):
     model = nn.ModuleDict({"clip": clip, "heads": heads})
     pool = min(settings.vision_steps * settings.batch_size, 16384)
     pixels, labels = scenes(pool, settings, seed=settings.seed)
-    optimizer, schedule = _optimizer(model, settings.lr, settings.vision_steps)
     generator = torch.Generator().manual_seed(settings.seed)
 
-    def losses(batch_pixels, batch_labels):
-        pooled = clip(pixel_values=batch_pixels).pooler_output
-        return {name: nn.functional.cross_entropy(heads[name](pooled), batch_labels[name],
-                                                  reduction="none") for name in ATTRIBUTES}, pooled
-
-    for _ in range(settings.vision_steps):
+    def loss_at(step):
         rows = torch.randint(pool, (settings.batch_size,), generator=generator)
-        per_attribute, _ = losses(pixels[rows], {n: v[rows] for n, v in labels.items()})
-        loss = sum(value.mean() for value in per_attribute.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        pooled = clip(pixel_values=pixels[rows]).pooler_output
+        return sum(nn.functional.cross_entropy(heads[name](pooled), labels[name][rows])
+                   for name in ATTRIBUTES)
+
+    loss = _train(model, settings.lr, settings.vision_steps, loss_at)
     model.eval()
     eval_pixels, eval_labels = scenes(1000, settings, seed=settings.seed + 1)
     with torch.no_grad():
         pooled = clip(pixel_values=eval_pixels).pooler_output
     accuracy = {name: float((heads[name](pooled).argmax(-1) == eval_labels[name]).float().mean())
                 for name in ATTRIBUTES}
-    return clip, {"loss": float(loss.detach()), "seconds": time.perf_counter() - start,
+    return clip, {"loss": loss, "seconds": time.perf_counter() - start,
                   "held_out_accuracy": accuracy}
 
 
