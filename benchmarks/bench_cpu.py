@@ -3,7 +3,7 @@
     python -m benchmarks.bench_cpu --threads 2 --dims 1024 4096 --tokens 2048 --repeats 5 \
         --out benchmarks/results/cpu-2core-$(date +%F).txt
 
-Each repeat runs the MM-Adapter case of mlan_kernels.bench (median of --iters timed calls after
+Each repeat runs the MM-Adapter case of mlan_bench (median of --iters timed calls after
 warm-up, time.perf_counter) for the backends and the eager baseline on the same tensors; the
 table reports, per (impl, phase, shape), the median over repeats of those medians, their spread
 (min..max), and the median over repeats of the within-repeat speed-up eager / impl, so a busy
@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from mlan_kernels.bench.cases import PHASES, Spec, build_case
-from mlan_kernels.bench.report import cpu_model, environment
-from mlan_kernels.bench.runner import run_case
+from mlan_bench.cases import PHASES, Spec, build_case
+from mlan_bench.report import cpu_model, environment
+from mlan_bench.runner import run_case
 
 
 def bench_shape(tokens, dim, dtype, backends, iters):

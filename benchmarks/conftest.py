@@ -1,4 +1,4 @@
-"""pytest-benchmark suites over the cases of mlan_kernels.bench (the grid `mlan-bench` runs).
+"""pytest-benchmark suites over the cases of mlan_bench (the grid `mlan-bench` runs).
 
 A test marked @pytest.mark.bench_op("<op family>") takes the `bench_item` argument: one
 (case, implementation, phase) of the "small" preset, CUDA shapes and bf16 when a GPU is
@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from mlan_kernels.bench.cases import BASELINES, OPS, build_case, grid
-from mlan_kernels.bench.runner import check_impl
+from mlan_bench.cases import BASELINES, OPS, build_case, grid
+from mlan_bench.runner import check_impl
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

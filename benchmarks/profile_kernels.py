@@ -8,7 +8,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mlan_kernels.bench.cases_adapter import adapter_impl, make_inputs
+from mlan_bench.cases_adapter import adapter_impl, make_inputs
 from mlan_kernels.testing import measure
 
 

@@ -1,10 +1,10 @@
-"""Run the kernel benchmarks: a thin wrapper of mlan_kernels.bench.cli (the `mlan-bench` command).
+"""Run the kernel benchmarks: a thin wrapper of mlan_bench.cli (the `mlan-bench` command).
 
     python -m benchmarks.run --device cpu          python benchmarks/run.py --help
 """
 import sys
 
-from mlan_kernels.bench.cli import main
+from mlan_bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,12 +2,12 @@
 batch 2 x seq 64), plus a check that the fused and the LaVIN-eager adapters train identically.
 
     pytest benchmarks/test_bench_e2e_step.py --benchmark-disable   # correctness only, seconds
-The full-size numbers come from `python -m mlan_kernels.bench.e2e_step` (see its docstring).
+The full-size numbers come from `python -m mlan_bench.e2e_step` (see its docstring).
 """
 import pytest
 import torch
 
-from mlan_kernels.bench.e2e_step import VARIANTS, TrainStep
+from mlan_bench.e2e_step import VARIANTS, TrainStep
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

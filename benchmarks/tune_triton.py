@@ -11,8 +11,8 @@ import itertools
 import torch
 
 import mlan_kernels.backends.triton as triton_backend
-from mlan_kernels.bench.cases import copy_impl
-from mlan_kernels.bench.cases_adapter import adapter_impl, make_inputs
+from mlan_bench.cases import copy_impl
+from mlan_bench.cases_adapter import adapter_impl, make_inputs
 from mlan_kernels.testing import measure
 
 KERNEL_NAMES = {"fwd": "mm_adapter_fwd_kernel", "rows": "mm_adapter_bwd_rows_kernel",

@@ -1,5 +1,5 @@
 """Checking and timing kernels: the one input builder, tolerance table, comparator and timer
-that the tests, the benchmark harness (`mlan_kernels.bench`), the demo
+that the tests, the benchmark harness (`mlan_bench`), the demo
 (`python/demo_mm_adapter.py`) and the trainer's throughput report share.
 
     inputs = make_adapter_inputs(B, L, D, r, E, g, torch.float16, "cpu", param_dtype=torch.float32)

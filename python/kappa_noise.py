@@ -25,10 +25,10 @@ import torch
 from mlan_kernels.data.collate import collate
 from mlan_kernels.help_format import DefaultsHelpFormatter
 from mlan_kernels.training.balance import BalanceMonitor, _copy_params, _load
-from mlan_kernels.training.mixed.batches import batch_to
-from mlan_kernels.training.mixed.cli import ensure_data, prepare
-from mlan_kernels.training.mixed.evaluate import answer_mask
-from mlan_kernels.training.mixed.trainer import MixedTrainer
+from mlan_train.batches import batch_to
+from mlan_train.cli import ensure_data, prepare
+from mlan_train.evaluate import answer_mask
+from mlan_train.trainer import MixedTrainer
 
 
 def log10(x):

@@ -91,7 +91,7 @@ TESTS = {
     # the scores in docs/testing.md count only these two files.
     "mlan_kernels/training/scheduler.py": ["tests/test_scheduler.py",
                                            "tests/test_behaviour_scheduler.py"],
-    "mlan_kernels/training/mixed/trainer.py": _TRAINER_TESTS,
+    "mlan_train/trainer.py": _TRAINER_TESTS,
 }
 
 # Files some tests read relative to tests/ (the README's tables, the benchmark scripts): mutmut

@@ -1,6 +1,6 @@
 """Mixed-modality instruction tuning of a LaVIN-patched LLaMA + CLIP on an MLAN mixture.
 
-The same program as the `mlan-train` entry point (mlan_kernels/training/mixed/cli.py); see
+The same program as the `mlan-train` entry point (mlan_train/cli.py); see
 `python python/train_mixed.py --help` and the README's "Train on an MLAN mixture" section.
 
     python python/train_mixed.py --data data/synthetic --make-data --shares 0.5 0.875
@@ -8,7 +8,7 @@ The same program as the `mlan-train` entry point (mlan_kernels/training/mixed/cl
 """
 import sys
 
-from mlan_kernels.training.mixed.cli import main
+from mlan_train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

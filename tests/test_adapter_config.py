@@ -13,7 +13,7 @@ from mlan_kernels.integrations import patch_clip_vision, patch_llama, patch_stat
 from mlan_kernels.integrations.lavin import build_lavin
 from mlan_kernels.integrations.patching import adapted_norms
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
-from mlan_kernels.training.mixed.config import (ADAPTER_FLAGS, TrainConfig, build_parser,
+from mlan_train.config import (ADAPTER_FLAGS, TrainConfig, build_parser,
                                                 config_from_args, options_dict)
 
 from test_integration_lavin import HAS_IMAGE, PIXELS

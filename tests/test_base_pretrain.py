@@ -1,4 +1,4 @@
-"""Stage 1 of the demo (mlan_kernels/training/mixed/base.py): the statements are true and
+"""Stage 1 of the demo (mlan_train/base.py): the statements are true and
 in the vocabulary, the scenes' labels match their pixels, the base is made once, reused,
 refused when it was made otherwise, never left half-written, and learns with a real budget."""
 import json
@@ -11,8 +11,8 @@ import torch
 from mlan_kernels.data.synthetic import (COLOURS, NUMBERS, SHAPES, SIDES, statements,
                                          vocabulary_texts)
 from mlan_kernels.data.tokenizer import WordTokenizer
-from mlan_kernels.training.mixed import base
-from mlan_kernels.training.mixed.base import ATTRIBUTES, BaseSettings, pretrained_base, scenes
+from mlan_train import base
+from mlan_train.base import ATTRIBUTES, BaseSettings, pretrained_base, scenes
 
 TINY = BaseSettings(dim=16, layers=1, heads=2, clip_dim=16, clip_layers=4, text_steps=2,
                     vision_steps=2, batch_size=4)
@@ -123,7 +123,7 @@ def test_mlan_train_base_pretrains_once_then_trains_only_adapters(tmp_path):
     token on the frozen base, records the trainable share; a second run reuses DIR."""
     from safetensors.torch import load_file
     from mlan_kernels.data.synthetic import make_synthetic
-    from mlan_kernels.training.mixed.cli import main
+    from mlan_train.cli import main
     data = tmp_path / "data"
     make_synthetic(data, train_size=80, eval_size=16, seed=3)
     tiny = ["--data", str(data), "--base", str(tmp_path / "base"), "--base-steps", "2",
@@ -145,7 +145,7 @@ def test_mlan_train_base_pretrains_once_then_trains_only_adapters(tmp_path):
 
 
 def test_base_and_llama_together_are_refused(tmp_path, capsys):
-    from mlan_kernels.training.mixed.cli import main
+    from mlan_train.cli import main
     assert main(["--data", str(tmp_path), "--base", str(tmp_path / "b"), "--llama",
                  str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "--base" in capsys.readouterr().err

@@ -16,8 +16,8 @@ from mlan_kernels.data.collate import TokenCounter
 from mlan_kernels.data.dataset import IGNORE_INDEX
 from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training.balance import FEATURE, LANGUAGE
-from mlan_kernels.training.mixed.config import build_parser, config_from_args
-from mlan_kernels.training.mixed.trainer import MixedTrainer
+from mlan_train.config import build_parser, config_from_args
+from mlan_train.trainer import MixedTrainer
 from mlan_kernels.training.scheduler import GROUP_KEY
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--clip-layers", "4",

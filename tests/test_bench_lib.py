@@ -1,4 +1,4 @@
-"""The benchmark library's logic (mlan_kernels.bench), not its timings: traffic formulas, the
+"""The benchmark library's logic (mlan_bench), not its timings: traffic formulas, the
 timing/memory helpers, JSON/CSV/Markdown round trips, and the CLI on a tiny grid."""
 import csv
 import json
@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from mlan_kernels.bench import cli, render, report, timing, traffic
-from mlan_kernels.bench.cases import OPS, Spec, grid
+from mlan_bench import cli, render, report, timing, traffic
+from mlan_bench.cases import OPS, Spec, grid
 from mlan_kernels.testing import measure, summarize_times
 
 OLD_RESULTS = "benchmarks/results/h100-bf16-single-2026-11-23.json"
@@ -123,19 +123,19 @@ def test_cli_tiny_grid_writes_json_csv_and_plots(tmp_path, capsys):
 
 
 def test_cli_e2e_step_rows(tmp_path, monkeypatch, capsys):
-    fake = types.ModuleType("mlan_kernels.bench.e2e_step")
+    fake = types.ModuleType("mlan_bench.e2e_step")
     fake.run_e2e_step = lambda device, dtype, preset="small", iters=10, warmup=2: [
         dict(op="e2e_step", variant=variant, layers=2, dim=64, tokens=128, median_s=seconds,
              iqr_s=0.001, tokens_per_s=128 / seconds, peak_memory_bytes=None, speedup_vs_eager=0.02 / seconds)
         for variant, seconds in (("fused", 0.01), ("eager_adapters", 0.02), ("no_adapters", 0.005))]
-    monkeypatch.setitem(sys.modules, "mlan_kernels.bench.e2e_step", fake)
+    monkeypatch.setitem(sys.modules, "mlan_bench.e2e_step", fake)
     out = tmp_path / "e2e.json"
     assert cli.main(["--device", "cpu", "--ops", "e2e_step", "--json", str(out), "--no-plot"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(row["impl"], row["role"]) for row in rows] == [
         ("fused", "ours"), ("eager_adapters", "reference"), ("no_adapters", "baseline")]
     assert rows[0]["median_ms"] == pytest.approx(10.0) and rows[0]["speedup_vs_eager"] == pytest.approx(2.0)
-    monkeypatch.setitem(sys.modules, "mlan_kernels.bench.e2e_step", None)      # as if absent
+    monkeypatch.setitem(sys.modules, "mlan_bench.e2e_step", None)      # as if absent
     assert cli.main(["--device", "cpu", "--ops", "e2e_step", "--json", str(out), "--no-plot"]) == 0
     assert "e2e_step skipped" in capsys.readouterr().err
 
@@ -148,7 +148,7 @@ def test_spec_params_round_trip():
 def test_tensor_memory_counts_live_storages_once():
     """TensorMemory: a 3-D @ 2-D matmul (view, mm, _unsafe_view) counts its result once; freed
     tensors leave live_bytes; tensors saved for backward stay counted until released."""
-    from mlan_kernels.bench.tensor_memory import TensorMemory
+    from mlan_bench.tensor_memory import TensorMemory
     a, w = torch.randn(2, 3, 4), torch.randn(4, 5, requires_grad=True)
     with TensorMemory() as memory:
         out = a @ w
@@ -176,7 +176,7 @@ def test_tensor_memory_counts_live_storages_once():
     (["--out-dir", "{file}"], "--out-dir {file}: exists and is not a directory"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: torch.cuda")]))
 def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys, options, expected):
-    from mlan_kernels.bench.cli import main
+    from mlan_bench.cli import main
     (tmp_path / "file").write_text("x")
     paths = {"dir": str(tmp_path), "file": str(tmp_path / "file")}
     status = main(["--device", "cpu", *[option.format(**paths) for option in options]]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mlan_kernels.bench.e2e_step import VARIANTS, run_e2e_step
+from mlan_bench.e2e_step import VARIANTS, run_e2e_step
 
 KEYS = {"op", "variant", "device", "dtype", "layers", "dim", "tokens", "batch", "seq_len",
         "median_s", "iqr_s", "tokens_per_s", "peak_memory_bytes", "speedup_vs_eager"}

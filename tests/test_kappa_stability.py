@@ -10,8 +10,8 @@ from torch import nn
 
 from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training import BalanceMonitor
-from mlan_kernels.training.mixed.cli import main
-from mlan_kernels.training.mixed.config import build_parser, config_from_args
+from mlan_train.cli import main
+from mlan_train.config import build_parser, config_from_args
 
 
 def monitor_of(**options):

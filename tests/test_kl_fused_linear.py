@@ -8,7 +8,7 @@ import torch
 
 from mlan_kernels.ops.fused_linear_kl import (fused_linear_kl, fused_linear_kl_backward_op,
                                               fused_linear_kl_op)
-from mlan_kernels.bench.tensor_memory import TensorMemory
+from mlan_bench.tensor_memory import TensorMemory
 from mlan_kernels.ops.kl_div import kl_div_logits, kl_rows_backward, kl_rows_forward
 from mlan_kernels.reference import kl_div_logits_reference
 

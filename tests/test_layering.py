@@ -1,13 +1,13 @@
-"""Imports point down: the oracle is test-only, backends never import the registry."""
+"""Imports point down: the oracle is test-only, backends never import the registry, and the
+library never imports the programs (mlan_train, mlan_bench), which live beside it."""
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mlan_kernels"
-# The benchmark harness is a program, not the runtime: like the tests, it checks and times
-# every backend against the oracle. Nothing in the runtime imports it (checked below).
-ORACLE_USERS = ("reference", "bench")
+ORACLE_USERS = ("reference",)
+PROGRAMS = ("mlan_train", "mlan_bench")
 
 
 def _imported_modules(path: Path):
@@ -39,6 +39,12 @@ def test_no_runtime_module_imports_the_oracle():
     assert not offenders, f"modules importing the oracle mlan_kernels.reference: {offenders}"
 
 
+def test_the_library_never_imports_the_programs():
+    offenders = [str(path.relative_to(PACKAGE)) for path, names in _modules()
+                 if any(name.split(".")[0] in PROGRAMS for name in names)]
+    assert not offenders, f"mlan_kernels modules importing {PROGRAMS}: {offenders}"
+
+
 def test_backends_do_not_import_the_registry_or_the_ops():
     offenders = [str(path.relative_to(PACKAGE)) for path, names in _modules()
                  if path.parent.name == "backends"
@@ -47,13 +53,13 @@ def test_backends_do_not_import_the_registry_or_the_ops():
     assert not offenders, f"backends importing mlan_kernels.dispatch or mlan_kernels.ops: {offenders}"
 
 
-def test_importing_and_running_the_package_loads_neither_oracle_nor_bench():
-    code = ("import sys, torch, mlan_kernels as mk\n"
+def test_importing_and_running_the_package_loads_neither_oracle_nor_programs():
+    code = (f"import sys, torch, mlan_kernels as mk\nPROGRAMS = {PROGRAMS!r}\n"
             "x = torch.randn(2, 3, 16, requires_grad=True)\n"
             "mk.mm_adapter(x, torch.randn(4, 16), torch.zeros(4), torch.randn(2, 16, 2),\n"
             "              torch.zeros(2, 16), torch.randn(2, 16), torch.zeros(2), groups=2).sum().backward()\n"
             "mk.kl_div_logits(torch.randn(3, 5), torch.randn(3, 5))\n"
-            "loaded = [m for m in sys.modules if m.startswith(('mlan_kernels.reference', 'mlan_kernels.bench'))]\n"
+            "loaded = [m for m in sys.modules if m.startswith(('mlan_kernels.reference',) + PROGRAMS)]\n"
             "assert not loaded, loaded\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=PACKAGE.parent)

@@ -1,8 +1,8 @@
 """The README's results tables are rendered from benchmarks/results/*.json, never typed: this
-fails when a table and its JSON disagree (fix: python -m mlan_kernels.bench.render --update-readme README.md)."""
+fails when a table and its JSON disagree (fix: python -m mlan_bench.render --update-readme README.md)."""
 import os
 
-from mlan_kernels.bench.render import BLOCK, render_blocks
+from mlan_bench.render import BLOCK, render_blocks
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -14,7 +14,7 @@ def test_readme_results_blocks_match_their_json():
     assert len(blocks) >= 2, "README lost its results blocks"
     assert render_blocks(text, ROOT) == text, (
         "README results tables differ from the JSON; run "
-        "python -m mlan_kernels.bench.render --update-readme README.md")
+        "python -m mlan_bench.render --update-readme README.md")
 
 
 def test_a_changed_number_is_detected():

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from mlan_kernels.training.mixed import state as state_module
-from mlan_kernels.training.mixed import swap
-from mlan_kernels.training.mixed import trainer as trainer_module
-from mlan_kernels.training.mixed.config import build_parser, config_from_args
-from mlan_kernels.training.mixed.state import RESUME_MAY_CHANGE, STATE_NAME, TRAINABLE_NAME
-from mlan_kernels.training.mixed.trainer import MixedTrainer
+from mlan_train import state as state_module
+from mlan_train import swap
+from mlan_train import trainer as trainer_module
+from mlan_train.config import build_parser, config_from_args
+from mlan_train.state import RESUME_MAY_CHANGE, STATE_NAME, TRAINABLE_NAME
+from mlan_train.trainer import MixedTrainer
 
 from test_train_mixed import TINY, data, fails, train  # noqa: F401 (data is a fixture)
 

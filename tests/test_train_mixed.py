@@ -1,4 +1,4 @@
-"""The mixed-modality training program (mlan_kernels/training/mixed): learning, exact resume,
+"""The mixed-modality training program (mlan_train): learning, exact resume,
 DDP on gloo with 2 processes, sharded evaluation, local HF checkpoints, option errors. Tiny models, tiny data."""
 import json
 import os
@@ -11,10 +11,10 @@ import torch
 
 from mlan_kernels.data.dataset import split_by_modality
 from mlan_kernels.data.synthetic import make_synthetic
-from mlan_kernels.training.mixed.cli import main
-from mlan_kernels.training.mixed.config import build_parser, config_from_args
-from mlan_kernels.training.mixed.evaluate import evaluation_counts, merge_counts, summarize_counts
-from mlan_kernels.training.mixed.trainer import MixedTrainer, task_of
+from mlan_train.cli import main
+from mlan_train.config import build_parser, config_from_args
+from mlan_train.evaluate import evaluation_counts, merge_counts, summarize_counts
+from mlan_train.trainer import MixedTrainer, task_of
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--clip-layers", "4",
         "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--eval-samples", "8",
@@ -93,7 +93,7 @@ def test_periodic_checkpoint_resumes_with_full_history(data, tmp_path, monkeypat
     """A --save-every checkpoint (not the final one) holds the token counts so far, and a
     resumed finished run is not evaluated twice."""
     import shutil
-    from mlan_kernels.training.mixed import trainer as trainer_module
+    from mlan_train import trainer as trainer_module
     original = trainer_module.save_checkpoint
 
     def snapshot(directory, trainer, rank=0, world_size=1):
@@ -119,7 +119,7 @@ def test_a_modality_that_never_fills_a_batch_is_an_error(data, tmp_path, capsys)
 
 def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "mlan_kernels.training.mixed.cli", "--data", data, "--out", str(tmp_path),
+               "-m", "mlan_train.cli", "--data", data, "--out", str(tmp_path),
                *TINY, "--steps", "4", "--language-share", "0.5", "--no-plots", "--grad-accum", "2",
                "--balance-alpha", "0.5"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -114,7 +114,7 @@ E2E_ROLES = {"fused": "ours", "eager_adapters": "reference", "no_adapters": "bas
 
 
 def e2e_rows(results) -> list:
-    """Rows of mlan_kernels.bench.e2e_step.run_e2e_step in this module's schema (their own
+    """Rows of mlan_bench.e2e_step.run_e2e_step in this module's schema (their own
     keys kept): op e2e_step, phase "step", impl = variant, times in ms."""
     rows = []
     for result in results:

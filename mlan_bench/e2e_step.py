@@ -1,6 +1,6 @@
 """End-to-end train step of a LLaMA decoder stack: fused MM-Adapters vs LaVIN's eager adapters.
 
-    python -m mlan_kernels.bench.e2e_step --device cuda --preset paper --iters 10 --json out.json
+    python -m mlan_bench.e2e_step --device cuda --preset paper --iters 10 --json out.json
 
 Model: a HuggingFace `LlamaModel` with random weights from a LlamaConfig written here (no
 downloads), fed `inputs_embeds` (its token embedding is cut to 128 rows, unused). One step =
@@ -49,12 +49,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import dispatch
-from ..config import AdapterConfig
-from ..integrations import patching
-from ..integrations.llama import patch_llama
-from ..functional import routing_weights
-from ..testing import measure
+from mlan_kernels import dispatch
+from mlan_kernels.config import AdapterConfig
+from mlan_kernels.integrations import patching
+from mlan_kernels.integrations.llama import patch_llama
+from mlan_kernels.functional import routing_weights
+from mlan_kernels.testing import measure
 from . import timing
 
 VARIANTS = ("fused", "eager_adapters", "no_adapters")

@@ -13,11 +13,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
-from ..ops.fused_linear_kl import fused_linear_kl
-from ..ops.kl_div import kl_div_logits
-from ..reference import kl_div_logits_reference
-from ..testing import TOLERANCES
+from mlan_kernels import dispatch
+from mlan_kernels.ops.fused_linear_kl import fused_linear_kl
+from mlan_kernels.ops.kl_div import kl_div_logits
+from mlan_kernels.reference import kl_div_logits_reference
+from mlan_kernels.testing import TOLERANCES
 from . import traffic
 from .cases import Case, autograd_impl, compiled, copy_impl
 

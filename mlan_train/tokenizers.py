@@ -3,7 +3,7 @@ local HuggingFace tokenizer (the --llama checkpoint's), behind the same small in
 encode(text) -> ids (no special tokens), decode(ids), vocab_size, pad_id, bos_id, eos_id."""
 import os
 
-from ...data.tokenizer import WordTokenizer
+from mlan_kernels.data.tokenizer import WordTokenizer
 
 
 class HFTokenizer:

@@ -8,11 +8,11 @@ CoMMIT feature / language sides (× weight decay or not) for AdamW and the Balan
 import torch
 from torch import nn
 
-from ...integrations import set_backend, set_single_modality
-from ...integrations.lavin import LavinModel, build_lavin
-from ...integrations.tiny import tiny_clip, tiny_llama
-from ..balance import FEATURE, LANGUAGE, balance_groups
-from ..scheduler import GROUP_KEY
+from mlan_kernels.integrations import set_backend, set_single_modality
+from mlan_kernels.integrations.lavin import LavinModel, build_lavin
+from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+from mlan_kernels.training.balance import FEATURE, LANGUAGE, balance_groups
+from mlan_kernels.training.scheduler import GROUP_KEY
 from .config import max_length
 
 FEATURE_PREFIXES = ("clip.", "neck.", "modality_embedding.")

@@ -14,9 +14,9 @@ import importlib.util
 import torch
 from torch import nn
 
-from ..ops.grad_scale import scale_grads_
-from ..reference import scale_grads_reference
-from ..testing import TOLERANCES
+from mlan_kernels.ops.grad_scale import scale_grads_
+from mlan_kernels.reference import scale_grads_reference
+from mlan_kernels.testing import TOLERANCES
 from . import traffic
 from .cases import Case, Impl, copy_impl
 
@@ -26,9 +26,9 @@ MULTIPLIERS, MAX_NORM = (1.0, 1.0), 1e6
 @functools.lru_cache(maxsize=None)
 def lavin_adapter_shapes() -> dict:
     """{"llama": [param shapes of its 32 adapters], "clip": [... of its 24]} (built on meta)."""
-    from ..integrations.lavin import build_lavin
-    from ..integrations.patching import adapters
-    from ..integrations.tiny import lavin_7b_on_meta
+    from mlan_kernels.integrations.lavin import build_lavin
+    from mlan_kernels.integrations.patching import adapters
+    from mlan_kernels.integrations.tiny import lavin_7b_on_meta
     shapes = {"llama": [], "clip": []}
     for key, adapter in adapters(build_lavin(*lavin_7b_on_meta())).items():
         shapes[key.split(".")[0]] += [tuple(param.shape) for param in adapter.parameters()]

@@ -1,6 +1,6 @@
 """Kernel benchmarks: our backends and the baselines on the same tensors, in the same run.
 
-    mlan-bench --device cpu            (or: python -m benchmarks.run / python -m mlan_kernels.bench.cli)
+    mlan-bench --device cpu            (or: python -m benchmarks.run / python -m mlan_bench.cli)
 
 Layout: timing.py (median/IQR, peak memory, saved-activation bytes) · traffic.py (minimum bytes
 each op must move) · cases*.py (ops x shapes x implementations) · runner.py (a case -> rows) ·

@@ -1,5 +1,5 @@
 """Moving collated batches to a device and iterating fixed index lists in batches."""
-from ...data.collate import collate
+from mlan_kernels.data.collate import collate
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "has_image")
 

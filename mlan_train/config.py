@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...config import PLACEMENTS, AdapterConfig, check_settings
-from ...data.records import MAX_IMAGE_PIXELS
-from ...dispatch import BACKENDS
-from ...help_format import DefaultsHelpFormatter
+from mlan_kernels.config import PLACEMENTS, AdapterConfig, check_settings
+from mlan_kernels.data.records import MAX_IMAGE_PIXELS
+from mlan_kernels.dispatch import BACKENDS
+from mlan_kernels.help_format import DefaultsHelpFormatter
 
 NAN_POLICIES = ("error", "skip-step")
 # A --max-length that cuts answer tokens of more records than this share is refused

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ..testing import measure, reference_error
+from mlan_kernels.testing import measure, reference_error
 from . import timing
 from .traffic import copy_bytes
 

@@ -1,9 +1,9 @@
 """Render benchmark JSON (benchmarks/results/*.json) as Markdown, for the README.
 
-    python -m mlan_kernels.bench.render benchmarks/results/cpu-2core-fp32-2026-11-23.json \
+    python -m mlan_bench.render benchmarks/results/cpu-2core-fp32-2026-11-23.json \
         [--op mm_adapter] [--phase fwd+bwd]
     (also: python -m benchmarks.render_results ...)
-    python -m mlan_kernels.bench.render --update-readme README.md
+    python -m mlan_bench.render --update-readme README.md
 The README's tables come from this output, never typed by hand: --update-readme re-renders every
 block between `<!-- results: FILE [--op ...] [--phase ...] -->` and `<!-- /results -->` (a test
 checks the README is in sync with the JSON). Reads this package's
@@ -14,7 +14,7 @@ import argparse
 import re
 import shlex
 
-from ..help_format import DefaultsHelpFormatter
+from mlan_kernels.help_format import DefaultsHelpFormatter
 from .report import COLUMNS, KEYS, cells, check_text, load_json
 
 
@@ -53,7 +53,7 @@ BLOCK = re.compile(r"(<!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /r
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m mlan_kernels.bench.render",
+    parser = argparse.ArgumentParser(prog="python -m mlan_bench.render",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("paths", nargs="*", help="results JSON files to print as tables (default: none)")

@@ -15,13 +15,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from ...data.collate import TokenCounter, collate
-from ...data.dataset import InstructionDataset, split_by_modality
-from ...data.records import load_records
-from ...data.sampler import MixtureSampler, ModalityLengthBatchSampler
-from ...ops.grad_scale import scale_grads_
-from ..balance import FEATURE, LANGUAGE, BalanceMonitor
-from ..scheduler import BalanceScheduler, CosineWithWarmup
+from mlan_kernels.data.collate import TokenCounter, collate
+from mlan_kernels.data.dataset import InstructionDataset, split_by_modality
+from mlan_kernels.data.records import load_records
+from mlan_kernels.data.sampler import MixtureSampler, ModalityLengthBatchSampler
+from mlan_kernels.ops.grad_scale import scale_grads_
+from mlan_kernels.training.balance import FEATURE, LANGUAGE, BalanceMonitor
+from mlan_kernels.training.scheduler import BalanceScheduler, CosineWithWarmup
 from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
 from .config import MAX_TRUNCATED_SHARE, max_length, options_dict

@@ -9,10 +9,10 @@ PEFT-style x + B(A(x)) with r = 8 in x's dtype (eager, as PEFT runs), copy = y.c
 """
 import torch
 
-from .. import dispatch
-from ..ops.mm_adapter import mm_adapter
-from ..reference import mm_adapter_reference
-from ..testing import TOLERANCES, make_adapter_inputs, random_grad
+from mlan_kernels import dispatch
+from mlan_kernels.ops.mm_adapter import mm_adapter
+from mlan_kernels.reference import mm_adapter_reference
+from mlan_kernels.testing import TOLERANCES, make_adapter_inputs, random_grad
 from . import traffic
 from .cases import Case, autograd_impl, compiled, copy_impl
 

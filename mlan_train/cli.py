@@ -1,7 +1,7 @@
 """`mlan-train` / python/train_mixed.py: train a LaVIN-patched LLaMA + CLIP on an MLAN mixture.
 
     mlan-train --data data/synthetic --make-data --shares 0.5 0.875 --compare-backends
-    torchrun --nproc_per_node=2 -m mlan_kernels.training.mixed.cli --data ... --steps 20
+    torchrun --nproc_per_node=2 -m mlan_train.cli --data ... --steps 20
     mlan-train --llama ~/llama-7b-hf --clip ~/clip-vit-large-patch14 --data ~/llava --tokenizer ...
 
 Writes OUT/run.json (OUT/share-S/run.json per share with --shares), loss.png, balance.png,
@@ -49,7 +49,7 @@ def init_distributed(config):
 def ensure_data(directory, rank, world_size):
     """Generate the synthetic task into `directory` unless train.jsonl is there (rank 0)."""
     if rank == 0 and not os.path.exists(os.path.join(directory, "train.jsonl")):
-        from ...data.synthetic import make_synthetic
+        from mlan_kernels.data.synthetic import make_synthetic
         print(f"generating the synthetic task into {directory} ...")
         make_synthetic(directory)
     if world_size > 1:

@@ -4,7 +4,7 @@
     mlan-bench --device cpu --ops mm_adapter_fwdbwd,kl_div --iters 20 --json out.json
 
 Each op row: median and IQR of --iters timed calls after --warmup, GB/s from the op's minimum
-traffic (bench/traffic.py), % of the y.copy_(x) bandwidth measured on the same case, speed-up
+traffic (mlan_bench/traffic.py), % of the y.copy_(x) bandwidth measured on the same case, speed-up
 over the eager reference, peak extra memory, bytes saved for backward, and a check of the
 output against the reference. Writes <out-dir>/<machine>-<dtype>-<date>.json (+ .csv and PNGs
 next to it) unless --json/--csv/--plot say otherwise; <machine> is cpu-<threads>core on CPU
@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import report
-from ..help_format import DefaultsHelpFormatter
+from mlan_kernels.help_format import DefaultsHelpFormatter
 from .cases import BASELINES, OPS, build_case, grid
 from .runner import run_case
 
@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--dtype", choices=sorted(DTYPES),
                         help="activation dtype (default: bfloat16 on cuda, float32 on cpu)")
     result.add_argument("--shapes", default="paper", choices=["small", "paper", "all"],
-                        help="shape preset of bench/cases.py (CPU 'paper' = D∈{1024,4096} x "
+                        help="shape preset of mlan_bench/cases.py (CPU 'paper' = D∈{1024,4096} x "
                              "N∈{512,2048}, GPU: docs/performance.md grid)")
     result.add_argument("--ops", help=f"comma list of {','.join(list(OPS) + [E2E_OP])} (default: all "
                                       f"of them; {E2E_OP} uses --e2e-preset)")
@@ -127,13 +127,13 @@ def resolve(args):
 
 
 def run_e2e(device, dtype, preset, iters, warmup) -> list:
-    """Rows of the end-to-end step benchmark (bench/e2e_step.py), [] with a message if absent."""
+    """Rows of the end-to-end step benchmark (mlan_bench/e2e_step.py), [] with a message if absent."""
     try:
         from .e2e_step import run_e2e_step
     except ModuleNotFoundError as error:
         if error.name != f"{__package__}.e2e_step":
             raise
-        print(f"mlan-bench: {E2E_OP} skipped: mlan_kernels/bench/e2e_step.py is not installed "
+        print(f"mlan-bench: {E2E_OP} skipped: mlan_bench/e2e_step.py is not installed "
               f"in this checkout", file=sys.stderr)
         return []
     rows = report.e2e_rows(run_e2e_step(device.type, dtype, preset=preset, iters=iters, warmup=warmup))

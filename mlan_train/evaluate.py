@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...integrations.lavin import IGNORE_INDEX
+from mlan_kernels.integrations.lavin import IGNORE_INDEX
 from .batches import batch_to, iterate_batches
 
 

@@ -6,10 +6,10 @@ tokens) / median pass time.
 """
 import torch
 
-from ...data.dataset import split_by_modality
-from ...dispatch import select_backend
-from ...integrations import set_backend
-from ...testing import measure
+from mlan_kernels.data.dataset import split_by_modality
+from mlan_kernels.dispatch import select_backend
+from mlan_kernels.integrations import set_backend
+from mlan_kernels.testing import measure
 from .batches import batch_to, iterate_batches
 
 

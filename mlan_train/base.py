@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...data.dataset import image_pixels
-from ...data.synthetic import COLOURS, SHAPES, SIDES, random_scene, render, statements
-from ...data.tokenizer import WordTokenizer
-from ...integrations.tiny import tiny_clip, tiny_llama
-from ..scheduler import CosineWithWarmup
+from mlan_kernels.data.dataset import image_pixels
+from mlan_kernels.data.synthetic import COLOURS, SHAPES, SIDES, random_scene, render, statements
+from mlan_kernels.data.tokenizer import WordTokenizer
+from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+from mlan_kernels.training.scheduler import CosineWithWarmup
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "side": SIDES}
 
