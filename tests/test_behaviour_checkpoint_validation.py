@@ -11,9 +11,13 @@ from safetensors.torch import save_file
 
 from mlan_kernels.checkpoint_validation import (check_against_model, read_adapter_config,
                                                 read_adapter_tensors)
+from mlan_kernels.config import AdapterConfig
 
-RECORD = dict(rank=8, experts=2, groups=2, scale=1, temperature=10.0, dropout=0.1,
+RECORD = dict(rank=8, experts=2, groups=2, scale=1, temperature=10.0, dropout_p=0.1,
               placement="attn", hidden_size=32)
+# what each number field accepts, as AdapterConfig's check says it
+EXPECTED = {"scale": "a finite number", "temperature": "finite and > 0",
+            "dropout_p": "finite and in [0, 1)"}
 
 
 def config_file(tmp_path, content):
@@ -33,9 +37,13 @@ def config_error(tmp_path, content):
 
 
 def test_a_good_config_reads_back_its_components(tmp_path):
-    components = {"llama": dict(RECORD), "clip": dict(RECORD, hidden_size=48, placement="block")}
+    legacy = {key if key != "dropout_p" else "dropout": value for key, value in RECORD.items()}
+    components = {"llama": dict(RECORD), "clip": dict(legacy, hidden_size=48, placement="block")}
     path = config_file(tmp_path, {"components": components, "mlan_kernels_version": "0.1"})
-    assert read_adapter_config(path) == components
+    settings = {key: value for key, value in RECORD.items() if key != "hidden_size"}
+    assert read_adapter_config(path) == {
+        "llama": {"config": AdapterConfig(**settings), "hidden_size": 32},
+        "clip": {"config": AdapterConfig(**dict(settings, placement="block")), "hidden_size": 48}}
 
 
 def test_a_missing_or_unreadable_config_file(tmp_path):
@@ -73,28 +81,30 @@ def test_each_component_is_a_known_name_with_an_object_of_every_field(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["rank", "experts", "groups", "hidden_size"])
-@pytest.mark.parametrize("value", [True, 8.0, "8", None])
-def test_integer_fields_must_be_ints(tmp_path, key, value):
+@pytest.mark.parametrize("value", [True, 8.0, "8", None, 0])
+def test_integer_fields_must_be_positive_ints(tmp_path, key, value):
     record = dict(RECORD, **{key: value})
-    assert config_error(tmp_path, {"components": {"llama": record}}) == \
-        f"components['llama'][{key!r}]: expected an int, got {value!r}"
+    expected = (f"components['llama']['hidden_size']: expected a positive int, got {value!r}"
+                if key == "hidden_size" else
+                f"components['llama']: {key} must be a positive int, got {value!r}")
+    assert config_error(tmp_path, {"components": {"llama": record}}) == expected
 
 
-@pytest.mark.parametrize("key", ["scale", "temperature", "dropout"])
+@pytest.mark.parametrize("key", ["scale", "temperature", "dropout_p"])
 @pytest.mark.parametrize("value", [False, "1.0", None])
 def test_number_fields_must_be_numbers(tmp_path, key, value):
     record = dict(RECORD, **{key: value})
     assert config_error(tmp_path, {"components": {"llama": record}}) == \
-        f"components['llama'][{key!r}]: expected a finite number, got {value!r}"
+        f"components['llama']: {key} must be {EXPECTED[key]}, got {value!r}"
 
 
-@pytest.mark.parametrize("key", ["scale", "temperature", "dropout"])
+@pytest.mark.parametrize("key", ["scale", "temperature", "dropout_p"])
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_number_fields_must_be_finite(tmp_path, key, value):
     content = json.dumps({"components": {"llama": dict(RECORD, **{key: 0.5})}})
     content = content.replace(f'"{key}": 0.5', f'"{key}": {value}')
     assert config_error(tmp_path, content) == \
-        f"components['llama'][{key!r}]: expected a finite number, got {float(value)!r}"
+        f"components['llama']: {key} must be {EXPECTED[key]}, got {float(value)!r}"
 
 
 def tensors_file(tmp_path, tensors):
