@@ -160,3 +160,8 @@ def test_names_and_shapes_must_match_the_model():
     with pytest.raises(ValueError) as error:
         check_against_model("f", {**targets, "t05": torch.ones(3, 2)}, targets)
     assert str(error.value) == "f: tensor 't05' has shape [3, 2], the model's is [2, 3]"
+
+
+def test_the_smallest_hidden_size_is_one(tmp_path):
+    path = config_file(tmp_path, {"components": {"llama": dict(RECORD, hidden_size=1)}})
+    assert read_adapter_config(path)["llama"]["hidden_size"] == 1
