@@ -140,22 +140,6 @@ def _check_hidden_size(config_path, name, record, current):
                          f"!= model hidden size {current['info']['hidden_size']}")
 
 
-def _copy_into(model, tensors, strict=True):
-    """Copy {checkpoint name: tensor} into the model's adapter tensors (dtype of the model)."""
-    targets = adapter_state_dict(model)
-    missing = sorted(set(targets) - set(tensors))
-    unexpected = sorted(set(tensors) - set(targets))
-    if strict and (missing or unexpected):
-        raise ValueError(f"adapter checkpoint mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for name in set(targets) & set(tensors):
-        if tuple(targets[name].shape) != tuple(tensors[name].shape):
-            raise ValueError(f"{name}: checkpoint shape {list(tensors[name].shape)} != model "
-                             f"shape {list(targets[name].shape)}")
-        with torch.no_grad():
-            targets[name].copy_(tensors[name])
-    return missing, unexpected
-
-
 def _names(names, limit=20):
     """A list of names for an error message: the first `limit`, then how many more."""
     shown = ", ".join(names[:limit])
