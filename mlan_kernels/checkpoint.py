@@ -146,16 +146,13 @@ def _names(names, limit=20):
     return f"[{shown}{f', ... (+{len(names) - limit} more)' if len(names) > limit else ''}]"
 
 
-def _plan_copy(model, tensors, strict, source):
+def _plan_copy(model, tensors, source):
     """Check {checkpoint name: tensor} against the model's adapter tensors without touching
-    them -> ([(target, tensor)], missing, unexpected). Shape mismatches always raise; missing
-    or unexpected names raise when strict. Errors name `source`."""
+    them -> ([(target, tensor)], missing, unexpected). Shape mismatches raise (naming `source`);
+    the caller decides about missing or unexpected names."""
     targets = adapter_state_dict(model)
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
-    if strict and (missing or unexpected):
-        raise ValueError(f"{source}: adapter checkpoint mismatch: missing {_names(missing)}, "
-                         f"unexpected {_names(unexpected)} (strict=False loads the rest)")
     pairs = []
     for name in sorted(set(targets) & set(tensors)):
         if tuple(targets[name].shape) != tuple(tensors[name].shape):
@@ -185,7 +182,7 @@ def load_lavin_adapters(model, checkpoint, weights_only=True, strict=True):
         checkpoint = read_lavin_file(source, weights_only=weights_only)
     tensors = lavin_adapter_tensors(lavin_model_dict(checkpoint, source), source)
     ours, not_understood = lavin_to_ours(tensors, source)
-    pairs, missing, unexpected = _plan_copy(model, ours, strict=False, source=source)
+    pairs, missing, unexpected = _plan_copy(model, ours, source=source)
     unexpected = unexpected + not_understood
     if strict and (missing or unexpected):
         raise ValueError(f"{source}: LaVIN checkpoint mismatch: missing {_names(missing)}, "
