@@ -108,14 +108,17 @@ def test_load_adapters_errors_name_the_file_and_the_key(tmp_path):
 
 
 def test_a_config_the_adapter_cannot_have_names_the_component(tmp_path):
-    saved_llama(tmp_path)                                  # groups 2
+    """Checked with the saved hyperparameters (groups 4, not the default 2), before patching."""
+    saved_llama(tmp_path, groups=4)
     config_path = tmp_path / CONFIG_NAME
     config = json.loads(config_path.read_text())
-    config["components"]["llama"]["hidden_size"] = 33
+    config["components"]["llama"]["hidden_size"] = 34
     config_path.write_text(json.dumps(config))
+    model = tiny_llama(layers=2)
     with pytest.raises(ValueError, match=whole(
-            f"{config_path}: components['llama']: groups 2 must divide dim 33")):
-        load_adapters(tiny_llama(layers=2), tmp_path)
+            f"{config_path}: components['llama']: groups 4 must divide dim 34")):
+        load_adapters(model, tmp_path)
+    assert patch_state(model) is None
 
 
 def test_loading_into_merged_adapters_says_to_unmerge_first(tmp_path):
@@ -173,3 +176,27 @@ def test_a_lavin_tensor_of_the_wrong_shape_names_the_file_and_the_key(tmp_path):
             load_lavin_adapters(target, checkpoint, strict=strict)
     after = adapter_state_dict(target)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_failed_load_unpatches_only_what_it_patched(tmp_path):
+    """LaVIN with CLIP unpatched: the load patches CLIP, then the weights do not fit; CLIP is
+    unpatched again, the LLaMA adapters that were there stay, and the error names the weights
+    file and the tensor."""
+    from safetensors.torch import load_file, save_file
+    save_adapters(tiny_lavin(), tmp_path)
+    weights_path = tmp_path / WEIGHTS_NAME
+    tensors = load_file(weights_path)
+    name = "clip.layers.0.attn.down.weight"
+    tensors[name] = torch.zeros(4, 32)
+    save_file(tensors, weights_path)
+    model = tiny_lavin()
+    shape = list(adapter_state_dict(model)[name].shape)
+    unpatch(model, "clip")
+    before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=whole(
+            f"{weights_path}: tensor {name!r} has shape [4, 32], the model's is {shape}")):
+        load_adapters(model, tmp_path)
+    assert patch_state(model, "clip") is None and patch_state(model, "llama") is not None
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before)
