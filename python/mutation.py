@@ -68,7 +68,9 @@ TESTS = {
         "tests/test_integration_llama.py::test_clip_patch_identity_per_image_routing_and_merge",
         "tests/test_integration_lavin.py::test_merge_per_modality"],
     "mlan_kernels/integrations/lavin.py": _INTEGRATION_TESTS,
-    "mlan_kernels/checkpoint.py": ["tests/test_integration_checkpoint.py",
+    "mlan_kernels/checkpoint.py": ["tests/test_behaviour_checkpoint.py",
+                                   "tests/test_integration_checkpoint.py",
+                                   "tests/test_lavin_checkpoint.py",
                                    "tests/test_behaviour_lavin.py"],
     # The file checks alone: test_integration_checkpoint.py reaches them through load_adapters
     # on tiny models (seconds a mutant) and asserts fewer of the messages.
