@@ -6,7 +6,10 @@ An op's backends are modules with the same functions (the op's contract):
                  backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight,
                           up_bias, scale, dropout_p, seed, groups) -> (grad_x, grad_down_weight,
                           grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights)
-                 optional routing(...) / router_backward(...) (one-launch router, triton)
+                 or, the router fused in (triton), forward_routed / backward_routed with the
+                 arguments of the custom ops mlan::mm_adapter / mm_adapter_backward (ops/
+                 mm_adapter.py) and saved_slots_shape(dim, rank, experts, dtype) for the fake.
+                 seed: int or int64 scalar tensor (None without dropout).
     kl_div       forward(logits_p, logits_q, mask) -> (kl, lse_p, lse_q)
                  backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False)
                  -> (grad_logits_p, grad_logits_q)         (fused_linear_kl uses these too)

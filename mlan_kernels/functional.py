@@ -34,8 +34,9 @@ def _mul_hi_lo(a: int, b: Tensor):
     return (high >> 16) + (mid >> 32), mid & _MASK32
 
 
-def philox_uint32(seed: int, counter: Tensor) -> Tensor:
-    """Philox4x32-10 first output word for counters (c0=counter, c1=c2=c3=0), key = 64-bit seed.
+def philox_uint32(seed, counter: Tensor) -> Tensor:
+    """Philox4x32-10 first output word for counters (c0=counter, c1=c2=c3=0), key = 64-bit seed
+    (an int, or an int64 scalar tensor on counter's device: then nothing is read on the host).
 
     counter: int64 tensor of values in [0, 2^32). Returns int64 tensor of values in [0, 2^32).
     """
@@ -57,8 +58,9 @@ def dropout_threshold(p: float) -> int:
     return int(round(p * (1 << 24)))
 
 
-def dropout_keep_mask(seed: int, num_tokens: int, rank: int, p: float, device=None) -> Tensor:
-    """keep mask [num_tokens, rank] (bool) of the MM-Adapter's dropout; all True when p == 0."""
+def dropout_keep_mask(seed, num_tokens: int, rank: int, p: float, device=None) -> Tensor:
+    """keep mask [num_tokens, rank] (bool) of the MM-Adapter's dropout; all True when p == 0.
+    seed: int or int64 scalar tensor (see philox_uint32)."""
     if p == 0.0:
         return torch.ones(num_tokens, rank, dtype=torch.bool, device=device)
     counter = torch.arange(num_tokens * rank, dtype=torch.int64, device=device)

@@ -37,7 +37,8 @@ print("compiled")
 '''
 
 MM_ADAPTER_SCRIPT = SCRIPT.split("strides = ")[0].replace(
-    "grad_scale_kernels as G, kl_kernels as K", "mm_adapter_kernels as M") + r'''
+    "grad_scale_kernels as G, kl_kernels as K",
+    "mm_adapter_kernels as M, mm_adapter_weight_kernels as W") + r'''
 def ptrs(dtype, *names):
     return {name: dtype for name in names}
 
@@ -45,33 +46,36 @@ def ptrs(dtype, *names):
 for act, split, precision, experts, e_pad in (("bf16", True, "tf32", 3, 4), ("fp16", True, "tf32", 2, 2),
                                              ("fp32", False, "tf32x3", 3, 4)):
     dims = dict(R=8, E=experts, R_PAD=16, E_PAD=e_pad)
-    compile_kernel(M.weight_slots_kernel, dict(ptrs("*fp32", "down_w_ptr", "up_w_ptr", "up_b_ptr", "coef_ptr"),
-                   **ptrs("*" + act, "down_hi_ptr", "down_lo_ptr", "up_hi_ptr", "up_lo_ptr"), scale="fp32"),
-                   ("D",), dict(dims, GROUPS=2, BLOCK_D=128, COMBINE=True, SPLIT=split), 4)
+    for router, combine in ((True, True), (True, False), (False, True)):
+        compile_kernel(W.mm_adapter_prep_kernel, dict(ptrs("*fp32", "down_w_ptr", "up_w_ptr", "up_b_ptr", "rw_ptr"),
+                       **ptrs("*" + act, "route_ptr", "router_w_ptr", "router_b_ptr", "down_hi_ptr", "down_lo_ptr",
+                              "up_hi_ptr", "up_lo_ptr", "combined_ptr"), temperature="fp32", scale="fp32"),
+                       ("D", "route_stride"), dict(dims, GROUPS=2, BLOCK_D=128, ROUTER=router, COMBINE=combine,
+                                                   SPLIT=split), 4)
     for single in (True, False):
         compile_kernel(M.mm_adapter_fwd_kernel, dict(ptrs("*" + act, "x_ptr", "y_ptr", "down_hi_ptr", "down_lo_ptr", "up_ptr"),
-                       **ptrs("*fp32", "h_ptr", "down_b_ptr", "coef_ptr"), drop_scale="fp32", scale="fp32"),
-                       ("N", "D", "L", "seed", "drop_threshold"),
+                       **ptrs("*fp32", "h_ptr", "down_b_ptr", "coef_ptr"), seed_ptr="*i64", drop_scale="fp32", scale="fp32"),
+                       ("N", "D", "L", "drop_threshold"),
                        dict(dims, BLOCK_N=32, BLOCK_D=128, DROPOUT=True, SINGLE_MODALITY=single,
                             UP_SLOTS=16 if single else 16 * e_pad, SPLIT=split, PRECISION=precision), 4)
     compile_kernel(M.mm_adapter_bwd_rows_kernel, dict(ptrs("*" + act, "gy_ptr", "up_hi_ptr", "up_lo_ptr"),
-                   **ptrs("*fp32", "h_ptr", "coef_ptr", "grad_hidden_ptr", "grad_coef_ptr"), drop_scale="fp32", scale="fp32"),
-                   ("N", "D", "L", "seed", "drop_threshold"),
+                   **ptrs("*fp32", "h_ptr", "coef_ptr", "grad_hidden_ptr", "grad_coef_ptr"), seed_ptr="*i64",
+                   drop_scale="fp32", scale="fp32"),
+                   ("N", "D", "L", "drop_threshold"),
                    dict(dims, BLOCK_N=64, BLOCK_D=128, DROPOUT=True, SPLIT=split, PRECISION=precision), 4)
     compile_kernel(M.mm_adapter_bwd_cols_kernel, dict(ptrs("*" + act, "gy_ptr", "x_ptr", "gx_ptr", "down_hi_ptr"),
                    **ptrs("*fp32", "h_ptr", "grad_hidden_ptr", "coef_ptr", "partial_down_ptr", "partial_up_ptr",
                           "partial_bias_ptr"), scale="fp32"),
                    ("N", "D", "L", "rows_per_split"),
                    dict(dims, BLOCK_N=16, BLOCK_D=256, SPLIT=split, PRECISION=precision), 4)
-    compile_kernel(M.mm_adapter_bwd_finalize_kernel, dict(ptrs("*fp32", "partial_down_ptr", "partial_up_ptr",
-                   "partial_bias_ptr", "grad_coef_ptr", "grad_routing_ptr"),
-                   **ptrs("*" + act, "grad_down_w_ptr", "grad_down_b_ptr", "grad_up_w_ptr", "grad_up_b_ptr"), scale="fp32"),
-                   ("splits", "D", "B", "L"), dict(dims, GROUPS=2, BLOCK_D=128, BLOCK_L=64), 4)
-    compile_kernel(M.router_kernel, dict(ptrs("*" + act, "x_ptr", "router_w_ptr", "router_b_ptr"), out_ptr="*fp32",
-                   temperature="fp32"), ("D", "row_stride"), dict(E=experts, E_PAD=e_pad, BLOCK_D=256), 4)
-    compile_kernel(M.router_bwd_kernel, dict(ptrs("*fp32", "grad_w_ptr", "rw_ptr"),
-                   **ptrs("*" + act, "x_ptr", "router_w_ptr", "gx_ptr", "grad_router_w_ptr", "grad_router_b_ptr"),
-                   temperature="fp32"), ("B", "rows_in", "D", "x_stride", "gx_stride"), dict(E=experts, E_PAD=e_pad, BLOCK_D=128), 4)
+    for router in (True, False):
+        compile_kernel(W.mm_adapter_bwd_finalize_kernel, dict(ptrs("*fp32", "partial_down_ptr", "partial_up_ptr",
+                       "partial_bias_ptr", "grad_coef_ptr", "grad_rw_ptr", "rw_ptr", "router_w_ptr"),
+                       **ptrs("*" + act, "x_ptr", "gx_ptr", "grad_down_w_ptr", "grad_down_b_ptr", "grad_up_w_ptr",
+                              "grad_up_b_ptr", "grad_route_w_ptr", "grad_route_b_ptr"),
+                       scale="fp32", temperature="fp32"),
+                       ("splits", "D", "B", "L", "routes", "rows_per_route", "grad_rw_rows"),
+                       dict(dims, GROUPS=2, BLOCK_D=128, BLOCK_L=1024, ROUTER=router, HAS_GRAD_RW=router), 4)
 print("compiled")
 '''
 

@@ -144,7 +144,7 @@ def test_gradcheck(function, routing):
 
 
 # ---------------------------------------------------------------- opcheck
-def _op_args(routing):
+def _op_args(routing, backend="reference"):
     """The kernel entry points have no autograd of their own (MMAdapterFunction is the op's
     one autograd path, checked by gradcheck above), so opcheck gets plain tensors."""
     tensors = make_adapter_inputs(2, 5, 16, 4, 2, 2, torch.float32, device="cpu")
@@ -154,21 +154,30 @@ def _op_args(routing):
         tensors["router_weight"] = tensors["router_bias"] = None
     return (tensors["x"], tensors["down_weight"], tensors["down_bias"], tensors["up_weight"],
             tensors["up_bias"], tensors["router_weight"], tensors["router_bias"], weights,
-            1.0, TEMPERATURE, 0.2, torch.tensor(9), 2, None, "reference")
+            1.0, TEMPERATURE, 0.2, torch.tensor(9), 2, None, backend)
 
 
+# the reference backend, and triton (its fake must know the shape of the slots it saves)
+OP_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON,
+                                                                            reason="no triton"))]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("routing", ["router", "explicit"])
-def test_opcheck_forward(routing):
-    torch.library.opcheck(torch.ops.mlan.mm_adapter.default, _op_args(routing))
+def test_opcheck_forward(routing, backend):
+    torch.library.opcheck(torch.ops.mlan.mm_adapter.default, _op_args(routing, backend))
 
 
-def test_opcheck_backward():
-    (x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, _, scale,
-     temperature, dropout_p, seed, groups, _, backend) = _op_args("router")
-    _, h, weights = torch.ops.mlan.mm_adapter(x, down_weight, down_bias, up_weight, up_bias,
-                                              router_weight, router_bias, None, scale, temperature,
-                                              dropout_p, seed, groups, None, backend)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("routing", ["router", "explicit"])
+def test_opcheck_backward(routing, backend):
+    args = _op_args(routing, backend)
+    (x, down_weight, down_bias, up_weight, up_bias, router_weight, _, weights, scale,
+     temperature, dropout_p, seed, groups, _, _) = args
+    _, h, routing_weights, saved = torch.ops.mlan.mm_adapter(*args)
     grad_y = random_grad(x.shape, x.dtype, device="cpu")
-    args = (grad_y, x, h, weights, down_weight, down_bias, up_weight, up_bias, scale, dropout_p,
-            seed, groups, backend)
-    torch.library.opcheck(torch.ops.mlan.mm_adapter_backward.default, args)
+    grad_routing = random_grad(routing_weights.shape, routing_weights.dtype, device="cpu")
+    backward_args = (grad_y, grad_routing, x, h, routing_weights, saved, down_weight, down_bias,
+                     up_weight, up_bias, router_weight, weights, scale, temperature, dropout_p,
+                     seed, groups, False, backend)
+    torch.library.opcheck(torch.ops.mlan.mm_adapter_backward.default, backward_args)

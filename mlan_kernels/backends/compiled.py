@@ -28,13 +28,27 @@ def supports(name, device, dtype):
     return None
 
 
-# The contract's two functions are the compiled ops themselves (no Python in between):
-#   forward(x [B, L, D], down_weight, down_bias, up_weight, up_bias, routing_weights [B, E], scale,
-#           dropout_p, seed, groups, single_modality) -> (y [B, L, D] in x.dtype, h [B, L, r] fp32
-#           (fp64 for fp64 x), the post-dropout hidden)
-#   backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
-#            dropout_p, seed, groups) -> (grad_x [B, L, D] without the router term,
-#            grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias in their parameters'
-#            dtypes, grad_routing_weights [B, E])
-forward = torch.ops.mlan_C.mm_adapter_forward.default
-backward = torch.ops.mlan_C.mm_adapter_backward.default
+_forward = torch.ops.mlan_C.mm_adapter_forward.default
+_backward = torch.ops.mlan_C.mm_adapter_backward.default
+
+
+def _seed_value(seed) -> int:
+    """The compiled ops take the dropout seed as an int: a host read of a seed tensor (a device
+    sync for a CUDA one, so this backend's dropout is not CUDA-graph capturable)."""
+    return 0 if seed is None else int(seed)
+
+
+def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p, seed,
+            groups, single_modality):
+    """x [B, L, D], routing_weights [B, E] -> (y [B, L, D] in x.dtype, h [B, L, r] fp32 (fp64 for
+    fp64 x), the post-dropout hidden); the compiled op validates its arguments."""
+    return _forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale,
+                    dropout_p, _seed_value(seed), groups, single_modality)
+
+
+def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
+             dropout_p, seed, groups):
+    """-> (grad_x [B, L, D] without the router term, grad_down_weight, grad_down_bias,
+    grad_up_weight, grad_up_bias in their parameters' dtypes, grad_routing_weights [B, E])."""
+    return _backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias,
+                     scale, dropout_p, _seed_value(seed), groups)

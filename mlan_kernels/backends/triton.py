@@ -1,7 +1,14 @@
-"""Triton backend: launches the fused kernels of mlan_kernels/triton/mm_adapter_kernels.py.
+"""Triton backend: launches the fused kernels of mlan_kernels/triton/mm_adapter_kernels.py
+(token kernels) and mm_adapter_weight_kernels.py (prep and finalize).
 
-Same `forward`/`backward` contract as every MM-Adapter backend (mlan_kernels.dispatch). Runs on CUDA tensors, and on CPU
-tensors under TRITON_INTERPRET=1 (tests), where small fixed tile sizes keep programs cheap.
+Contract (mlan_kernels.dispatch): the routed pair `forward_routed` / `backward_routed`, with the
+router fused in, so that a forward+backward is five launches and no host read:
+    forward   prep (weight slots + routing weights), forward
+    backward  pass A (rows), pass B (columns, per-split partials), pass C (finalize: parameter
+              gradients and the softmax + router backward)
+The forward saves its weight slot matrices (`saved_slots_shape`, a few rows of D in x's dtype)
+for the backward. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests),
+where small fixed tile sizes keep programs cheap.
 """
 import functools
 
@@ -9,10 +16,9 @@ import torch
 import triton
 
 from ..functional import dropout_threshold
-from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_finalize_kernel,
-                                         mm_adapter_bwd_rows_kernel, mm_adapter_fwd_kernel,
-                                         router_bwd_kernel, router_kernel,
-                                         weight_slots_kernel)
+from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
+                                         mm_adapter_fwd_kernel)
+from ..triton.mm_adapter_weight_kernels import mm_adapter_bwd_finalize_kernel, mm_adapter_prep_kernel
 from ..utils import triton_interpreter
 
 def supports(name, device, dtype):
@@ -59,83 +65,65 @@ def _split(dtype):
     return dtype != torch.float32
 
 
-def _dropout_args(dropout_p):
-    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dropout_p > 0.0
+def _dropout_args(dropout_p, seed, device):
+    """(seed [] int64 on `device`, threshold, keep scale, DROPOUT) of the token kernels; without
+    dropout the seed pointer is a placeholder the kernels never read."""
+    if dropout_p == 0.0:
+        return torch.empty((), dtype=torch.int64, device=device), 0, 1.0, False
+    return seed.to(device), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), True
 
 
-def _weight_slots(x, down_weight, up_weight, up_bias, coef, scale, groups, r_pad, e_pad, combine):
-    """(down_hi, down_lo, up_hi, up_lo) slot matrices in x's dtype, one launch (see
-    weight_slots_kernel). For fp32 x there is no split: lo aliases hi and is never read."""
-    experts, dim, _ = up_weight.shape
-    rank, split = down_weight.shape[0], _split(x.dtype)
-    up_slots = r_pad if combine else e_pad * r_pad
-    down_hi = torch.empty(r_pad, dim, device=x.device, dtype=x.dtype)
-    up_hi = torch.empty(up_slots, dim, device=x.device, dtype=x.dtype)
-    down_lo = torch.empty_like(down_hi) if split else down_hi
-    up_lo = torch.empty_like(up_hi) if split else up_hi
-    block_d = min(128, max(16, triton.next_power_of_2(dim)))
-    weight_slots_kernel[(triton.cdiv(dim, block_d),)](
-        down_weight.contiguous(), up_weight.contiguous(), up_bias.contiguous(), coef, down_hi,
-        down_lo, up_hi, up_lo, dim, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
-        BLOCK_D=block_d, COMBINE=combine, SPLIT=split)
-    return down_hi, down_lo, up_hi, up_lo
+def saved_slots_shape(dim, rank, experts, dtype):
+    """Shape of the weight slot matrices a forward saves for its backward (in x's dtype):
+    DOWN (R_PAD rows of D) and UP (E_PAD*R_PAD rows), twice (hi, lo) for 16-bit activations."""
+    r_pad, e_pad = _layout(rank, experts)
+    return r_pad * (1 + e_pad) * (2 if _split(dtype) else 1), dim
 
 
-def routing(x0, router_weight, router_bias, temperature):
-    """The router's [B, E] fp32 softmax for routing tokens x0 [B, D] in one launch (the op's
-    default, functional.routing_weights, costs 4 launches, 7 with 16-bit inputs)."""
-    batch, dim = x0.shape
-    experts = router_weight.shape[0]
-    if x0.stride(-1) != 1:                  # (a stride-0 row axis is fine: rows repeat row 0)
-        x0 = x0.contiguous()
-    out = torch.empty(batch, experts, device=x0.device, dtype=torch.float32)
-    router_kernel[(batch,)](x0, router_weight.contiguous(), router_bias.contiguous(), out, dim,
-                            x0.stride(0), float(temperature), E=experts,
-                            E_PAD=triton.next_power_of_2(experts),
-                            BLOCK_D=min(256, max(16, triton.next_power_of_2(dim))))
-    return out
+def _slot_views(saved, r_pad, split):
+    """(down_hi, down_lo, up_hi, up_lo) row blocks of `saved`; without split lo aliases hi."""
+    hi, lo = saved.chunk(2) if split else (saved, saved)
+    return hi[:r_pad], lo[:r_pad], hi[r_pad:], lo[r_pad:]
 
 
-def router_backward(grad_w, routing_weights, x, router_weight, temperature, grad_x, by_first=False):
-    """Softmax + router backward in one launch: returns (∂W_R, ∂b_R) in router_weight's dtype and
-    adds dz W_R into grad_x[:, 0] in place; with by_first only sample 0 routed, by the sum of
-    grad_w's rows. None when the layouts do not fit (the op then runs its aten version)."""
-    rows, experts = grad_w.shape
-    routed, rows_in = (1, rows) if by_first else (rows, 1)
-    dim = x.shape[-1]
-    if x.numel() == 0 or x.stride(-1) != 1 or grad_x.stride(-1) != 1:
-        return None
-    grad_router_weight = torch.empty(router_weight.shape, device=x.device, dtype=router_weight.dtype)
-    grad_router_bias = torch.empty(experts, device=x.device, dtype=router_weight.dtype)
-    block_d = min(128, max(16, triton.next_power_of_2(dim)))
-    router_bwd_kernel[(triton.cdiv(dim, block_d),)](
-        grad_w.float().contiguous(), routing_weights.float().contiguous(), x,
-        router_weight.contiguous(), grad_x, grad_router_weight, grad_router_bias, routed, rows_in, dim,
-        x.stride(0), grad_x.stride(0), float(temperature), E=experts,
-        E_PAD=triton.next_power_of_2(experts), BLOCK_D=block_d)
-    return grad_router_weight, grad_router_bias
-
-
-def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
-            seed, groups, single_modality):
-    """x: [B, L, D] contiguous; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] fp32."""
+def forward_routed(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
+                   weights, scale, temperature, dropout_p, seed, groups, single_modality, by_first):
+    """x: [B, L, D] contiguous, L >= 1, routed by the router (router_weight [E, D], router_bias
+    [E]) on x[:, 0], or by `weights` [B, E] when given; by_first: sample 0 routes every sample;
+    single_modality: one combined up-matrix for the batch (routing row 0). seed: [] int64 (used
+    with dropout_p > 0). Two launches (prep, forward). Returns y [B, L, D] (x.dtype), h [B, L, r]
+    fp32, routing weights [B, E] fp32 and the saved slots [saved_slots_shape] for backward_routed."""
     batch, length, dim = x.shape
     tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
     r_pad, e_pad = _layout(rank, experts)
+    split = _split(x.dtype)
+    saved = torch.empty(saved_slots_shape(dim, rank, experts, x.dtype), device=x.device, dtype=x.dtype)
+    down_hi, down_lo, up_hi, up_lo = _slot_views(saved, r_pad, split)
+    up = torch.empty(r_pad, dim, device=x.device, dtype=x.dtype) if single_modality else up_hi
+    routing_weights = torch.empty(batch, experts, device=x.device, dtype=torch.float32)
+    router = weights is None
+    route = x if router else weights.contiguous()
+    router_weight, router_bias = ((router_weight.contiguous(), router_bias.contiguous()) if router
+                                  else (route, route))          # (not read without the router)
+    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    mm_adapter_prep_kernel[(triton.cdiv(dim, block_d) + batch,)](
+        down_weight.contiguous(), up_weight.contiguous(), up_bias.contiguous(), route,
+        router_weight, router_bias, down_hi, down_lo, up_hi, up_lo, up, routing_weights, dim,
+        0 if by_first else route.stride(0), float(temperature), scale, R=rank, E=experts,
+        R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_D=block_d, ROUTER=router,
+        COMBINE=single_modality, SPLIT=split)
+
     block_n, block_d, warps = _tiles("fwd", dim, x.device)
-    threshold, drop_scale, dropout = _dropout_args(dropout_p)
+    seed, threshold, drop_scale, dropout = _dropout_args(dropout_p, seed, x.device)
     y = torch.empty_like(x)
     h = torch.empty(batch, length, rank, device=x.device, dtype=torch.float32)
-    coef = routing_weights.float().contiguous()       # fp32 [B, E]: no copy; s applied in-kernel
-    down_hi, down_lo, up, _ = _weight_slots(x, down_weight, up_weight, up_bias, coef, scale,
-                                            groups, r_pad, e_pad, combine=single_modality)
     mm_adapter_fwd_kernel[(triton.cdiv(tokens, block_n),)](
-        x, y, h, down_hi, down_lo, down_bias.contiguous(), up, coef, tokens, dim, length,
-        seed, threshold, drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
+        x, y, h, down_hi, down_lo, down_bias.contiguous(), up, routing_weights, tokens, dim,
+        length, seed, threshold, drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
         BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
-        UP_SLOTS=up.shape[0], SPLIT=_split(x.dtype), PRECISION=_precision(x.dtype, x.device),
+        UP_SLOTS=up.shape[0], SPLIT=split, PRECISION=_precision(x.dtype, x.device),
         num_warps=warps)
-    return y, h
+    return y, h, routing_weights, saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,30 +143,37 @@ def _row_splits(tokens, dim, block_n, block_d, device):
     return triton.cdiv(tokens, rows), rows
 
 
-def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
-             dropout_p, seed, groups):
-    """Returns (grad_x [B, L, D] without router term, grad_down_weight, grad_down_bias,
-    grad_up_weight, grad_up_bias, grad_routing_weights [B, E] fp32). Four launches: weight
-    slots, pass A (rows), pass B (columns, per-split partials), pass C (finalize: partials
-    summed on device, every gradient written in its parameter's dtype and layout)."""
+def backward_routed(grad_y, grad_routing_weights, x, h, routing_weights, saved, down_weight,
+                    down_bias, up_weight, up_bias, router_weight, weights, scale, temperature,
+                    dropout_p, seed, groups, by_first):
+    """Gradients of a forward_routed call (same x, h, routing weights, saved slots, hyper-
+    parameters; weights None = the router routed). grad_routing_weights: optional [B, E] fp32
+    gradient of the returned routing weights. Three launches: pass A (rows), pass B (columns,
+    per-split partials), pass C (partials summed on device, every gradient written in its
+    parameter's dtype and layout, softmax + router backward). Returns (grad_x [B, L, D] with
+    the router term, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias, routing
+    gradients: [grad_router_weight, grad_router_bias], or [grad_weights] when weights were given)."""
     batch, length, dim = x.shape
     tokens, rank, experts = batch * length, down_weight.shape[0], up_weight.shape[0]
     r_pad, e_pad = _layout(rank, experts)
+    split = _split(x.dtype)
+    if tuple(saved.shape) != saved_slots_shape(dim, rank, experts, x.dtype):
+        raise RuntimeError(f"the triton MM-Adapter backward needs the slots its own forward saved "
+                           f"(shape {saved_slots_shape(dim, rank, experts, x.dtype)}), got "
+                           f"{list(saved.shape)}: did the forward run another backend?")
+    down_hi, _, up_hi, up_lo = _slot_views(saved, r_pad, split)
     block_n, block_d, warps = _tiles("rows", dim, x.device)
-    threshold, drop_scale, dropout = _dropout_args(dropout_p)
+    seed, threshold, drop_scale, dropout = _dropout_args(dropout_p, seed, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
-    coef = routing_weights.float().contiguous()
-    h = h.contiguous()
-    down_hi, _, up_hi, up_lo = _weight_slots(x, down_weight, up_weight, up_bias, coef, scale,
-                                             groups, r_pad, e_pad, combine=False)
     precision = _precision(x.dtype, x.device)
+    h = h.contiguous()
 
     grad_hidden = torch.empty(tokens, rank, **f32)
     grad_coef_rows = torch.empty(tokens, experts, **f32)
     mm_adapter_bwd_rows_kernel[(triton.cdiv(tokens, block_n),)](
-        grad_y, h, up_hi, up_lo, coef, grad_hidden, grad_coef_rows, tokens, dim, length, seed, threshold,
-        drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, BLOCK_N=block_n,
-        BLOCK_D=block_d, DROPOUT=dropout, SPLIT=_split(x.dtype), PRECISION=precision,
+        grad_y, h, up_hi, up_lo, routing_weights, grad_hidden, grad_coef_rows, tokens, dim, length,
+        seed, threshold, drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
+        BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, SPLIT=split, PRECISION=precision,
         num_warps=warps)
 
     block_n, block_d, warps = _tiles("cols", dim, x.device)
@@ -188,20 +183,27 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     partial_up = torch.empty(splits, e_pad * r_pad, dim, **f32)
     partial_bias = torch.empty(splits, r_pad, **f32)
     mm_adapter_bwd_cols_kernel[(splits, triton.cdiv(dim, block_d))](
-        grad_y, x, grad_x, h, grad_hidden, down_hi, coef, partial_down,
+        grad_y, x, grad_x, h, grad_hidden, down_hi, routing_weights, partial_down,
         partial_up, partial_bias, tokens, dim, length, rows_per_split, scale, R=rank, E=experts, R_PAD=r_pad,
-        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=_split(x.dtype), PRECISION=precision,
+        E_PAD=e_pad, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, PRECISION=precision,
         num_warps=warps)
 
-    grad_down_weight = torch.empty(down_weight.shape, device=x.device, dtype=down_weight.dtype)
-    grad_down_bias = torch.empty(down_bias.shape, device=x.device, dtype=down_bias.dtype)
-    grad_up_weight = torch.empty(up_weight.shape, device=x.device, dtype=up_weight.dtype)
-    grad_up_bias = torch.empty(up_bias.shape, device=x.device, dtype=up_bias.dtype)
-    grad_routing = torch.empty(batch, experts, **f32)
+    def like(tensor, shape=None):
+        return torch.empty(tensor.shape if shape is None else shape, device=x.device, dtype=tensor.dtype)
+
+    grads = [like(down_weight), like(down_bias), like(up_weight), like(up_bias)]
+    router = weights is None
+    routing_grads = ([like(router_weight), like(router_weight, (experts,))] if router
+                     else [like(weights)])
+    routes, rows_per_route, grad_rw_rows = (1, tokens, batch) if by_first else (batch, length, 1)
+    has_grad_rw = grad_routing_weights is not None
+    grad_rw = grad_routing_weights.float().contiguous() if has_grad_rw else grad_coef_rows
     block_d = min(128, max(16, triton.next_power_of_2(dim)))
-    block_l = min(64, max(16, triton.next_power_of_2(length)))
     mm_adapter_bwd_finalize_kernel[(triton.cdiv(dim, block_d),)](
-        partial_down, partial_up, partial_bias, grad_coef_rows, grad_down_weight, grad_down_bias,
-        grad_up_weight, grad_up_bias, grad_routing, splits, dim, batch, length, scale, R=rank,
-        E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups, BLOCK_D=block_d, BLOCK_L=block_l)
-    return grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias, grad_routing
+        partial_down, partial_up, partial_bias, grad_coef_rows, grad_rw, routing_weights, x,
+        router_weight.contiguous() if router else x, grad_x, *grads, routing_grads[0],
+        routing_grads[-1], splits, dim, batch, length, routes, rows_per_route, grad_rw_rows, scale,
+        float(temperature), R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad, GROUPS=groups,
+        BLOCK_D=block_d, BLOCK_L=min(1024, max(16, triton.next_power_of_2(rows_per_route))),
+        ROUTER=router, HAS_GRAD_RW=has_grad_rw)
+    return (grad_x, *grads, routing_grads)

@@ -2,10 +2,19 @@
 
     torch.ops.mlan.mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight,
                               router_bias, weights, scale, temperature, dropout_p, seed, groups,
-                              single_modality, backend) -> (y, h, routing_weights)
+                              single_modality, backend) -> (y, h, routing_weights, saved)
+    torch.ops.mlan.mm_adapter_backward(grad_y, grad_routing_weights, x, h, routing_weights, saved,
+                              down_weight, down_bias, up_weight, up_bias, router_weight, weights,
+                              scale, temperature, dropout_p, seed, groups, routes_by_first,
+                              backend) -> (grad_x, grad_down_weight, grad_down_bias,
+                                           grad_up_weight, grad_up_bias, routing_grads)
 
-x [B, L, D] is routed per sample by x[:, 0]. The router (a [B, E] softmax) and its backward
-run here in fp32 for every backend; the backends do the fused token-wise work.
+x [B, L, D] is routed per sample by x[:, 0]. A backend with the routed pair (triton: see
+mlan_kernels.dispatch) runs the router and its backward inside its own kernels and keeps what
+its backward needs in `saved`; for the others both run here in fp32 and `saved` is empty.
+routing_grads: [∂router_weight, ∂router_bias], or [∂weights] when `weights` replaced the router.
+seed: an int64 scalar tensor on x's device (or None without dropout); nothing here reads it on
+the host, so the triton path is CUDA-graph capturable.
 """
 from typing import Optional
 
@@ -18,19 +27,23 @@ from ..functional import routing_weights as _router_softmax
 from .validation import validate_mm_adapter_args
 
 
-def _seed(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed)
+def _backend(x: Tensor, backend: str):
+    """The module of the backend that runs x (None for an empty x: nothing to launch)."""
+    return dispatch.get_backend(dispatch.select_backend(x.device, x.dtype, backend)) if x.numel() else None
 
 
-def _routing(x, router_weight, router_bias, weights, temperature, experts, router=None):
-    """Routing weights [B, E] in the compute dtype: given `weights`, or the router on x[:, 0]
-    (`router`: a backend's own fused router, same math as functional.routing_weights)."""
+def _routing(x, router_weight, router_bias, weights, temperature, experts, by_first):
+    """Routing weights [B, E] in the compute dtype: `weights` when given, else the router on
+    x[:, 0] (uniform without a routing token); by_first: row 0's for every row."""
     batch, length, _ = x.shape
+    rows = 1 if by_first else batch
     if weights is not None:
-        return weights.to(compute_dtype(x.dtype)).clone()
-    if length == 0:
-        return x.new_full((batch, experts), 1.0 / experts, dtype=compute_dtype(x.dtype))
-    return (router or _router_softmax)(x[:, 0], router_weight, router_bias, temperature)
+        routing = weights[:rows].to(compute_dtype(x.dtype)).clone()
+    elif length == 0:
+        routing = x.new_full((rows, experts), 1.0 / experts, dtype=compute_dtype(x.dtype))
+    else:
+        routing = _router_softmax(x[:rows, 0], router_weight, router_bias, temperature)
+    return routing.expand(batch, experts).contiguous() if by_first else routing
 
 
 def _routes_by_first(single_modality: Optional[bool], batch: int) -> bool:
@@ -59,26 +72,22 @@ def _is_single_modality(x: Tensor, weights: Optional[Tensor], single_modality: O
 
 def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
                   weights, scale, temperature, dropout_p, seed, groups, single_modality, backend):
-    """Routing (fp32, per sample) + the chosen backend's fused forward -> (y, h, routing_weights)."""
-    experts = up_weight.shape[0]
-    name = dispatch.select_backend(x.device, x.dtype, backend) if x.numel() else None
-    router = getattr(dispatch.get_backend(name), "routing", None) if name else None
-    if _routes_by_first(single_modality, x.shape[0]) and router and weights is None and x.shape[1]:
-        # the backend's router writes sample 0's routing weights to every row (stride-0 input)
-        rw = router(x[:1, 0].expand(x.shape[0], x.shape[2]), router_weight, router_bias, temperature)
-    elif _routes_by_first(single_modality, x.shape[0]):
-        first = _routing(x[:1], router_weight, router_bias,
-                         None if weights is None else weights[:1], temperature, experts, router)
-        rw = first.expand(x.shape[0], experts).contiguous()
-    else:
-        rw = _routing(x, router_weight, router_bias, weights, temperature, experts, router)
-    if x.numel() == 0:
+    """Routing (fp32, per sample) + the chosen backend's fused forward -> (y, h, routing_weights, saved)."""
+    module = _backend(x, backend)
+    by_first = _routes_by_first(single_modality, x.shape[0])
+    if hasattr(module, "forward_routed"):
+        return module.forward_routed(
+            x.contiguous(), down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
+            weights, scale, temperature, dropout_p, seed, groups,
+            _is_single_modality(x, weights, single_modality), by_first)
+    rw = _routing(x, router_weight, router_bias, weights, temperature, up_weight.shape[0], by_first)
+    saved = x.new_empty(0)
+    if module is None:
         h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=compute_dtype(x.dtype))
-        return x.clone(), h, rw
-    y, h = dispatch.get_backend(name).forward(
-        x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale, dropout_p,
-        _seed(seed), groups, _is_single_modality(x, weights, single_modality))
-    return y, h, rw
+        return x.clone(), h, rw, saved
+    y, h = module.forward(x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale,
+                          dropout_p, seed, groups, _is_single_modality(x, weights, single_modality))
+    return y, h, rw, saved
 
 
 @torch.library.custom_op("mlan::mm_adapter", mutates_args=())
@@ -86,7 +95,7 @@ def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: 
                   up_bias: Tensor, router_weight: Optional[Tensor], router_bias: Optional[Tensor],
                   weights: Optional[Tensor], scale: float, temperature: float, dropout_p: float,
                   seed: Optional[Tensor], groups: int, single_modality: Optional[bool] = None,
-                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
                          weights, scale, temperature, dropout_p, seed, groups, single_modality,
                          backend)
@@ -95,42 +104,87 @@ def mm_adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: 
 @mm_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights, scale,
       temperature, dropout_p, seed, groups, single_modality=None, backend="auto"):
-    batch, length, _ = x.shape
+    batch, length, dim = x.shape
     compute = compute_dtype(x.dtype)
     h = x.new_empty(batch, length, down_weight.shape[0], dtype=compute)
+    slots_shape = getattr(_backend(x, backend), "saved_slots_shape", None)
+    saved = x.new_empty(slots_shape(dim, down_weight.shape[0], up_weight.shape[0], x.dtype)
+                        if slots_shape else (0,))
     return torch.empty_like(x, memory_format=torch.contiguous_format), h, \
-        x.new_empty(batch, up_weight.shape[0], dtype=compute)
+        x.new_empty(batch, up_weight.shape[0], dtype=compute), saved
 
 
-def _backward_impl(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias,
-                   scale, dropout_p, seed, groups, backend):
-    """Token-wise gradients from the chosen backend (see mm_adapter_backward_op)."""
-    if x.numel() == 0:
-        return (torch.zeros_like(x), torch.zeros_like(down_weight), torch.zeros_like(down_bias),
-                torch.zeros_like(up_weight), torch.zeros_like(up_bias), torch.zeros_like(routing_weights))
-    name = dispatch.select_backend(x.device, x.dtype, backend)
-    return tuple(dispatch.get_backend(name).backward(
-        grad_y.contiguous(), x.contiguous(), h, routing_weights, down_weight, down_bias,
-        up_weight, up_bias, scale, dropout_p, _seed(seed), groups))
+def _routing_backward(grad_w, rw, x, router_weight, weights, temperature, by_first, grad_x):
+    """The routing gradients from ∂w [B, E] (fp32): [∂weights] in weights' dtype, or the softmax
+    + router backward [∂W_R, ∂b_R] (router_weight's dtype) with dz W_R added into grad_x[:, 0]:
+        dz = w ⊙ (∂w − <w, ∂w>) / t ;  ∂W_R = dzᵀ x0 ;  ∂b_R = Σ_b dz ;  ∂x[:, 0] += dz W_R."""
+    if by_first:                                # every row was row 0: its gradient is the sum
+        grad_w = grad_w.sum(0, keepdim=True)    # rows 1.. get zero (weights) / nothing (router)
+    if weights is not None:
+        if by_first:
+            grad_w = torch.cat([grad_w, grad_w.new_zeros(x.shape[0] - 1, grad_w.shape[1])])
+        return [grad_w.to(weights.dtype)]
+    if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
+        return [torch.zeros_like(router_weight), router_weight.new_zeros(router_weight.shape[0])]
+    routed = grad_w.shape[0]                    # by_first: only row 0 routed (rows [:1])
+    rw = rw[:routed]
+    # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
+    grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
+    x0 = x[:routed, 0].to(rw.dtype)
+    grad_x[:routed, 0].add_((grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype))  # [B, D]
+    return [(grad_logits.t() @ x0).to(router_weight.dtype),
+            grad_logits.sum(0).to(router_weight.dtype)]
+
+
+def _backward_impl(grad_y, grad_routing_weights, x, h, routing_weights, saved, down_weight,
+                   down_bias, up_weight, up_bias, router_weight, weights, scale, temperature,
+                   dropout_p, seed, groups, routes_by_first, backend):
+    """Every gradient, from the chosen backend (see mm_adapter_backward_op)."""
+    module = _backend(x, backend)
+    if hasattr(module, "backward_routed"):
+        *grads, routing_grads = module.backward_routed(
+            grad_y.contiguous(), grad_routing_weights, x.contiguous(), h, routing_weights, saved,
+            down_weight, down_bias, up_weight, up_bias, router_weight, weights, scale, temperature,
+            dropout_p, seed, groups, routes_by_first)
+        return (*grads, list(routing_grads))
+    if module is None:
+        grads = [torch.zeros_like(x), torch.zeros_like(down_weight), torch.zeros_like(down_bias),
+                 torch.zeros_like(up_weight), torch.zeros_like(up_bias)]
+        grad_w = torch.zeros_like(routing_weights)
+    else:
+        *grads, grad_w = module.backward(
+            grad_y.contiguous(), x.contiguous(), h, routing_weights, down_weight, down_bias,
+            up_weight, up_bias, scale, dropout_p, seed, groups)
+    if grad_routing_weights is not None:
+        grad_w = grad_w + grad_routing_weights
+    return (*grads, _routing_backward(grad_w, routing_weights, x, router_weight, weights,
+                                      temperature, routes_by_first, grads[0]))
 
 
 @torch.library.custom_op("mlan::mm_adapter_backward", mutates_args=())
-def mm_adapter_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, routing_weights: Tensor,
-                           down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-                           up_bias: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
-                           groups: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Token-wise gradients: (grad_x, grad_down_weight, grad_down_bias, grad_up_weight,
-    grad_up_bias, grad_routing_weights [B, E] fp32); grad_x has no router term yet."""
-    return _backward_impl(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight,
-                          up_bias, scale, dropout_p, seed, groups, backend)
+def mm_adapter_backward_op(grad_y: Tensor, grad_routing_weights: Optional[Tensor], x: Tensor,
+                           h: Tensor, routing_weights: Tensor, saved: Tensor, down_weight: Tensor,
+                           down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
+                           router_weight: Optional[Tensor], weights: Optional[Tensor],
+                           scale: float, temperature: float, dropout_p: float,
+                           seed: Optional[Tensor], groups: int, routes_by_first: bool,
+                           backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """(grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias, routing_grads),
+    each in its input's dtype; router_weight None when `weights` (then not None) routed."""
+    return _backward_impl(grad_y, grad_routing_weights, x, h, routing_weights, saved, down_weight,
+                          down_bias, up_weight, up_bias, router_weight, weights, scale,
+                          temperature, dropout_p, seed, groups, routes_by_first, backend)
 
 
 @mm_adapter_backward_op.register_fake
-def _(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
-      dropout_p, seed, groups, backend="auto"):
+def _(grad_y, grad_routing_weights, x, h, routing_weights, saved, down_weight, down_bias,
+      up_weight, up_bias, router_weight, weights, scale, temperature, dropout_p, seed, groups,
+      routes_by_first, backend="auto"):
+    routing_grads = ([torch.empty_like(weights)] if weights is not None else
+                     [torch.empty_like(router_weight), router_weight.new_empty(router_weight.shape[0])])
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(down_weight),
             torch.empty_like(down_bias), torch.empty_like(up_weight), torch.empty_like(up_bias),
-            torch.empty_like(routing_weights))
+            routing_grads)
 
 
 class MMAdapterFunction(torch.autograd.Function):
@@ -139,79 +193,46 @@ class MMAdapterFunction(torch.autograd.Function):
 
     Forward (mlan::mm_adapter): w = router(x[:, 0]) or `weights`; H = dropout(x W_Aᵀ + b_A);
         y = x + s Σ_e w_{b,e} (H M_eᵀ + b_U[e]).
-    Backward: mlan::mm_adapter_backward gives the token-wise gradients
+    Backward (mlan::mm_adapter_backward): the token-wise gradients
         ∂H = s Σ_e w_e (∂y M_e) (then the dropout mask), ∂x = ∂y + ∂H W_A, ∂W_A = ∂Hᵀ x,
         ∂b_A = Σ ∂H, ∂M_e = s w_e ∂yᵀ H, ∂b_U[e] = s w_e Σ_l ∂y, ∂w_e = s <∂y, H M_eᵀ + b_U[e]>;
-    then, here in fp32, the softmax + router backward
+    then, in fp32, the softmax + router backward
         dz = w ⊙ (∂w − <w, ∂w>) / t ;  ∂W_R = dzᵀ x0 ;  ∂b_R = Σ_b dz ;  ∂x[:, 0] += dz W_R.
-    Eagerly, a backend with a one-launch router backward (triton) runs that last step.
     """
 
     @staticmethod
     def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
                 weights, scale, temperature, dropout_p, seed, groups, single_modality, backend):
-        y, h, rw = torch.ops.mlan.mm_adapter.default(
+        y, h, rw, saved = torch.ops.mlan.mm_adapter.default(
             x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights,
             scale, temperature, dropout_p, seed, groups, single_modality, backend)
         ctx.mark_non_differentiable(h)
         ctx.set_materialize_grads(False)    # unused outputs (h, rw) get None, not zero-filled tensors
-        ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed)
+        ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias,
+                              router_weight if weights is None else None, weights, h, rw, saved, seed)
         ctx.hyper = (scale, temperature, dropout_p, groups, backend)
-        ctx.weights_given = weights is not None
         ctx.by_first = _routes_by_first(single_modality, x.shape[0])
-        ctx.dtypes = (weights.dtype if weights is not None else None,
-                      router_weight.dtype if router_weight is not None else None)
         return y, h, rw
 
     @staticmethod
     def backward(ctx, grad_y, _grad_h, grad_rw):
-        x, down_weight, down_bias, up_weight, up_bias, router_weight, h, rw, seed = ctx.saved_tensors
+        x, down_weight, down_bias, up_weight, up_bias, router_weight, weights, h, rw, saved, seed = \
+            ctx.saved_tensors
         scale, temperature, dropout_p, groups, backend = ctx.hyper
         grad_y = torch.zeros_like(x) if grad_y is None else grad_y
-        grad_x, g_dw, g_db, g_uw, g_ub, grad_w = torch.ops.mlan.mm_adapter_backward.default(
-            grad_y, x, h, rw, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed,
-            groups, backend)
-        if grad_rw is not None:
-            grad_w = grad_w + grad_rw
-        token_grads = (grad_x, g_dw, g_db, g_uw, g_ub)
-        no_grads = (None,) * 7                      # scale .. backend are not differentiable
-        weights_dtype, router_dtype = ctx.dtypes
-        fused = None                                # the backend's one-launch router backward
-        if not (torch.compiler.is_compiling() or ctx.weights_given or x.shape[1] == 0):
-            fused = _fused_router_backward(x, backend)
-        grads = fused and fused(grad_w, rw, x, router_weight, temperature, grad_x, ctx.by_first)
-        if grads is not None:
-            return token_grads + grads + (None,) + no_grads
-        if ctx.by_first:                            # every row was row 0: its gradient is the sum
-            grad_w = grad_w.sum(0, keepdim=True)    # rows 1.. get zero (weights) / nothing (router)
-        if ctx.weights_given:
-            if ctx.by_first:
-                grad_w = torch.cat([grad_w, grad_w.new_zeros(x.shape[0] - 1, grad_w.shape[1])])
-            return token_grads + (None, None, grad_w.to(weights_dtype)) + no_grads
-        if x.shape[1] == 0:                         # no routing token: the weights were a constant 1/E
-            return token_grads + (torch.zeros_like(router_weight),
-                                  router_weight.new_zeros(router_weight.shape[0]), None) + no_grads
-        # With by_first only row 0 routed (the other rows' dz are exactly 0): rows [:1].
-        routed = grad_w.shape[0]
-        rw = rw[:routed]
-        # (softmax's own backward kernel: one launch for w ⊙ (dw − <w, dw>), not four)
-        grad_logits = torch._softmax_backward_data(grad_w, rw, -1, rw.dtype) / temperature  # [B, E]
-        x0 = x[:routed, 0].to(rw.dtype)
-        grad_router_weight = (grad_logits.t() @ x0).to(router_dtype)
-        grad_router_bias = grad_logits.sum(0).to(router_dtype)
-        grad_x[:routed, 0].add_((grad_logits @ router_weight.to(rw.dtype)).to(grad_x.dtype))  # [B, D]
-        return token_grads + (grad_router_weight, grad_router_bias, None) + no_grads
+        *token_grads, routing_grads = torch.ops.mlan.mm_adapter_backward.default(
+            grad_y, grad_rw, x, h, rw, saved, down_weight, down_bias, up_weight, up_bias,
+            router_weight, weights, scale, temperature, dropout_p, seed, groups, ctx.by_first,
+            backend)
+        routing = ((None, None, routing_grads[0]) if weights is not None
+                   else (routing_grads[0], routing_grads[1], None))
+        return (*token_grads, *routing) + (None,) * 7   # scale .. backend are not differentiable
 
 
-def _fused_router_backward(x, backend):
-    """The chosen backend's router_backward (softmax + router backward in one launch), if any."""
-    name = dispatch.select_backend(x.device, x.dtype, backend)
-    return getattr(dispatch.get_backend(name), "router_backward", None)
-
-
-def new_dropout_seed() -> Tensor:
-    """A fresh dropout seed drawn from torch's default CPU generator (follows torch.manual_seed)."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def new_dropout_seed(device=None) -> Tensor:
+    """A fresh dropout seed [] int64 on `device`, drawn from torch's generator of that device
+    (follows torch.manual_seed; on CUDA a device op, so CUDA-graph capturable)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
 
 
 def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None, router_bias=None,
@@ -222,9 +243,11 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     x: [B, L, D] (fp32/fp16/bf16; fp64 on the reference backend); down_weight [r, D];
     down_bias [r]; up_weight [E, D, r/groups]; up_bias [E, D]; router_weight [E, D];
     router_bias [E]; weights: optional [B, E] routing weights replacing the router.
-    seed: int or int64 tensor for the dropout mask (drawn from torch's default CPU generator
-    when None and dropout_p > 0; under torch.compile the draw comes from the compiled RNG, so
-    masks differ from eager ones for the same torch.manual_seed, while staying reproducible).
+    seed: int or int64 tensor for the dropout mask, moved to x's device (an int costs a host
+    to device copy: pass a device tensor, or None, to capture in a CUDA graph). None with
+    dropout_p > 0 draws one on x's device from torch's generator (new_dropout_seed); under
+    torch.compile the draw comes from the compiled RNG, so masks differ from eager ones for
+    the same torch.manual_seed, while staying reproducible.
     single_modality: None = detect equal routing weights (one device sync) and take the fast
     path; True = route every sample by sample 0 (the caller's single-modality promise, not
     checked); False = never. Anything else raises TypeError.
@@ -237,9 +260,11 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     if dropout_p == 0:
         seed = None
     elif seed is None:
-        seed = new_dropout_seed()
+        seed = new_dropout_seed(x.device)
     elif not isinstance(seed, Tensor):
-        seed = torch.tensor(int(seed), dtype=torch.int64)
+        seed = torch.tensor(int(seed), dtype=torch.int64, device=x.device)
+    else:
+        seed = seed.to(device=x.device, dtype=torch.int64)
     y, _, rw = MMAdapterFunction.apply(
         x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights,
         float(scale), float(temperature), float(dropout_p), seed, groups, single_modality, backend)
