@@ -101,7 +101,7 @@ def reduce_rows(rows: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:
     """Apply `reduction` to per-row values rows [T] over the rows selected by mask [T] (bool):
     "none" -> [T] (0 on unselected rows), "sum", "batchmean" (sum / max(#selected, 1))."""
     if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        rows = torch.where(mask, rows, 0.0)
     if reduction == "none":
         return rows
     total = rows.sum()

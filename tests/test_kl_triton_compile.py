@@ -28,7 +28,7 @@ for has_mask in (True, False):
                    "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32"}, strides, {"HAS_MASK": has_mask, "BLOCK_V": 4096}, 8)
 compile_kernel(K.kl_backward_kernel, {"grad_kl_ptr": "*fp32", "p_ptr": "*fp16", "q_ptr": "*fp16", "mask_ptr": "*u8",
                "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32", "kl_ptr": "*fp32", "grad_p_ptr": "*fp16",
-               "grad_q_ptr": "*fp16"}, strides, {"HAS_MASK": True, "BLOCK_V": 4096}, 8)
+               "grad_q_ptr": "*fp16"}, strides + ("stride_grad",), {"HAS_MASK": True, "BLOCK_V": 4096}, 8)
 tables = {name: "*i64" for name in ("address_ptr", "numel_ptr", "block_tensor_ptr", "block_start_ptr")}
 compile_kernel(G.sum_squares_kernel, dict(tables, partial_ptr="*fp32"), (), {"DTYPE": tl.bfloat16, "BLOCK": 2048}, 4)
 compile_kernel(G.scale_kernel, dict(tables, group_ptr="*i64", factor_ptr="*fp32"), (),

@@ -14,12 +14,16 @@ def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
     return min(4096, triton.next_power_of_2(vocab)), 8
 
 
+def _mask_bytes(mask):
+    """The [T] bool mask as the uint8 the kernels read: a view, no copy (None stays None)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
 def forward(logits_p, logits_q, mask):
     total, vocab = logits_p.shape
     kl, lse_p, lse_q = (logits_p.new_empty(total, dtype=torch.float32) for _ in range(3))
     block, warps = _triton_block(vocab, logits_p.device)
-    mask_u8 = None if mask is None else mask.to(torch.uint8)
-    kl_forward_kernel[(total,)](logits_p, logits_q, mask_u8, kl, lse_p, lse_q, vocab,
+    kl_forward_kernel[(total,)](logits_p, logits_q, _mask_bytes(mask), kl, lse_p, lse_q, vocab,
                                 logits_p.stride(0), logits_q.stride(0), HAS_MASK=mask is not None,
                                 BLOCK_V=block, num_warps=warps)
     return kl, lse_p, lse_q
@@ -33,8 +37,8 @@ def backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False)
         grad_p = torch.empty(total, vocab, dtype=logits_p.dtype, device=logits_p.device)
         grad_q = torch.empty(total, vocab, dtype=logits_q.dtype, device=logits_q.device)
     block, warps = _triton_block(vocab, logits_p.device)
-    mask_u8 = None if mask is None else mask.to(torch.uint8)
-    kl_backward_kernel[(total,)](grad_kl.contiguous(), logits_p, logits_q, mask_u8, lse_p, lse_q,
-                                 kl, grad_p, grad_q, vocab, logits_p.stride(0), logits_q.stride(0),
-                                 HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps)
+    kl_backward_kernel[(total,)](grad_kl, logits_p, logits_q, _mask_bytes(mask), lse_p, lse_q, kl,
+                                 grad_p, grad_q, vocab, logits_p.stride(0), logits_q.stride(0),
+                                 grad_kl.stride(0), HAS_MASK=mask is not None, BLOCK_V=block,
+                                 num_warps=warps)
     return grad_p, grad_q

@@ -131,12 +131,15 @@ class FusedLinearKLFunction(torch.autograd.Function):
         kl, lse_p, lse_q = torch.ops.mlan.fused_linear_kl.default(hidden_p, hidden_q, weight,
                                                                   chunk_size, backend)
         ctx.mark_non_differentiable(lse_p, lse_q)
+        ctx.set_materialize_grads(False)    # no zero-filled gradients for lse_p, lse_q
         ctx.save_for_backward(hidden_p, hidden_q, weight, lse_p, lse_q, kl)
         ctx.hyper = (chunk_size, backend)
         return kl, lse_p, lse_q
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+        if grad_kl is None:                 # kl unused: no gradient (grads are not materialized)
+            return None, None, None, None, None
         grads = torch.ops.mlan.fused_linear_kl_backward.default(grad_kl.contiguous(),
                                                                 *ctx.saved_tensors, *ctx.hyper)
         return (*grads, None, None)

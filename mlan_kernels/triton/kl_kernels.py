@@ -142,13 +142,14 @@ def kl_forward_kernel(p_ptr, q_ptr, mask_ptr, kl_ptr, lse_p_ptr, lse_q_ptr, V, s
 
 @triton.jit
 def kl_backward_kernel(grad_kl_ptr, p_ptr, q_ptr, mask_ptr, lse_p_ptr, lse_q_ptr, kl_ptr,
-                       grad_p_ptr, grad_q_ptr, V, stride_p, stride_q,
+                       grad_p_ptr, grad_q_ptr, V, stride_p, stride_q, stride_grad,
                        HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
     """∂logits_p, ∂logits_q [T, V] (the logits' dtype, contiguous) of Σ_t grad_kl[t]·KL_t;
-    zeros on unselected rows."""
+    zeros on unselected rows. grad_kl [T] with stride stride_grad (0: a reduction's expanded
+    scalar gradient, read without a copy)."""
     row = tl.program_id(0).to(tl.int64)
     active = row_is_active(mask_ptr, row, HAS_MASK)
-    grad = tl.load(grad_kl_ptr + row).to(tl.float32)
+    grad = tl.load(grad_kl_ptr + row * stride_grad).to(tl.float32)
     lse_p = tl.load(lse_p_ptr + row)
     lse_q = tl.load(lse_q_ptr + row)
     kl = tl.load(kl_ptr + row)
