@@ -84,8 +84,9 @@ def main(argv=None):
         op_module.MMAdapterFunction.apply(*leaves, *hyper)[0].backward(grad_y)
 
     plain = [inputs[name] for name in NAMES]
-    y, h, rw = op_module._forward_impl(*plain, *hyper)
-    backward_args = (grad_y, plain[0], h, rw, *plain[1:5], 1.0, 0.0, None, 2, "auto")
+    y, h, rw, saved = op_module._forward_impl(*plain, *hyper)
+    backward_args = (grad_y, None, plain[0], h, rw, saved, *plain[1:6], None, 1.0, 10.0, 0.0, None,
+                     2, False, "auto")
     small = torch.ones(4, requires_grad=True)
     rows = [("fwd+bwd  MMAdapterFunction", train_step),
             ("fwd      implementation", lambda: op_module._forward_impl(*plain, *hyper)),

@@ -6,9 +6,15 @@ An op's backends are modules with the same functions (the op's contract):
                  backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight,
                           up_bias, scale, dropout_p, seed, groups) -> (grad_x, grad_down_weight,
                           grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights)
-                 or, the router fused in (triton), forward_routed / backward_routed with the
-                 arguments of the custom ops mlan::mm_adapter / mm_adapter_backward (ops/
-                 mm_adapter.py) and saved_slots_shape(dim, rank, experts, dtype) for the fake.
+                 or, the router fused in (triton; see ops/mm_adapter.py):
+                 forward_routed(x, down_weight, down_bias, up_weight, up_bias, router_weight,
+                                router_bias, weights, scale, temperature, dropout_p, seed, groups,
+                                single_modality, by_first) -> (y, h, routing_weights, saved)
+                 backward_routed(grad_y, grad_routing_weights, x, h, routing_weights, saved,
+                                 down_weight, down_bias, up_weight, up_bias, router_weight,
+                                 weights, scale, temperature, dropout_p, seed, groups, by_first)
+                 -> (grad_x, ..., grad_up_bias, [routing gradients])
+                 saved_slots_shape(dim, rank, experts, dtype) -> the shape of `saved` (fakes)
                  seed: int or int64 scalar tensor (None without dropout).
     kl_div       forward(logits_p, logits_q, mask) -> (kl, lse_p, lse_q)
                  backward(grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, inplace=False)

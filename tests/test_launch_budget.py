@@ -101,7 +101,8 @@ def test_given_weights_and_a_routing_loss_stay_in_budget(counted, routing, singl
     if routing == "weights":
         inputs = {k: v for k, v in inputs.items() if not k.startswith("router")}
         inputs["weights"] = explicit_weights(B, E, torch.float32, "cpu")
-    grad_y, grad_routing = random_grad((B, L, D), torch.float32, "cpu"), random_grad((B, E), torch.float32, "cpu")
+    grad_y = random_grad((B, L, D), torch.float32, "cpu")
+    grad_routing = random_grad((B, E), torch.float32, "cpu")
     hyper = dict(groups=g, dropout_p=0.2, seed=3, single_modality=single_modality)
     counter, y, grads = _run(counted, inputs, grad_y, "triton", grad_routing, **hyper)
     assert not counter.host_reads and counter.launches <= LAUNCH_BUDGET, counter.summary()

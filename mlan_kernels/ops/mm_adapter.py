@@ -168,7 +168,8 @@ def mm_adapter_backward_op(grad_y: Tensor, grad_routing_weights: Optional[Tensor
                            router_weight: Optional[Tensor], weights: Optional[Tensor],
                            scale: float, temperature: float, dropout_p: float,
                            seed: Optional[Tensor], groups: int, routes_by_first: bool,
-                           backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+                           backend: str = "auto"
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """(grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias, routing_grads),
     each in its input's dtype; router_weight None when `weights` (then not None) routed."""
     return _backward_impl(grad_y, grad_routing_weights, x, h, routing_weights, saved, down_weight,
