@@ -100,6 +100,6 @@ def test_reduce_overhead_compile_of_a_patched_layer_matches_eager():
     for _ in range(3):                      # warm-up, recording, then replays
         got = run(compiled)
     for a, b in zip(got, eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)   # inductor fuses the base ops
     assert counters["inductor"]["cudagraph_skips"] == 0     # the graphs were captured
     torch._dynamo.reset()
