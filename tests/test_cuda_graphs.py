@@ -1,13 +1,14 @@
 """CUDA graphs (issue 19): a patched decoder layer's forward+backward captured whole with
 torch.cuda.graph and replayed, and torch.compile(mode="reduce-overhead") of a patched layer.
 Both need the MM-Adapter's Triton path to be device work only: no host reads (the dropout seed
-is drawn and read on the device), no CPU tensors. single_modality is set (False): its None
-default detects equal routing tokens with a host read, which capture refuses. Eager attention:
+is drawn and read on the device), no CPU tensors. single_modality keeps the integrations'
+default, None, which on the Triton path compares nothing (it used to read the routing tokens'
+comparison on the host, which capture refuses). Eager attention:
 deterministic backward, so replays can be compared bit for bit. Skipped without CUDA."""
 import pytest
 import torch
 
-from mlan_kernels.integrations import patch_llama, set_backend, set_single_modality
+from mlan_kernels.integrations import patch_llama, set_backend
 from mlan_kernels.integrations.tiny import tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -19,8 +20,7 @@ def _patched_layer(dropout_p, device="cuda"):
     (LaVIN's zero up-projection would make their gradients trivial)."""
     model = patch_llama(tiny_model("llama"), rank=8, experts=2, groups=2, dropout_p=dropout_p,
                         placement="block").to(device)
-    set_backend(model, "triton")
-    set_single_modality(model, False)
+    set_backend(model, "triton")                 # single_modality: the default None (no sync)
     layer = model.model.layers[0].train()
     params = [p for p in layer.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(0)

@@ -168,7 +168,10 @@ def test_routing_is_per_sample(backend, device):
 
 
 def test_single_modality_fast_path(backend, device, monkeypatch):
-    """Samples sharing the routing token take the one-up-matrix path; results match the general one."""
+    """With single_modality=None, samples sharing the routing token take the one-up-matrix path
+    where that is decided on the host without a device sync (CPU tensors, backends without the
+    routed pair); the Triton path and GPU tensors take the general path. Results match the
+    general path's either way."""
     module = dispatch.get_backend(backend)
     # the entry point the op calls, and where it passes single_modality (see dispatch)
     entry, position = ("forward_routed", 13) if hasattr(module, "forward_routed") else ("forward", 10)
@@ -185,7 +188,8 @@ def test_single_modality_fast_path(backend, device, monkeypatch):
     grad_y = random_grad((B, L, D), torch.float32, device)
     y_fast, grads_fast = run_op(backend, inputs, grad_y, single_modality=None, groups=g)
     y_general, grads_general = run_op(backend, inputs, grad_y, single_modality=False, groups=g)
-    assert seen == [True, False]
+    detects = device.type == "cpu" and entry == "forward"
+    assert seen == [detects, False]
     assert_close_to_reference(y_fast, y_general, name="y")
     for name in grads_fast:
         assert_close_to_reference(grads_fast[name], grads_general[name], name=name)

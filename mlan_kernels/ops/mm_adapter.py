@@ -54,18 +54,25 @@ def _routes_by_first(single_modality: Optional[bool], batch: int) -> bool:
     return single_modality is True and batch > 1
 
 
-def _is_single_modality(x: Tensor, weights: Optional[Tensor], single_modality: Optional[bool]) -> bool:
+def _is_single_modality(x: Tensor, weights: Optional[Tensor], single_modality: Optional[bool],
+                        detect: bool) -> bool:
     """Whether to use the single-modality fast path (one combined up-matrix for the batch).
 
-    None detects it: every sample has the same routing input — the explicit `weights` rows, else
-    the routing tokens x[:, 0] (one device sync on GPU). The inputs are compared, not the
-    softmax outputs: a GEMM may round equal rows differently by their position (seen with MKL
-    on AVX-512). True is the caller's promise (MLAN batches are single-modality by
-    construction): sample 0's weights are used for all (see _routes_by_first); False always
-    takes the general per-sample path.
+    True is the caller's promise (MLAN batches are single-modality by construction): sample
+    0's weights are used for all (see _routes_by_first); False always takes the general
+    per-sample path. None keeps per-sample routing, so either path is correct for it and the
+    fast one is only an optimisation: with `detect` (CPU tensors on a backend without the
+    routed pair, where reading is no device sync) it is taken when every sample has the same
+    routing input — the explicit `weights` rows, else the routing tokens x[:, 0]; the inputs
+    are compared, not the softmax outputs, as a GEMM may round equal rows differently by their
+    position (seen with MKL on AVX-512). Without `detect` (the Triton backend on any device,
+    every backend on GPU tensors) None is the general path: comparing would be a device sync
+    (docs/architecture.md, "single_modality=None on device paths", gives the cost).
     """
     if x.shape[0] <= 1 or single_modality is not None:
         return x.shape[0] <= 1 or bool(single_modality)
+    if not detect:
+        return False
     source = weights if weights is not None else x[:, 0]
     return bool((source == source[:1]).all())
 
@@ -79,14 +86,15 @@ def _forward_impl(x, down_weight, down_bias, up_weight, up_bias, router_weight, 
         return module.forward_routed(
             x.contiguous(), down_weight, down_bias, up_weight, up_bias, router_weight, router_bias,
             weights, scale, temperature, dropout_p, seed, groups,
-            _is_single_modality(x, weights, single_modality), by_first)
+            _is_single_modality(x, weights, single_modality, detect=False), by_first)
     rw = _routing(x, router_weight, router_bias, weights, temperature, up_weight.shape[0], by_first)
     saved = x.new_empty(0)
     if module is None:
         h = x.new_zeros(*x.shape[:2], down_weight.shape[0], dtype=compute_dtype(x.dtype))
         return x.clone(), h, rw, saved
     y, h = module.forward(x.contiguous(), down_weight, down_bias, up_weight, up_bias, rw, scale,
-                          dropout_p, seed, groups, _is_single_modality(x, weights, single_modality))
+                          dropout_p, seed, groups,
+                          _is_single_modality(x, weights, single_modality, x.device.type == "cpu"))
     return y, h, rw, saved
 
 
@@ -249,9 +257,11 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     dropout_p > 0 draws one on x's device from torch's generator (new_dropout_seed); under
     torch.compile the draw comes from the compiled RNG, so masks differ from eager ones for
     the same torch.manual_seed, while staying reproducible.
-    single_modality: None = detect equal routing weights (one device sync) and take the fast
-    path; True = route every sample by sample 0 (the caller's single-modality promise, not
-    checked); False = never. Anything else raises TypeError.
+    single_modality: None = route per sample, taking the fast path when the routing inputs are
+    equal on the host only (CPU tensors, cpu/reference backends; never a device sync: the
+    Triton path and GPU tensors run the general path); True = route every sample by sample 0
+    (the caller's single-modality promise, not checked; the fast path everywhere); False =
+    never. Anything else raises TypeError.
     backend: "auto" | "reference" | "triton" | "cuda" | "cpu".
     Returns y [B, L, D] in x.dtype (and the [B, E] fp32 routing weights if asked).
     """
