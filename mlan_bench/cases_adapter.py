@@ -1,7 +1,8 @@
 """MM-Adapter cases: x [B, L, D] (B = 8 samples, N = B·L tokens) in the activation dtype, fp32
 adapter params (r = 8, E = 2) with non-zero up weights, a random ∂y (the tests' builder);
 routing "mixed" (samples routed differently: the general per-sample path) or "single" (all
-samples share x[:, 0], so the op detects one modality and takes its fast path).
+samples share x[:, 0], single_modality=None: the cpu backend detects one modality on the host
+and takes its fast path; triton and GPU tensors run the general path, as None never syncs).
 
 Implementations: ours = each fused backend that can run here (triton, cuda on GPU; cpu on CPU);
 eager = mlan_kernels.reference (LaVIN-style math), compile = torch.compile of it, lora =

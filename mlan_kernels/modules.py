@@ -96,7 +96,8 @@ class MMAdapter(nn.Module):
         """x: [B, L, D] -> y [B, L, D] in x.dtype, sample b routed by x[b, 0].
 
         weights: optional [B, E] routing weights that replace the router. single_modality and
-        backend are passed to `mm_adapter` (None: detect equal routing weights; False: never).
+        backend are passed to `mm_adapter` (None: per sample, no device sync; True: sample 0
+        routes all, the combined-U fast path; False: per sample).
         In training mode the dropout seed is drawn from torch's RNG (follows torch.manual_seed).
         """
         if weights is None and self.routing_dtype is not None:

@@ -58,7 +58,8 @@ def build_model(config, vocab_size: int) -> LavinModel:
     if trains_base(config):
         model.requires_grad_(True)
     # MLAN batches hold one modality, so every LLaMA adapter may use the single-U fast path
-    # without checking (no device sync). CLIP adapters route per image: they keep detecting.
+    # without checking. CLIP adapters route per image: they keep None (per sample; on the Triton
+    # path the general kernels, no device sync).
     set_single_modality(model.llama, True)
     set_backend(model, config.backend)
     return model.train()

@@ -121,8 +121,9 @@ def set_single_modality(model: nn.Module, value, component: str = "llama"):
     """Tell the adapters of `component` ("llama" | "clip" | None = all) whether every batch
     holds one modality: True = all samples share the routing weights (the op uses sample 0's,
     no check; MLAN's modality-grouped batches through a LaVIN LLaMA, whose router reads the
-    modality token), False = never, None = detect per call (one device sync on GPU).
-    Do not set True on CLIP adapters: they route on each image's CLS token."""
+    modality token), False = never, None = per sample (the default; detected on the host only
+    for CPU tensors, no device sync: the Triton path runs the general kernels).
+    Do not set True on CLIP adapters: they route on each image's CLS token (None is right)."""
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"value must be True, False or None, got {value!r}")
     for adapted in adapted_norms(model):
