@@ -131,3 +131,42 @@ def test_given_weights_and_a_routing_loss_stay_in_budget(counted, routing, singl
     assert_close_to_reference(y, expected_y, torch.float32, "y")
     for name, value in expected.items():
         assert_close_to_reference(grads[name], value, torch.float32, name)
+
+
+@pytest.mark.parametrize("kind,compat", [("clip_vision_model", None), ("clip_vision_model", "lavin"),
+                                         ("siglip_vision_model", None)],
+                         ids=["clip", "clip-lavin", "siglip"])
+def test_vision_adapters_keep_none_without_a_sync(counted, kind, compat, monkeypatch):
+    """The integrations that keep single_modality=None: CLIP adapters routed per image by its
+    CLS token, LaVIN's sequence-first routing (image 0's token per position, given weights)
+    and SigLIP's mean-patch routing (given weights). A patched tiny tower's fwd+bwd on the
+    Triton path: 5 launches per adapter, no host read anywhere (the weights' value checks, CPU
+    tensors only, are left out as above), the reference backend's results."""
+    from mlan_kernels.integrations import adapters, patch, set_backend
+    from mlan_kernels.integrations.tiny import tiny_model
+    monkeypatch.setattr(_OP_MODULE, "validate_mm_adapter_args", lambda *args: None)
+
+    def run(backend, box):
+        model = tiny_model(kind)
+        patch(model, rank=8, experts=2, groups=2, dropout_p=0.1, compat=compat)
+        set_backend(model, backend)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():               # (LaVIN's zero up-projection: trivial gradients)
+            for param in params:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        pixels = torch.randn(3, 3, 28, 28, generator=generator)
+        torch.manual_seed(1)                # the adapters' dropout seeds
+        with counting(box, _WRAPPERS) as counter:
+            out = model(pixel_values=pixels).last_hidden_state
+            grads = torch.autograd.grad(out, params, torch.ones_like(out))
+        return counter, len(adapters(model)), out.detach(), grads
+
+    counter, sites, out, grads = run("triton", counted)
+    assert not counter.host_reads, counter.host_reads
+    assert len(counter.triton) == LAUNCH_BUDGET * sites, counter.triton
+    _, _, expected_out, expected_grads = run("reference", [None])
+    assert_close_to_reference(out, expected_out, torch.float32, "out")
+    for index, (got, want) in enumerate(zip(grads, expected_grads)):
+        assert_close_to_reference(got, want, torch.float32, f"grad {index}")
