@@ -24,8 +24,9 @@ Variants (same seed, same weights, same inputs):
 MLAN batches are single-modality: every sample's position 0 holds the same modality-token
 embedding, so (causal attention: position 0 sees only itself) all routing weights are equal in
 every layer, and the fused adapters are told so (`set_single_modality(model, True)`: the
-combined-U fast path, which None never takes on GPU). LaVIN's mask that hides position 0 from later tokens is not applied (plain
-causal SDPA / flash attention keeps the base stack at its fastest; adapter cost is unaffected).
+combined-U fast path, which None never takes on GPU). LaVIN's mask that hides position 0 from
+later tokens is not applied (plain causal SDPA / flash attention keeps the base stack at its
+fastest; adapter cost is unaffected).
 
 Presets: "paper" = LLaMA-7B layer shape (D 4096, MLP 11008, 32 heads), 4 layers (the top of
 the 2-4 range of docs/performance.md: more adapter sites per step, ~1.6 GB of bf16
