@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlan_kernels.data.synthetic import (COLOURS, NUMBERS, SHAPES, SIDES, statements,
+from mlan_kernels.data.synthetic import (COLOURS, NUMBERS, SHAPES, SIDES, TASKS, statements,
                                          vocabulary_texts)
 from mlan_kernels.data.tokenizer import WordTokenizer
 from mlan_train import base
@@ -30,6 +30,16 @@ def test_statements_are_true_deterministic_and_in_the_vocabulary(tokenizer):
     for text in texts:
         assert tokenizer.unk_id not in tokenizer.encode(text), text
         words = text.split()
+        if "user" in words:                    # "<3 attributes> . user : <question> assistant : <answer>"
+            kinds.add("described")
+            scene, question, answer = words[:3], " ".join(words[6:-3]), words[-1]
+            assert words[3:6] == [".", "user", ":"] and words[-3:-1] == ["assistant", ":"], text
+            task = next(t for t in TASKS if t.modality == "image" and question in t.templates)
+            attribute = {"colour": COLOURS, "shape": SHAPES, "side": SIDES}[task.name]
+            assert [w for w in scene if w in attribute] == [answer], text
+            assert sorted(map(len, (set(scene) & set(COLOURS), set(scene) & set(SHAPES),
+                                    set(scene) & set(SIDES)))) == [1, 1, 1], text
+            continue
         numbers = [NUMBERS.index(word) for word in words if word in NUMBERS]
         if "plus" in words or "make" in words:
             kinds.add("add")
@@ -46,7 +56,39 @@ def test_statements_are_true_deterministic_and_in_the_vocabulary(tokenizer):
             kinds.add("scene")
             assert len(set(words) & set(COLOURS)) == len(set(words) & set(SHAPES)) == 1, text
             assert ("on" in words) == (len(set(words) & set(SIDES)) == 1), text
-    assert kinds == {"add", "bigger", "repeat", "scene"}
+    assert kinds == {"add", "bigger", "repeat", "scene", "described"}
+
+
+def test_statements_of_chosen_kinds_and_bad_kinds():
+    texts = statements(50, seed=1, kinds=("described",))
+    assert all("assistant :" in text for text in texts)
+    assert statements(50, seed=1, kinds=("add",)) != statements(50, seed=1, kinds=("repeat",))
+    for bad in ((), ("scene", "poem")):
+        with pytest.raises(ValueError, match=r"kinds must be a non-empty subset of \('add'"):
+            statements(5, kinds=bad)
+
+
+def test_last_word_accuracy_scores_the_last_word_not_the_period(tokenizer):
+    """A model that always predicts "." scores 0; one that predicts each text's last word
+    (before an optional " .") from the token before it scores 1."""
+    texts = ["three plus four is seven .", "red left circle . user : what shape is this ? assistant : circle"]
+    input_ids, _ = base._encode(texts, tokenizer)
+    period = tokenizer.encode(".")[0]
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, targets):
+            super().__init__()
+            self.targets = targets                      # [B, T] token to predict at t
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, tokenizer.vocab_size)
+            logits.scatter_(2, self.targets[..., None], 1.0)
+            return type("Out", (), {"logits": logits})
+
+    always_period = torch.full_like(input_ids, period)
+    assert base.last_word_accuracy(Oracle(always_period), texts, tokenizer) == 0.0
+    next_token = torch.roll(input_ids, -1, dims=1)
+    assert base.last_word_accuracy(Oracle(next_token), texts, tokenizer) == 1.0
 
 
 def test_scene_labels_match_the_pixels():
@@ -95,6 +137,14 @@ def test_a_base_made_otherwise_is_refused_not_overwritten(tmp_path, tokenizer):
     assert (tmp_path / "base" / "base.json").read_text() == before
 
 
+def test_a_base_of_an_older_recipe_is_refused(tmp_path, tokenizer, monkeypatch):
+    """A cache made before the stage-1 data changed (older RECIPE) is not reused silently."""
+    pretrained_base(tmp_path / "base", tokenizer, TINY, log=lambda line: None)
+    monkeypatch.setattr(base, "RECIPE", base.RECIPE + 1)
+    with pytest.raises(ValueError, match="settings, vocabulary and recipe"):
+        pretrained_base(tmp_path / "base", tokenizer, TINY, log=lambda line: None)
+
+
 def test_a_failure_while_pretraining_leaves_no_directory(tmp_path, tokenizer, monkeypatch):
     def broken(settings):
         raise RuntimeError("interrupted")
@@ -105,14 +155,17 @@ def test_a_failure_while_pretraining_leaves_no_directory(tmp_path, tokenizer, mo
 
 
 def test_a_real_budget_learns_the_facts_and_the_attributes(tokenizer):
-    """Small models, a budget of seconds: the LM predicts the facts' last word and the vision
+    """Small models, a budget of seconds: the LM predicts the last word of sums and repeats
+    far above chance (1/10, 1/16; the described scenes need the demo's budget), and the vision
     tower separates colour and side far above chance (1/6 and 1/2)."""
     torch.manual_seed(0)
     settings = BaseSettings(dim=32, layers=1, heads=2, clip_dim=32, clip_layers=2,
-                            text_steps=150, vision_steps=150, batch_size=32, lr=1e-2)
+                            text_steps=300, vision_steps=150, batch_size=32, lr=1e-2)
     _, llama_stats = base.pretrain_llama(settings, tokenizer)
     _, clip_stats = base.pretrain_clip(settings)
-    assert llama_stats["held_out_last_word_accuracy"] > 0.8, llama_stats
+    words = llama_stats["held_out_last_word_accuracy"]
+    assert set(words) == {"add", "repeat", "described"}, words
+    assert words["add"] > 0.6 and words["repeat"] > 0.6, words
     accuracy = clip_stats["held_out_accuracy"]
     assert accuracy["colour"] > 0.6 and accuracy["side"] > 0.8, accuracy
     assert json.dumps(llama_stats) and json.dumps(clip_stats)

@@ -101,17 +101,34 @@ TASKS = (
          lambda rng, scene: ({}, scene.side)),
 )
 TASKS_BY_NAME = {task.name: task for task in TASKS}
+IMAGE_TASKS = tuple(task for task in TASKS if task.modality == "image")
 
 
 # Statements about the same world, the text corpus of the demo's pretrained LLaMA (stage 1):
-# the facts and words the tasks ask about, never in the tasks' question/answer format.
-STATEMENTS = {
+# the facts and words the tasks ask about. The text tasks never appear in their question/answer
+# format (stage 2's adapters have to learn it); "described" (see _described) asks the image
+# tasks' questions about a scene described in words, as a text-only LLM has read descriptions
+# and questions about them: stage 2 learns to put the image where the words were (LLaVA's and
+# LaVIN's premise).
+STATEMENTS = {      # kind -> templates; the kinds of `statements` are these and "described"
     "add": ("{a} plus {b} is {c} .", "{a} and {b} make {c} ."),
     "bigger": ("{big} is bigger than {small} .", "{small} is less than {big} ."),
     "repeat": ("{word} , {word} .", "the word {word} . again : {word} ."),
     "scene": ("a {colour} {shape} on the {side} .", "the {shape} is {colour} .",
               "the {colour} {shape} is on the {side} ."),
 }
+
+
+def _described(rng: np.random.Generator) -> str:
+    """'<colour, shape, side in random order> . user : <image task question> assistant : <answer>'.
+    The random order makes the language model find an attribute by what the word is, not where
+    it stands, so one image token can stand for the whole description."""
+    fields = _statement_fields("scene", rng)
+    words = [fields[name] for name in ("colour", "shape", "side")]
+    description = " ".join(words[i] for i in rng.permutation(3)) + " ."
+    task = IMAGE_TASKS[int(rng.integers(len(IMAGE_TASKS)))]
+    question = task.templates[int(rng.integers(len(task.templates)))]
+    return f"{description} {PROMPT_TEMPLATE.format(human=question)} {fields[task.name]}"
 
 
 def _statement_fields(kind: str, rng: np.random.Generator) -> dict:
@@ -128,17 +145,27 @@ def _statement_fields(kind: str, rng: np.random.Generator) -> dict:
             "side": str(rng.choice(SIDES))}
 
 
-def statements(count: int, seed: int = 0) -> list[str]:
-    """`count` random statements (kinds and templates uniform), deterministic for the seed."""
+STATEMENT_KINDS = (*STATEMENTS, "described")
+
+
+def statements(count: int, seed: int = 0, kinds: tuple = STATEMENT_KINDS) -> list[str]:
+    """`count` random statements of `kinds` (kinds and templates uniform), deterministic for
+    the seed and kinds."""
     check_int("count", count)
+    unknown = sorted(set(kinds) - set(STATEMENT_KINDS))
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be a non-empty subset of {STATEMENT_KINDS}, got {tuple(kinds)}")
     rng = np.random.default_rng([seed, 7])
-    kinds = list(STATEMENTS)
+    kinds = list(kinds)
     texts = []
     for _ in range(count):
         kind = kinds[int(rng.integers(len(kinds)))]
-        templates = STATEMENTS[kind]
-        texts.append(templates[int(rng.integers(len(templates)))]
-                     .format(**_statement_fields(kind, rng)))
+        if kind == "described":
+            texts.append(_described(rng))
+        else:
+            templates = STATEMENTS[kind]
+            texts.append(templates[int(rng.integers(len(templates)))]
+                         .format(**_statement_fields(kind, rng)))
     return texts
 
 
