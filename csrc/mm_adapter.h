@@ -55,20 +55,31 @@ struct RowStrides {
 
 // Dropout of the hidden units, regenerated from (seed, token, unit) by Philox (philox.h):
 // keep[n, i] = (philox(seed, n*r + i) >> 8) >= threshold, threshold = round(p * 2^24).
+// The seed is not a value here but a pointer to the int64 seed in the memory of the kernels'
+// device (a 1-element int64 tensor's data), read by the kernels themselves: the CUDA kernels
+// load it from device memory, so the host never reads a CUDA seed (no device sync; CUDA-graph
+// capturable), and the CPU kernels read it from host memory. Without dropout it is never read
+// and may be null.
 struct DropoutConfig {
-  uint64_t seed = 0;
+  const int64_t* seed = nullptr;
   uint32_t threshold = 0;
   double keep_scale = 1.0;  // 1 / (1 - p)
   bool enabled = false;
 
-  static DropoutConfig make(double p, int64_t seed) {
+  static DropoutConfig make(double p, const int64_t* seed) {
     DropoutConfig config;
-    config.seed = static_cast<uint64_t>(seed);
+    config.seed = seed;
     config.enabled = p > 0.0;
     // nearbyint rounds half to even, like Python's round() in reference.dropout_threshold.
     config.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
     config.keep_scale = 1.0 / (1.0 - p);
     return config;
+  }
+
+  // The Philox key: the seed's 64 bits (read through `seed`, so call it where that memory
+  // lives: in a CUDA kernel for a CUDA seed); 0 without dropout, when nothing is read.
+  MLAN_HOST_DEVICE uint64_t key() const {
+    return enabled ? static_cast<uint64_t>(*seed) : uint64_t{0};
   }
 };
 

@@ -13,9 +13,13 @@
 // down_weight [r, D]; down_bias [r]; up_weight [E, D, r/groups]; up_bias [E, D];
 // routing_weights [B, E]; hidden [B, L, r]. Parameters may have any floating dtype (they are
 // converted to the accumulation dtype: float64 for float64 x, else float32).
+// seed: a 1-element int64 tensor on x's device when dropout_p > 0 (ignored, may be None,
+// without dropout). Its value is never read here: the kernels get a pointer to it and read it
+// themselves (in device memory on CUDA), so a CUDA seed costs no host sync.
 #include "mm_adapter_api.h"
 
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -167,6 +171,21 @@ AdapterShape validate_common(const char* op, const at::Tensor& x,
   return shape;
 }
 
+// The dropout seed's address for the kernels: nullptr without dropout (never read then), else
+// the data of a 1-element int64 tensor on x's device (not read here: no host read, no sync).
+const int64_t* seed_pointer(const char* op, const std::optional<at::Tensor>& seed,
+                            double dropout_p, const at::Device& device) {
+  if (dropout_p == 0.0) return nullptr;
+  TORCH_CHECK(seed.has_value() && seed->defined(), op,
+              ": seed must be a 1-element int64 tensor when dropout_p > 0, got None");
+  TORCH_CHECK(seed->scalar_type() == at::kLong, op, ": seed must be an int64 tensor, got ",
+              seed->scalar_type());
+  TORCH_CHECK(seed->numel() == 1, op, ": seed must have 1 element, got shape ", seed->sizes());
+  TORCH_CHECK(seed->device() == device, op, ": seed must be on ", device,
+              " (the device of x), got ", seed->device());
+  return seed->const_data_ptr<int64_t>();
+}
+
 RowStrides row_strides(const at::Tensor& activation) {
   return RowStrides{activation.stride(0), activation.stride(1)};
 }
@@ -178,8 +197,8 @@ struct PreparedInputs {
 
   PreparedInputs(const AdapterShape& shape, const at::Tensor& x, const at::Tensor& down_w,
                  const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-                 const at::Tensor& routing_weights, double scale, double dropout_p, int64_t seed,
-                 AdapterArgs& args) {
+                 const at::Tensor& routing_weights, double scale, double dropout_p,
+                 const int64_t* seed, AdapterArgs& args) {
     const at::ScalarType acc = accumulation_dtype(x);
     down_weight = down_w.to(acc).contiguous();
     down_bias = down_b.to(acc).contiguous();
@@ -203,10 +222,12 @@ struct PreparedInputs {
 std::tuple<at::Tensor, at::Tensor> mm_adapter_forward(
     const at::Tensor& x, const at::Tensor& down_weight, const at::Tensor& down_bias,
     const at::Tensor& up_weight, const at::Tensor& up_bias, const at::Tensor& routing_weights,
-    double scale, double dropout_p, int64_t seed, int64_t groups, bool single_modality) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed, int64_t groups,
+    bool single_modality) {
   const AdapterShape shape = validate_common(kForwardOp, x, down_weight, down_bias,
                                              up_weight, up_bias, routing_weights, scale,
                                              dropout_p, groups);
+  const int64_t* seed_data = seed_pointer(kForwardOp, seed, dropout_p, x.device());
   const c10::DeviceGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor hidden = at::empty({shape.batch, shape.length, shape.rank},
@@ -214,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> mm_adapter_forward(
   if (shape.tokens() == 0) return {y, hidden};
   ForwardArgs args;
   const PreparedInputs inputs(shape, x, down_weight, down_bias, up_weight, up_bias,
-                              routing_weights, scale, dropout_p, seed, args);
+                              routing_weights, scale, dropout_p, seed_data, args);
   args.single_modality = single_modality;
   args.down_bias = inputs.down_bias.data_ptr();
   args.y = y.data_ptr();
@@ -227,11 +248,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 mm_adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& hidden,
                     const at::Tensor& routing_weights, const at::Tensor& down_weight,
                     const at::Tensor& down_bias, const at::Tensor& up_weight,
-                    const at::Tensor& up_bias, double scale, double dropout_p, int64_t seed,
-                    int64_t groups) {
+                    const at::Tensor& up_bias, double scale, double dropout_p,
+                    const std::optional<at::Tensor>& seed, int64_t groups) {
   const AdapterShape shape = validate_common(kBackwardOp, x, down_weight, down_bias,
                                              up_weight, up_bias, routing_weights, scale,
                                              dropout_p, groups);
+  const int64_t* seed_data = seed_pointer(kBackwardOp, seed, dropout_p, x.device());
   check_activation(kBackwardOp, "grad_y", grad_y);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
               kBackwardOp, ": grad_y must have the shape and dtype of x (", x.sizes(), ", ",
@@ -256,7 +278,7 @@ mm_adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   if (shape.tokens() > 0) {
     BackwardArgs args;
     const PreparedInputs inputs(shape, x, down_weight, down_bias, up_weight, up_bias,
-                                routing_weights, scale, dropout_p, seed, args);
+                                routing_weights, scale, dropout_p, seed_data, args);
     const at::Tensor hidden_acc = hidden.to(acc).contiguous();
     at::Tensor workspace = at::empty({workspace_bytes(x.device().type(), shape, args.dtype)},
                                      x.options().dtype(at::kByte));
@@ -283,12 +305,12 @@ mm_adapter_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
 TORCH_LIBRARY(mlan_C, library) {
   library.def(
       "mm_adapter_forward(Tensor x, Tensor down_weight, Tensor down_bias, Tensor up_weight, "
-      "Tensor up_bias, Tensor routing_weights, float scale, float dropout_p, int seed, "
+      "Tensor up_bias, Tensor routing_weights, float scale, float dropout_p, Tensor? seed, "
       "int groups, bool single_modality) -> (Tensor y, Tensor hidden)");
   library.def(
       "mm_adapter_backward(Tensor grad_y, Tensor x, Tensor hidden, Tensor routing_weights, "
       "Tensor down_weight, Tensor down_bias, Tensor up_weight, Tensor up_bias, float scale, "
-      "float dropout_p, int seed, int groups) -> (Tensor grad_x, Tensor grad_down_weight, "
+      "float dropout_p, Tensor? seed, int groups) -> (Tensor grad_x, Tensor grad_down_weight, "
       "Tensor grad_down_bias, Tensor grad_up_weight, Tensor grad_up_bias, "
       "Tensor grad_routing_weights)");
 }

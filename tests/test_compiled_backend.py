@@ -1,5 +1,7 @@
 """The compiled backends (mlan_kernels._C, csrc/): the low-level ops torch.ops.mlan_C.* and the
 `cpu`/`cuda` backends behind mlan::mm_adapter, against the oracle and the reference backend.
+The low-level ops take the dropout seed as a 1-element int64 tensor on x's device (the kernels
+read it); the backends' forward/backward also take an int (the backend contract).
 
 CPU tests need the extension (`make test` builds it; skipped when it is not built). GPU tests
 are marked `gpu` and need an extension built with CUDA.
@@ -7,11 +9,14 @@ are marked `gpu` and need an extension built with CUDA.
 import sys
 import warnings
 
+import importlib
+
 import pytest
 import torch
 
 from helpers import (assert_close_to_reference, assert_within_pytorch_error, explicit_weights, grads_of,
                      make_adapter_inputs, oracle, random_grad)
+from launch_counter import LaunchCounter
 from mlan_kernels import dispatch, mm_adapter
 from mlan_kernels.reference import (dropout_keep_mask, mm_adapter_backward_reference,
                                     mm_adapter_reference)
@@ -141,7 +146,7 @@ def test_fp64_gradcheck_of_low_level_ops(groups, experts):
     """The C++ backward is the derivative of the C++ forward (fp64, dropout on, 3 token chunks)."""
     args = backend_args((1, 400, 8, 4, experts, groups), torch.float64, p=0.3, seed=5)
     tensors = [value.clone().requires_grad_() for value in args[:6]]
-    hyper = (0.8, 0.3, 5, groups)                         # scale, dropout_p, seed, groups
+    hyper = (0.8, 0.3, torch.tensor(5), groups)           # scale, dropout_p, seed, groups
     assert torch.autograd.gradcheck(lambda *t: LowLevelAdapter.apply(*t, hyper), tensors,
                                     eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -185,6 +190,57 @@ def test_backward_dropout_mask_is_the_oracles(seed):
     grad_y = random_grad(y.shape, torch.float32, "cpu")
     grad_x = compiled.backward(grad_y, args[0], h, args[5], *args[1:5], *args[6:])[0]
     assert torch.equal((grad_x - grad_y).reshape(-1, r) != 0, dropout_keep_mask(seed, B * L, r, p))
+
+
+def test_seed_tensor_forms_give_the_int_seeds_results():
+    """The seed as an int, a [] or [1] int64 tensor, or another integer dtype (converted by the
+    backend): the same masks and results, bit for bit (an int seed is what the ops got before
+    they took a tensor, so CPU masks are unchanged)."""
+    args = backend_args((2, 40, 32, 8, 2, 2), torch.float32, p=0.3, seed=2**40 + 3)
+    grad_y = random_grad(args[0].shape, torch.float32, "cpu")
+    expected = run_backend(compiled, args, grad_y=grad_y)
+    for seed in (torch.tensor(2**40 + 3), torch.tensor([2**40 + 3]),
+                 torch.tensor(12345, dtype=torch.int32)):
+        args[8] = seed
+        got = run_backend(compiled, args, grad_y=grad_y)
+        reference = expected if int(seed) == 2**40 + 3 else run_backend(
+            compiled, args[:8] + [12345] + args[9:], grad_y=grad_y)
+        for a, b in zip(got, reference):
+            assert torch.equal(a, b)
+
+
+_OP_MODULE = importlib.import_module("mlan_kernels.ops.mm_adapter")
+_WRAPPERS = {"mlan.mm_adapter.default": _OP_MODULE._forward_impl,
+             "mlan.mm_adapter_backward.default": _OP_MODULE._backward_impl}
+
+
+@pytest.mark.parametrize("single_modality", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_backend_reads_no_seed_on_the_host(single_modality, dtype):
+    """fwd+bwd through mlan::mm_adapter on the `cpu` backend with dropout: no
+    `_local_scalar_dense`/`item` (tests/launch_counter.py; the custom ops' Python bodies run
+    inside the counter): the seed tensor reaches the compiled ops as a tensor, whose kernels
+    read it (on CUDA from device memory; before, the wrapper did int(seed), a device sync for
+    the `cuda` backend). Results equal the same computation with an int seed outside the mode.
+    single_modality=None is left out: on CPU tensors it compares the routing inputs on the host
+    by design (docs/architecture.md)."""
+    inputs = make_adapter_inputs(3, 6, 32, 4, 2, 2, dtype, "cpu", param_dtype=torch.float32)
+    grad_y = random_grad(inputs["x"].shape, dtype, "cpu")
+    hyper = dict(groups=2, dropout_p=0.25, single_modality=single_modality, backend="cpu")
+
+    def run(seed):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = mm_adapter(**leaves, seed=seed, **hyper)
+        return [y] + list(torch.autograd.grad(y, list(leaves.values()), grad_y))
+
+    seed = torch.tensor(2**33 + 9)
+    with LaunchCounter(_WRAPPERS) as counter:
+        got = run(seed)
+    assert counter.host_reads == [], counter.summary()
+    assert any("mlan_C.mm_adapter_forward" in op for op in counter.aten), counter.summary()
+    assert any("mlan_C.mm_adapter_backward" in op for op in counter.aten), counter.summary()
+    for a, b in zip(got, run(2**33 + 9)):
+        assert torch.equal(a, b)
 
 
 def test_rows_beyond_2_to_the_31_elements():
@@ -238,6 +294,7 @@ def _forward_args(**changes):
     args = dict(zip(("x", "down_weight", "down_bias", "up_weight", "up_bias", "routing_weights",
                      "scale", "dropout_p", "seed", "groups"),
                     backend_args((2, 3, 16, 4, 2, 2), torch.float32)))
+    args["seed"] = torch.tensor(args["seed"])
     args.update(changes, single_modality=False)
     return args
 
@@ -255,10 +312,20 @@ def _forward_args(**changes):
     ("groups", dict(groups=0)),
     ("dropout_p", dict(dropout_p=1.0)),
     ("scale", dict(scale=float("nan"))),
+    ("seed", dict(seed=None)),
+    ("seed", dict(seed=torch.tensor(7, dtype=torch.int32))),
+    ("seed", dict(seed=torch.tensor([7, 8]))),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_low_level_forward_errors_name_the_argument(name, changes):
     with pytest.raises(RuntimeError, match=f"mlan_C::mm_adapter_forward: {name}"):
         torch.ops.mlan_C.mm_adapter_forward(**_forward_args(**changes))
+
+
+def test_low_level_ops_ignore_the_seed_without_dropout():
+    """dropout_p = 0: the seed is never read, so None (what mm_adapter passes) is accepted."""
+    y, h = torch.ops.mlan_C.mm_adapter_forward(**_forward_args(dropout_p=0.0, seed=None))
+    y_seeded, h_seeded = torch.ops.mlan_C.mm_adapter_forward(**_forward_args(dropout_p=0.0))
+    assert torch.equal(y, y_seeded) and torch.equal(h, h_seeded)
 
 
 @pytest.mark.parametrize("name", ["grad_y", "hidden"])
@@ -270,9 +337,11 @@ def test_low_level_backward_errors_name_the_argument(name):
         grad_y = torch.randn(2, 4, 16)
     else:
         hidden = torch.zeros(2, 3, 5)
+    scale, p, seed, groups = args[6:]
     with pytest.raises(RuntimeError, match=f"mlan_C::mm_adapter_backward: {name}"):
         torch.ops.mlan_C.mm_adapter_backward(grad_y, x, hidden, weights, down_weight, down_bias,
-                                             up_weight, up_bias, *args[6:])
+                                             up_weight, up_bias, scale, p, torch.tensor(seed),
+                                             groups)
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
@@ -328,6 +397,43 @@ class TestCudaKernels:
         args[2] = torch.ones(r, device="cuda")
         _, h = compiled.forward(*args, False)
         assert torch.equal((h.reshape(-1, r) != 0).cpu(), dropout_keep_mask(seed, B * L, r, p))
+
+    def test_cuda_reads_the_seed_on_device_in_a_cuda_graph(self):
+        """The seed is read by the kernels from device memory, never on the host: the `cuda`
+        backend's fwd+bwd with dropout captures in a CUDA graph (a host read would fail the
+        capture), and replays after the seed tensor was refilled take the new value's mask,
+        forward and backward (D = r, W_A = I: ∂x - G = ∂H_pre, zero where dropped)."""
+        B, L, r, p = 2, 64, 8, 0.3
+        args = backend_args((B, L, r, r, 2, 2), torch.float32, device="cuda", p=p)
+        args[0] = torch.zeros(B, L, r, device="cuda")
+        args[1] = torch.eye(r, device="cuda")
+        args[2] = torch.ones(r, device="cuda")
+        seed = torch.tensor(11, dtype=torch.int64, device="cuda")
+        args[8] = seed
+        grad_y = random_grad(args[0].shape, torch.float32, "cuda")
+        side = torch.cuda.Stream()                 # warm up off the default stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run_backend(compiled, args, grad_y=grad_y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _, h, grad_x, *_ = run_backend(compiled, args, grad_y=grad_y)
+        for value in (11, 2**40 + 3, 5):
+            seed.fill_(value)
+            graph.replay()
+            torch.cuda.synchronize()
+            mask = dropout_keep_mask(value, B * L, r, p)
+            assert torch.equal((h.reshape(-1, r) != 0).cpu(), mask), value
+            assert torch.equal(((grad_x - grad_y).reshape(-1, r) != 0).cpu(), mask), value
+
+    def test_cuda_rejects_a_cpu_seed_naming_it(self):
+        """The kernels read the seed from device memory: the low-level op wants it on x's
+        device (the backend moves one there)."""
+        args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _forward_args().items()}
+        args["seed"] = args["seed"].cpu()
+        with pytest.raises(RuntimeError, match="mlan_C::mm_adapter_forward: seed must be on cuda"):
+            torch.ops.mlan_C.mm_adapter_forward(**args)
 
     def test_cuda_rejects_float64_naming_x(self):
         args = _forward_args()

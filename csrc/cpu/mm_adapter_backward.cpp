@@ -55,6 +55,7 @@ struct BackwardKernel {
   const PaddedColumns& columns;
   const PaddedWeights<acc_t> weights;
   const int64_t slots, per_group, products;  // products = E*S dot products per group
+  const uint64_t seed;                       // the dropout key, read once (host memory)
   acc_t* const workspace;
 
   explicit BackwardKernel(const BackwardArgs& a)
@@ -62,7 +63,8 @@ struct BackwardKernel {
         weights(a.shape, layout.columns, static_cast<const acc_t*>(a.down_weight),
                 static_cast<const acc_t*>(a.up_weight), static_cast<const acc_t*>(a.up_bias)),
         slots(a.shape.slots()), per_group(a.shape.rank_per_group()),
-        products(a.shape.experts * a.shape.slots()), workspace(static_cast<acc_t*>(a.workspace)) {}
+        products(a.shape.experts * a.shape.slots()), seed(a.dropout.key()),
+        workspace(static_cast<acc_t*>(a.workspace)) {}
 
   // Per-task scratch: one padded grad_y row, the tile's ∂H_pre [T, r] and mixed hidden
   // coef·H_aug [T, E, g, S], and packed blocks of x, grad_y and grad_x [T, block_stride].
@@ -100,7 +102,7 @@ struct BackwardKernel {
       acc_t value = 0;
       for (int64_t e = 0; e < experts; ++e) value += coef[e] * product(e, i);
       if (args.dropout.enabled)
-        value = dropout_keep(args.dropout.seed, args.dropout.threshold, n, rank, i)
+        value = dropout_keep(seed, args.dropout.threshold, n, rank, i)
                     ? value * keep_scale : acc_t(0);
       grad_hidden[i] = value;
       partial_bias[i] += value;

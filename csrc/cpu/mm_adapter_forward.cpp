@@ -17,17 +17,18 @@ namespace {
 
 constexpr int64_t kForwardGrainTokens = 16;  // smallest token range worth a parallel task
 
-// hidden[0, r) = dropout(x_row · W_Aᵀ + b_A) of token `token`; x_row is padded.
+// hidden[0, r) = dropout(x_row · W_Aᵀ + b_A) of token `token`; x_row is padded; seed: the
+// dropout key (dropout.key(), read once per call).
 template <typename acc_t>
 void hidden_units(const acc_t* x_row, const acc_t* down, const acc_t* down_bias,
                   const AdapterShape& shape, const PaddedColumns& columns,
-                  const DropoutConfig& dropout, int64_t token, acc_t* hidden) {
+                  const DropoutConfig& dropout, uint64_t seed, int64_t token, acc_t* hidden) {
   dot_rows(x_row, down, columns.row_stride, shape.rank, columns.width, hidden);
   const acc_t keep_scale = static_cast<acc_t>(dropout.keep_scale);
   for (int64_t i = 0; i < shape.rank; ++i) {
     hidden[i] += down_bias[i];
     if (dropout.enabled)
-      hidden[i] = dropout_keep(dropout.seed, dropout.threshold, token, shape.rank, i)
+      hidden[i] = dropout_keep(seed, dropout.threshold, token, shape.rank, i)
                       ? hidden[i] * keep_scale : acc_t(0);
   }
 }
@@ -46,6 +47,7 @@ void forward_kernel(const ForwardArgs& args) {
   auto* hidden = static_cast<acc_t*>(args.hidden);
   const int64_t width = columns.width, stride = columns.row_stride, slots = shape.slots();
   const int64_t per_group = shape.rank_per_group();
+  const uint64_t seed = args.dropout.key();  // host memory: the glue passes CPU seeds only
 
   at::parallel_for(0, shape.tokens(), kForwardGrainTokens, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x_row(width), y_row(width), combined(slots * stride), h_aug(slots);
@@ -53,7 +55,8 @@ void forward_kernel(const ForwardArgs& args) {
     for (int64_t n = begin; n < end; ++n) {
       gather_row(x + args.x_strides.offset(n, shape.length), columns, x_row.data());
       acc_t* h = hidden + n * shape.rank;
-      hidden_units(x_row.data(), weights.down.data(), down_bias, shape, columns, args.dropout, n, h);
+      hidden_units(x_row.data(), weights.down.data(), down_bias, shape, columns, args.dropout,
+                   seed, n, h);
 
       const int64_t sample = args.single_modality ? 0 : n / shape.length;
       if (sample != cached_sample) {  // U_b: the experts' slots mixed with this sample's coef

@@ -1,6 +1,7 @@
 // MM-Adapter forward and backward as CUDA kernels on raw pointers (no ATen: plain nvcc compiles
 // this file; csrc/mm_adapter_api.cpp launches it on the current stream). Same math as the CPU kernels
-// (../mm_adapter.h); activations float / bfloat16 / half, everything else float.
+// (../mm_adapter.h); activations float / bfloat16 / half, everything else float. The dropout
+// seed is read by the row kernels from device memory (DropoutConfig::seed), never on the host.
 //
 //   forward_kernel          one warp per token: H = dropout(x W_Aᵀ + b_A) by warp reductions,
 //                           then y = x + Σ_e coef[b,e] (H M_eᵀ + b_U[e]) over the row.
@@ -83,10 +84,12 @@ __device__ __forceinline__ WarpToken warp_token() {
           static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp};
 }
 
+// seed: dropout.key(), loaded from device memory once per thread by the row kernels (the host
+// never reads it: no sync, and a captured CUDA graph reads the seed tensor's current value).
 __device__ __forceinline__ float apply_dropout(float value, const DropoutConfig& dropout,
-                                               int64_t token, int rank, int unit) {
+                                               uint64_t seed, int64_t token, int rank, int unit) {
   if (!dropout.enabled) return value;
-  return dropout_keep(dropout.seed, dropout.threshold, token, rank, unit)
+  return dropout_keep(seed, dropout.threshold, token, rank, unit)
              ? value * static_cast<float>(dropout.keep_scale) : 0.0f;
 }
 
@@ -103,6 +106,7 @@ forward_kernel(const scalar_t* __restrict__ x, RowStrides x_strides,
   if (token.n >= geo.tokens) return;  // whole warps leave; no block-wide barrier follows
   const int64_t n = token.n;
   const int lane = token.lane;
+  const uint64_t seed = dropout.key();
   float* h = shared + token.warp * geo.rank;
   const scalar_t* x_row = x + x_strides.offset(n, geo.length);
   for (int i = 0; i < geo.rank; ++i) {
@@ -111,7 +115,7 @@ forward_kernel(const scalar_t* __restrict__ x, RowStrides x_strides,
     for (int d = lane; d < geo.dim; d += kWarp) partial += to_float(x_row[d]) * w[d];
     partial = warp_sum(partial) + down_bias[i];  // every lane holds the sum
     if (lane == i % kWarp) {
-      h[i] = apply_dropout(partial, dropout, n, geo.rank, i);
+      h[i] = apply_dropout(partial, dropout, seed, n, geo.rank, i);
       hidden[n * geo.rank + i] = h[i];
     }
   }
@@ -146,6 +150,7 @@ backward_rows_kernel(const scalar_t* __restrict__ grad_y, RowStrides grad_y_stri
   if (token.n >= geo.tokens) return;
   const int64_t n = token.n;
   const int lane = token.lane, product_stride = geo.rank + 1;
+  const uint64_t seed = dropout.key();
   float* products = shared + token.warp * (geo.experts * product_stride + geo.rank);
   float* dh = products + geo.experts * product_stride;
   const scalar_t* g_row = grad_y + grad_y_strides.offset(n, geo.length);
@@ -178,7 +183,7 @@ backward_rows_kernel(const scalar_t* __restrict__ grad_y, RowStrides grad_y_stri
   for (int i = lane; i < geo.rank; i += kWarp) {  // ∂H_pre = mask ⊙ Σ_e coef P_e / (1-p)
     float value = 0.0f;
     for (int e = 0; e < geo.experts; ++e) value += c[e] * products[e * product_stride + i];
-    dh[i] = apply_dropout(value, dropout, n, geo.rank, i);
+    dh[i] = apply_dropout(value, dropout, seed, n, geo.rank, i);
     grad_hidden[n * geo.rank + i] = dh[i];
   }
   for (int e = lane; e < geo.experts; e += kWarp) {  // ∂w row term

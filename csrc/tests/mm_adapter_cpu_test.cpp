@@ -19,7 +19,8 @@ using Vector = std::vector<float>;
 struct Problem {
   mlan::AdapterShape shape;
   mlan::RowStrides strides;  // of x and grad_y
-  mlan::DropoutConfig dropout = mlan::DropoutConfig::make(0.25, 1234);
+  static constexpr int64_t kSeed = 1234;  // the kernels read it through dropout.seed
+  mlan::DropoutConfig dropout = mlan::DropoutConfig::make(0.25, &kSeed);
   double scale = 0.7;
   Vector x, grad_y, down_weight, down_bias, up_weight, up_bias, coef;
 
@@ -54,7 +55,7 @@ struct Problem {
     return up_weight[(e * shape.dim + d) * per_group + unit % per_group];
   }
   double keep(int64_t n, int64_t i) const {
-    return mlan::dropout_keep(dropout.seed, dropout.threshold, n, shape.rank, i) ? dropout.keep_scale : 0.0;
+    return mlan::dropout_keep(kSeed, dropout.threshold, n, shape.rank, i) ? dropout.keep_scale : 0.0;
   }
 };
 

@@ -32,10 +32,17 @@ _forward = torch.ops.mlan_C.mm_adapter_forward.default
 _backward = torch.ops.mlan_C.mm_adapter_backward.default
 
 
-def _seed_value(seed) -> int:
-    """The compiled ops take the dropout seed as an int: a host read of a seed tensor (a device
-    sync for a CUDA one, so this backend's dropout is not CUDA-graph capturable)."""
-    return 0 if seed is None else int(seed)
+def _seed_tensor(seed, x):
+    """The dropout seed as the compiled ops take it: a 1-element int64 tensor on x's device (None
+    stays None: no dropout). The ops hand its data pointer to the kernels, which read it there
+    (the CUDA kernels from device memory), so nothing reads it on the host. A tensor already
+    int64 on x's device passes unchanged; an int (the backend contract allows one) becomes a
+    tensor, a host-to-device copy on GPU."""
+    if seed is None:
+        return None
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=x.device, dtype=torch.int64)
+    return torch.tensor(int(seed), dtype=torch.int64, device=x.device)
 
 
 def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p, seed,
@@ -43,7 +50,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scal
     """x [B, L, D], routing_weights [B, E] -> (y [B, L, D] in x.dtype, h [B, L, r] fp32 (fp64 for
     fp64 x), the post-dropout hidden); the compiled op validates its arguments."""
     return _forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale,
-                    dropout_p, _seed_value(seed), groups, single_modality)
+                    dropout_p, _seed_tensor(seed, x), groups, single_modality)
 
 
 def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
@@ -51,4 +58,4 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     """-> (grad_x [B, L, D] without the router term, grad_down_weight, grad_down_bias,
     grad_up_weight, grad_up_bias in their parameters' dtypes, grad_routing_weights [B, E])."""
     return _backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias,
-                     scale, dropout_p, _seed_value(seed), groups)
+                     scale, dropout_p, _seed_tensor(seed, x), groups)
