@@ -41,12 +41,14 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(EXTENSION_SOURCES)
 	$(call install_into,$(VENV),-c $(CONSTRAINTS))
 	touch $@
 
-# The main job: synthetic data (generated once into data/synthetic), a tiny LaVIN trained on
-# two MLAN mixtures, a results table, run.json files and PNG plots under runs/demo.
+# The main job, LaVIN's recipe: synthetic data (generated once into data/synthetic), a tiny
+# LLaMA and CLIP pretrained once into runs/base (stage 1), then only MM-Adapters, neck and
+# modality token trained on them, frozen, on two MLAN mixtures (stage 2): a results table,
+# run.json files and PNG plots under runs/demo.
 DEMO_ARGS ?= --shares 0.5 0.875
 demo: venv
-	$(VENV_PYTHON) python/train_mixed.py --data data/synthetic --make-data --out runs/demo \
-		--compare-backends $(DEMO_ARGS)
+	$(VENV_PYTHON) python/train_mixed.py --data data/synthetic --make-data --base runs/base \
+		--lr 1e-2 --out runs/demo --compare-backends $(DEMO_ARGS)
 
 # One LLaMA-7B-shaped MM-Adapter on every backend: checked against the reference and timed.
 demo-op: venv

@@ -84,6 +84,10 @@ def _encode(texts: list, tokenizer: WordTokenizer) -> tuple:
     return input_ids, labels
 
 
+# The LLaMA's corpus: described scenes three times as often as each other kind. At equal weight
+# the 600-step LLaMA answered colour questions about described scenes at chance (18 %; shape
+# 78 %, side 100 %), at twice 81 %, at three times 100 % (sums and repeats 100 % throughout).
+CORPUS_KINDS = ("add", "bigger", "repeat", "scene", "described", "described", "described")
 # Statement kinds whose last word follows from the words before it (the sum, the repeated noun,
 # the asked attribute of the described scene); in the others it is a free choice.
 DETERMINED_KINDS = ("add", "repeat", "described")
@@ -111,7 +115,8 @@ def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
                        heads=settings.heads, intermediate_size=4 * settings.dim,
                        vocab_size=tokenizer.vocab_size,
                        max_position_embeddings=settings.max_positions).train()
-    corpus = statements(settings.text_steps * settings.batch_size, seed=settings.seed)
+    corpus = statements(settings.text_steps * settings.batch_size, seed=settings.seed,
+                        kinds=CORPUS_KINDS)
 
     def loss_at(step):
         batch = corpus[step * settings.batch_size:(step + 1) * settings.batch_size]
@@ -120,7 +125,7 @@ def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
 
     loss = _train(llama, settings.lr, settings.text_steps, loss_at)
     llama.eval()
-    accuracy = {kind: last_word_accuracy(llama, statements(300, settings.seed + 1, (kind,)), tokenizer)
+    accuracy = {kind: last_word_accuracy(llama, statements(300, settings.seed + 1, kinds=(kind,)), tokenizer)
                 for kind in DETERMINED_KINDS}
     return llama, {"loss": loss, "seconds": time.perf_counter() - start,
                    "held_out_last_word_accuracy": accuracy}

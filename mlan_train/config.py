@@ -1,10 +1,11 @@
 """Configuration of the mixed-modality training program (`mlan-train`, python/train_mixed.py).
 
-Defaults are the CPU demo's: a tiny LLaMA (D=128, 2 layers) + tiny CLIP (8 blocks, 28 px)
+Defaults: a tiny LLaMA (D=128, 2 layers) + tiny CLIP (4 blocks, 28 px) built in code and
 trained from scratch on the synthetic task (`--train-base`, because a frozen random base
 cannot learn much). LaVIN's own recipe (frozen base, adapters + neck only, AdamW, lr 9e-3 at
 batch 32·4 GPUs, weight decay 0.02, warm-up then cosine, 20 epochs) is what `--llama/--clip`
-runs with `--no-train-base` (the default whenever --llama is given).
+run (`--no-train-base` is then the default) and what `--base DIR` runs on a tiny base
+pretrained once into DIR (the demo: `--base runs/base --lr 1e-2`).
 """
 import argparse
 import dataclasses

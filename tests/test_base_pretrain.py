@@ -63,6 +63,9 @@ def test_statements_of_chosen_kinds_and_bad_kinds():
     texts = statements(50, seed=1, kinds=("described",))
     assert all("assistant :" in text for text in texts)
     assert statements(50, seed=1, kinds=("add",)) != statements(50, seed=1, kinds=("repeat",))
+    weighted = statements(900, seed=2, kinds=("add", "described", "described"))
+    share = sum("assistant :" in text for text in weighted) / 900
+    assert abs(share - 2 / 3) < 0.05, share                 # a kind listed twice: twice as often
     for bad in ((), ("scene", "poem")):
         with pytest.raises(ValueError, match=r"kinds must be a non-empty subset of \('add'"):
             statements(5, kinds=bad)

@@ -149,8 +149,8 @@ STATEMENT_KINDS = (*STATEMENTS, "described")
 
 
 def statements(count: int, seed: int = 0, kinds: tuple = STATEMENT_KINDS) -> list[str]:
-    """`count` random statements of `kinds` (kinds and templates uniform), deterministic for
-    the seed and kinds."""
+    """`count` random statements of `kinds` (each entry of `kinds` and each template equally
+    likely: a kind listed twice is drawn twice as often), deterministic for the seed and kinds."""
     check_int("count", count)
     unknown = sorted(set(kinds) - set(STATEMENT_KINDS))
     if not kinds or unknown:
