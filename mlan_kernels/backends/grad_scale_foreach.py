@@ -8,7 +8,9 @@ import torch
 def scale_grads(per_group, multipliers, max_norm, eps):
     """Scale each group's grads (per_group: G lists of grad tensors) in place; norms [G] fp32."""
     grads = [grad for group in per_group for grad in group]
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)      # fp32 even for 16-bit grads
+    # accumulated in fp32 even for 16-bit grads; in fp64 when a grad is fp64 (no narrowing)
+    wide = any(grad.dtype == torch.float64 for grad in grads)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64 if wide else torch.float32)
     group_norms, start = [], 0
     for group, multiplier in zip(per_group, multipliers):
         if not group:
@@ -21,4 +23,4 @@ def scale_grads(per_group, multipliers, max_norm, eps):
         else:
             torch._foreach_mul_(group, (max_norm / (norm + eps)).clamp(max=1.0) * float(multiplier))
         group_norms.append(norm)
-    return torch.stack(group_norms)
+    return torch.stack(group_norms).float()
