@@ -65,6 +65,15 @@ def test_decoding_after_the_routing_cache_was_reset_is_refused():
         model(token_ids(batch=2, length=1, seed=1), **cache, use_cache=True)
 
 
+def test_decoding_with_a_cache_filled_before_patching_is_refused():
+    model = tiny_llama()
+    cache = prefill(model, token_ids(batch=2, length=4))     # the base model's prompt KV
+    patch_llama(model)
+    with pytest.raises(RuntimeError, match=r"^llama\.layers\.0\.attn: .* \(got None for batch 2\)"), \
+            torch.no_grad():
+        model(token_ids(batch=2, length=1, seed=1), **cache, use_cache=True)
+
+
 def siglip_norm(placement="attn"):
     from mlan_kernels.integrations import patch_clip_vision
     tower = randomize_adapters(patch_clip_vision(tiny_model("siglip_vision_model"),
