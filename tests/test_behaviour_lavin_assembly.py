@@ -60,3 +60,33 @@ def test_the_two_sides_must_share_compat():
 def test_clip_every_must_divide_the_clip_depth():
     with pytest.raises(ValueError, match="^" + re.escape("clip_every=3 must divide the CLIP depth 8") + "$"):
         build_lavin(tiny_llama(), tiny_clip(), clip_every=3)
+
+
+def test_a_forward_keeps_no_kv_cache_unless_asked():
+    from test_integration_lavin import PIXELS, tiny_lavin
+    from test_integration_llama import token_ids
+    model = tiny_lavin()
+    ids = token_ids(batch=2, length=5)
+    with torch.no_grad():
+        assert model(ids, PIXELS[:2]).past_key_values is None          # training: no cache
+        assert model(ids, PIXELS[:2], use_cache=True).past_key_values is not None
+
+
+@pytest.mark.parametrize("compat", [None, "lavin"])
+def test_labels_are_cut_like_the_inputs(compat):
+    """assemble_labels alone gives build_inputs' labels: cut to T by default only in compat
+    mode (as LaVIN's training), and as asked when truncate is given."""
+    from test_integration_lavin import PIXELS
+    from test_integration_llama import token_ids
+    prefixes = dict(image_prefix_ids=[11, 12], text_prefix_ids=[11, 12, 13]) if compat else {}
+    model = build_lavin(tiny_llama(), tiny_clip(), neck_hidden=16, compat=compat, **prefixes).eval()
+    ids = token_ids(batch=2, length=6)
+    attention = torch.ones_like(ids)
+    has_image = torch.tensor([True, False])
+    for truncate in (None, False, True):
+        with torch.no_grad():
+            inputs = model.build_inputs(ids, PIXELS[:2], has_image, attention, labels=ids, truncate=truncate)
+        labels = model.assemble_labels(ids, attention, has_image, truncate)
+        assert torch.equal(labels, inputs["labels"])
+        cut = compat == "lavin" if truncate is None else truncate
+        assert labels.shape[1] == (6 if cut else 1 + len(prefixes.get("image_prefix_ids", [])) + 2 + 6)
