@@ -80,8 +80,9 @@ TESTS = {
         "tests/test_integration_llama.py::test_clip_patch_identity_per_image_routing_and_merge",
         "tests/test_integration_lavin.py::test_merge_per_modality"],
     "mlan_kernels/integrations/lavin.py": _INTEGRATION_TESTS + [
-        "tests/test_lavin_compat.py", "tests/test_sampling.py",
-        "tests/test_families.py::test_lavin_assembly_on_any_pair", "-k", "not torch_compile"],
+        "tests/test_behaviour_lavin_assembly.py", "tests/test_lavin_compat.py",
+        "tests/test_sampling.py", "tests/test_families.py::test_lavin_assembly_on_any_pair",
+        "-k", "not torch_compile"],
     "mlan_kernels/checkpoint.py": ["tests/test_behaviour_checkpoint.py",
                                    "tests/test_integration_checkpoint.py",
                                    "tests/test_lavin_checkpoint.py",
