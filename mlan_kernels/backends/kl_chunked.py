@@ -15,8 +15,7 @@ def _row_blocks(total: int, mask: Optional[Tensor], block: int):
     """Index tensors (or slices) of the selected rows, `block` at a time."""
     if mask is None:
         return [slice(start, min(start + block, total)) for start in range(0, total, block)]
-    selected = mask.nonzero().flatten()
-    return [selected[start:start + block] for start in range(0, selected.numel(), block)]
+    return list(mask.nonzero().flatten().split(block))
 
 
 def forward(logits_p, logits_q, mask):
