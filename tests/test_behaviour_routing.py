@@ -62,12 +62,13 @@ def test_a_loss_on_returned_routing_weights_reaches_the_router(backend, output_w
         torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("placement", ["attn", "block"])
-def test_decoding_with_a_kv_cache_equals_recomputing_the_sequence(placement):
+@pytest.mark.parametrize("placement, layers, prompt", [
+    ("attn", 2, 5), ("block", 2, 5), ("attn", 1, 5), ("attn", 2, 1)])   # one layer, one-token prompt
+def test_decoding_with_a_kv_cache_equals_recomputing_the_sequence(placement, layers, prompt):
     from transformers import DynamicCache
-    model = randomize_adapters(patch_llama(tiny_llama(), placement=placement, dropout_p=0.0))
+    model = randomize_adapters(patch_llama(tiny_llama(layers=layers), placement=placement,
+                                           dropout_p=0.0))
     ids = token_ids(batch=2, length=8)
-    prompt = 5
     with torch.no_grad():
         full = model(ids, use_cache=False).logits                     # [B, 8, V], no cache
         cache = DynamicCache(config=model.config)

@@ -2,17 +2,21 @@
 (multi-tensor launches per (device, dtype) bucket), then per group: the norm of its per-tensor
 norms, the clip factor as a 0-d device tensor, and one torch._foreach_mul_. No value is copied
 between host and device (no sync). Contract: mlan_kernels.dispatch."""
+import functools
+
 import torch
 
 
 def scale_grads(per_group, multipliers, max_norm, eps):
     """Scale each group's grads (per_group: G lists of grad tensors) in place; norms [G] fp32."""
     grads = [grad for group in per_group for grad in group]
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)      # fp32 even for 16-bit grads
+    # L2 norms accumulated in fp32 even for 16-bit grads; in fp64 when a grad is fp64
+    accumulate = functools.reduce(torch.promote_types, {grad.dtype for grad in grads}, torch.float32)
+    norms = torch._foreach_norm(grads, dtype=accumulate)
     group_norms, start = [], 0
     for group, multiplier in zip(per_group, multipliers):
         if not group:
-            group_norms.append(torch.zeros((), device=grads[0].device))
+            group_norms.append(norms[0].new_zeros(()))
             continue
         norm = torch.linalg.vector_norm(torch.stack(norms[start:start + len(group)]))
         start += len(group)
@@ -21,4 +25,4 @@ def scale_grads(per_group, multipliers, max_norm, eps):
         else:
             torch._foreach_mul_(group, (max_norm / (norm + eps)).clamp(max=1.0) * float(multiplier))
         group_norms.append(norm)
-    return torch.stack(group_norms)
+    return torch.stack(group_norms).float()

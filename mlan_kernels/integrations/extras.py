@@ -1,4 +1,5 @@
-"""Optional extras: PEFT detection lives in patching.is_peft_model; attention backend choice here.
+"""Optional extras: the attention backend choice (PEFT-wrapped parts are found by
+patching.freeze_all_but_adapters).
 
 flash-attn is never required: `preferred_attn_implementation` names "flash_attention_2" only
 when the package is importable and the model runs on a CUDA device, "sdpa" otherwise. Pass it

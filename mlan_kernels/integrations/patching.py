@@ -214,11 +214,6 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
     return model
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether `model` is (or contains) a PEFT-wrapped model (it has a `peft_config`)."""
-    return any(hasattr(module, "peft_config") for module in model.modules())
-
-
 def model_config(model):
     """The first `config` with a hidden_size found in `model` (a HF PretrainedConfig)."""
     for module in model.modules():

@@ -1,0 +1,139 @@
+"""kl_div_logits as a user relies on it (ops/kl_div.py and its chunked backend).
+
+* Every bad argument raises an error naming it, what it must be and what it got (whole message).
+* A mask may be given in any integer/float 0-1 form and any leading shape: it selects the same
+  rows as the bool mask; "none" keeps the leading shape, with 0 on unselected rows.
+* Empty inputs (no rows, or an empty vocabulary) give zeros of the compute dtype, and their
+  gradients are zeros of the logits' shape.
+"""
+import re
+
+import pytest
+import torch
+
+from mlan_kernels.ops.kl_div import kl_div_logits, kl_rows_backward, kl_rows_forward
+from mlan_kernels.reference import kl_div_logits_reference, kl_rows_grad_reference
+
+from helpers import HAS_KL_CPU
+
+BACKENDS = ["chunked", pytest.param("cpu", marks=pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built"))]
+
+
+def logits(*shape, dtype=torch.float32, seed=0):
+    return (3 * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(logits_p=[[1.0, 2.0]]), TypeError, "logits_p must be a floating-point tensor [..., V], got list"),
+    (dict(logits_q=torch.zeros(4, 10, dtype=torch.long)), TypeError,
+     "logits_q must be a floating-point tensor [..., V], got torch.int64"),
+    (dict(logits_p=torch.tensor(1.0)), ValueError,
+     "logits_p must have a last (vocabulary or hidden) dim, got a 0-d tensor"),
+    (dict(logits_q=torch.tensor(1.0)), ValueError,
+     "logits_q must have a last (vocabulary or hidden) dim, got a 0-d tensor"),
+    (dict(logits_q=torch.zeros(4, 9)), ValueError, "logits_q must have logits_p's shape [4, 10], got [4, 9]"),
+    (dict(logits_q=torch.zeros(4, 10, dtype=torch.float64)), TypeError,
+     "logits_q must match logits_p's dtype/device (torch.float32, cpu), got (torch.float64, cpu)"),
+    (dict(logits_q=torch.zeros(4, 10, device="meta")), TypeError,
+     "logits_q must match logits_p's dtype/device (torch.float32, cpu), got (torch.float32, meta)"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError,
+     "mask must be a tensor of shape [4] (logits_p without its last dim), got [5]"),
+    (dict(mask=[True] * 4), ValueError, "mask must be a tensor of shape [4] (logits_p without its last dim), got list"),
+    (dict(reduction="mean"), ValueError,
+     "reduction must be one of ('batchmean', 'sum', 'none'), got 'mean' ('mean' is not accepted: "
+     "F.kl_div's 'mean' divides by T·V)"),
+])
+def test_errors_name_the_argument_what_it_must_be_and_what_it_got(change, error, message):
+    call = dict(logits_p=torch.zeros(4, 10), logits_q=torch.zeros(4, 10))
+    call.update(change)
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        kl_div_logits(**call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", [torch.long, torch.float32, torch.uint8])
+def test_a_mask_in_any_0_1_form_selects_the_same_rows(backend, form):
+    p, q = logits(2, 3, 40), logits(2, 3, 40, seed=1)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    expected = kl_div_logits(p, q, mask, "none", backend)
+    assert expected.shape == (2, 3) and (expected[~mask] == 0).all() and (expected[mask] > 0).all()
+    rows = kl_div_logits(p.view(6, 40), q.view(6, 40), None, "none", backend).view(2, 3)
+    torch.testing.assert_close(expected, torch.where(mask, rows, 0.0))
+    for reduction in ("none", "sum", "batchmean"):
+        torch.testing.assert_close(kl_div_logits(p, q, mask.to(form), reduction, backend),
+                                   kl_div_logits(p, q, mask, reduction, backend))
+    torch.testing.assert_close(kl_div_logits(p, q, mask, "batchmean", backend), rows[mask].mean())
+
+
+@pytest.mark.parametrize("dtype, compute", [(torch.float16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("shape", [(0, 7), (3, 0)])
+def test_empty_inputs_give_zeros(shape, dtype, compute):
+    p, q = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    kl, lse_p, lse_q = kl_rows_forward(p, q, None)
+    for out in (kl, lse_p, lse_q):
+        assert out.shape == (shape[0],) and out.dtype == compute and not out.any()
+    grad_p, grad_q = kl_rows_backward(torch.ones(shape[0], dtype=compute), p, q, None, lse_p, lse_q, kl)
+    for grad, logits_ in ((grad_p, p), (grad_q, q)):
+        assert grad.shape == shape and grad.dtype == dtype and grad is not logits_ and not grad.any()
+    inplace = kl_rows_backward(torch.ones(shape[0], dtype=compute), p, q, None, lse_p, lse_q, kl, inplace=True)
+    assert inplace[0] is p and inplace[1] is q
+
+
+def test_empty_vocabulary_rows_are_zero_and_writable_apart():
+    p = torch.zeros(3, 0)
+    kl, lse_p, lse_q = kl_rows_forward(p, p, None)
+    kl += 1                                    # three separate results
+    assert lse_p.tolist() == [0.0] * 3 and lse_q.tolist() == [0.0] * 3
+
+
+def test_in_place_backward_needs_contiguous_logits_and_no_mask():
+    p, q = logits(4, 10), logits(4, 10, seed=1)
+    kl, lse_p, lse_q = kl_rows_forward(p, q, None)
+    grad = torch.ones(4)
+    message = "^inplace=True needs contiguous logits and mask=None$"
+    with pytest.raises(ValueError, match=message):
+        kl_rows_backward(grad, p, q, torch.ones(4, dtype=torch.bool), lse_p, lse_q, kl, inplace=True)
+    for strided in ((p.t().contiguous().t(), q), (p, q.t().contiguous().t())):
+        with pytest.raises(ValueError, match=message):
+            kl_rows_backward(grad, *strided, None, lse_p, lse_q, kl, inplace=True)
+    expected = kl_rows_backward(grad, p, q, None, lse_p, lse_q, kl)
+    got = kl_rows_backward(grad, p, q, None, lse_p, lse_q, kl, inplace=True)
+    assert got[0] is p and got[1] is q
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_many_rows_of_a_small_vocabulary(backend, masked):
+    """150 rows (three blocks of 64 in the chunked backend) of 5 logits: every row's KL and
+    gradients, also where there are more rows than vocabulary entries."""
+    p, q = logits(150, 5), logits(150, 5, seed=1)
+    mask = torch.rand(150, generator=torch.Generator().manual_seed(2)) < 0.7 if masked else None
+    grad = torch.randn(150, generator=torch.Generator().manual_seed(3))
+    kl, lse_p, lse_q = kl_rows_forward(p, q, mask, backend)
+    grad_p, grad_q = kl_rows_backward(grad, p, q, mask, lse_p, lse_q, kl, backend)
+    expected_kl = kl_div_logits_reference(p.double(), q.double(), mask, "none")
+    expected_p, expected_q = kl_rows_grad_reference(p.double(), q.double(), grad.double())
+    if mask is not None:
+        expected_p, expected_q = expected_p * mask[:, None], expected_q * mask[:, None]
+    torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_p.double(), expected_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_q.double(), expected_q, rtol=1e-5, atol=1e-5)
+    if mask is None:                         # in place: each block read before it is written
+        in_place = kl_rows_backward(grad, p.clone(), q.clone(), None, lse_p, lse_q, kl, backend,
+                                    inplace=True)
+        torch.testing.assert_close(in_place, (grad_p, grad_q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_backward_op_gives_unselected_rows_no_gradient(backend):
+    """KL_t is 0 on unselected rows whatever the logits, so its gradient there is 0 whatever
+    grad_kl holds (e.g. a sum over every row of kl_div_logits_op's output)."""
+    p, q = logits(6, 33), logits(6, 33, seed=1)
+    mask = torch.tensor([True, False, True, True, False, False])
+    kl, lse_p, lse_q = torch.ops.mlan.kl_div_logits(p, q, mask, backend)
+    assert (kl[~mask] == 0).all()
+    grad_p, grad_q = torch.ops.mlan.kl_div_logits_backward(torch.ones(6), p, q, mask, lse_p, lse_q,
+                                                           kl, backend)
+    assert not grad_p[~mask].any() and not grad_q[~mask].any()
+    assert grad_p[mask].abs().amin(-1).gt(0).all() and grad_q[mask].abs().amin(-1).gt(0).all()
