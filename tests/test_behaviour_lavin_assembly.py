@@ -39,8 +39,8 @@ def test_argument_errors_name_the_argument_and_patch_nothing(kwargs, message):
     assert not adapters(llama) and not adapters(clip)
 
 
-def test_prefixes_may_be_empty_and_are_kept_as_int64_on_the_model():
-    empty = torch.tensor([], dtype=torch.int32)
+@pytest.mark.parametrize("empty", [torch.tensor([], dtype=torch.int32), [], ()])
+def test_prefixes_may_be_empty_and_are_kept_as_int64_on_the_model(empty):
     model = build_lavin(tiny_llama(), tiny_clip(), compat="lavin", image_prefix_ids=empty,
                         text_prefix_ids=(0, 96))
     assert model.image_prefix_ids.dtype == model.text_prefix_ids.dtype == torch.int64

@@ -61,7 +61,8 @@ def _prefix_ids(name, ids, vocab_size):
     if ids is None:
         raise ValueError(f'compat="lavin" needs {name} (the LLaMA tokenizer\'s ids of '
                          f'{"Image: " if name.startswith("image") else "Image: N/A"}, no BOS)')
-    ids = torch.as_tensor(ids)
+    empty = isinstance(ids, (list, tuple)) and not ids       # torch.as_tensor([]) is float32
+    ids = torch.empty(0, dtype=torch.long) if empty else torch.as_tensor(ids)
     if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D sequence of ints, got {ids.dtype} shape {list(ids.shape)}")
     if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
