@@ -81,6 +81,10 @@ class TrainConfig:
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"
     balance_alpha: float = 0.0                # 0 = constant multipliers (κ only measured)
+    aux_weight: float = 0.0                   # λ of CoMMIT's auxiliary loss (ours): at a probe, the
+                                              # batch of the previous probe of the same kind is
+                                              # re-forwarded and −λ·KL(sg(p_prev) ‖ p) trains the
+                                              # lagging side only; 0 = off
     nan_policy: str = "error"                 # non-finite loss or gradient: "error" stops the run
                                               # naming the step; "skip-step" skips that update
                                               # (as AMP's GradScaler does) and counts it
@@ -152,6 +156,8 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
                     "the record says skipped (0 = never skip)",
     "probe_on": "'image': a due probe waits for an image-text batch; 'any': probe on schedule",
     "balance_alpha": "CoMMIT LR exponent α; 0 = constant multipliers (κ only measured)",
+    "aux_weight": "λ of the auxiliary loss −λ·KL(sg(p_prev) ‖ p) on the previous probe's batch, "
+                  "backpropagated into the lagging side only, at probe steps (ours); 0 = off",
     "nan_policy": "non-finite loss or gradient: 'error' stops naming the step, 'skip-step' "
                   "skips that update",
     "eval_every": "held-out evaluation interval in steps (0 = only at the end)",
@@ -258,6 +264,7 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "kappa_beta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "kappa_min_kl": (lambda v: v >= 0, ">= 0 (0 = never skip)"),
     "balance_alpha": (lambda v: v >= 0, ">= 0"),
+    "aux_weight": (lambda v: v >= 0, ">= 0 (0 = off)"),
 }
 POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
                  "clip_layers", "image_size", "patch_size", "base_steps")
@@ -302,6 +309,9 @@ def validate(config: TrainConfig):
     _validate_shapes(config)
     if config.balance_alpha > 0 and config.probe_every == 0:
         raise ValueError("--balance-alpha needs κ probes: set --probe-every > 0")
+    if config.aux_weight > 0 and config.probe_every == 0:
+        raise ValueError("--aux-weight needs κ probes (the lagging side, the cached batch): "
+                         "set --probe-every > 0")
 
 
 def _device_ok(device: str) -> bool:
