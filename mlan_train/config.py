@@ -77,6 +77,8 @@ class TrainConfig:
     kappa_beta: float = 0.9                   # β of the κ̂ EMA
     kappa_min_kl: float = 0.0                 # skip a probe whose KL_feat and KL_lang are both
                                               # below this (κ̂ unchanged; 0 = never skip)
+    kappa_skip: str = "both"                  # "both": skip when both KLs are below
+                                              # --kappa-min-kl; "either": when one of them is
     probe_on: str = "image"                   # "image": a due probe waits for an image-text batch
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"
@@ -154,6 +156,8 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "kappa_beta": "β of the κ̂ EMA, in [0, 1)",
     "kappa_min_kl": "skip a probe whose KL_feat and KL_lang are both below this: κ̂ unchanged, "
                     "the record says skipped (0 = never skip)",
+    "kappa_skip": "'both': skip a probe when both KLs are below --kappa-min-kl; 'either': when "
+                  "one of them is (that side did not measurably move the output)",
     "probe_on": "'image': a due probe waits for an image-text batch; 'any': probe on schedule",
     "balance_alpha": "CoMMIT LR exponent α; 0 = constant multipliers (κ only measured)",
     "aux_weight": "λ of the auxiliary loss −λ·KL(sg(p_prev) ‖ p) on the previous probe's batch, "
@@ -291,6 +295,7 @@ def validate(config: TrainConfig):
         ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
         ("probe_on", config.probe_on in ("image", "any"), "'image' or 'any'"),
         ("kappa_ema", config.kappa_ema in ("log", "linear"), "'log' or 'linear'"),
+        ("kappa_skip", config.kappa_skip in ("both", "either"), "'both' or 'either'"),
         ("nan_policy", config.nan_policy in NAN_POLICIES, " or ".join(map(repr, NAN_POLICIES))),
         ("backend", config.backend in ("auto",) + BACKENDS, f"one of {('auto',) + BACKENDS}"),
         ("device", _device_ok(config.device), "'auto', 'cpu', 'cuda' or 'cuda:N'"),

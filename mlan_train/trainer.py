@@ -98,7 +98,7 @@ class MixedTrainer:
                 lambda batch: self.module(**batch).logits, *self.sides,
                 probe_every=config.probe_every, probe_mode="eval", model=self.module,
                 eps=config.kappa_eps, beta=config.kappa_beta, ema=config.kappa_ema,
-                min_kl=config.kappa_min_kl,
+                min_kl=config.kappa_min_kl, skip=config.kappa_skip,
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size, self.device)))
         if config.aux_weight > 0 and world_size > 1:
             raise ValueError("--aux-weight > 0 runs in one process only (its gradient is not "
