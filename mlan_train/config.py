@@ -72,13 +72,14 @@ class TrainConfig:
     probe_every: int = 10                     # κ probe interval (0 = no probing)
     kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
                                               # below ~1e-8 are rounding noise, not learning
-    kappa_ema: str = "linear"                 # κ̂ = EMA of "linear" κ (the original design) or of
-                                              # "log" κ (ours, the geometric mean; docs/commit_balance.md)
+    kappa_ema: str = "log"                    # κ̂ = EMA of "log" κ (ours, the geometric mean; the
+                                              # stable choice measured in docs/commit_balance.md §7)
+                                              # or of "linear" κ (the original design)
     kappa_beta: float = 0.9                   # β of the κ̂ EMA
-    kappa_min_kl: float = 0.0                 # skip a probe whose KL_feat and KL_lang are both
-                                              # below this (κ̂ unchanged; 0 = never skip)
-    kappa_skip: str = "both"                  # "both": skip when both KLs are below
-                                              # --kappa-min-kl; "either": when one of them is
+    kappa_min_kl: float = 1e-7                # skip a probe whose KLs are below this (κ̂ unchanged;
+                                              # 0 = never skip): 10·ε, where κ is mostly ε
+    kappa_skip: str = "either"                # "either": skip when one KL is below --kappa-min-kl
+                                              # (ours, §7); "both": only when both are
     probe_on: str = "image"                   # "image": a due probe waits for an image-text batch
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"

@@ -30,7 +30,7 @@ import torch
 from mlan_kernels.help_format import DefaultsHelpFormatter
 
 # The study's mlan-train settings unless given: a shorter stage 2 than the demo, the demo's LR.
-STUDY_DEFAULTS = ["--steps", "400", "--warmup-steps", "20", "--lr", "1e-2", "--no-plots",
+STUDY_DEFAULTS = ["--steps", "600", "--warmup-steps", "20", "--lr", "1e-2", "--no-plots",
                   "--no-progress", "--threads", "1"]
 KIND = "balance-study"
 TASKS = ("colour", "shape", "side", "add", "bigger", "repeat")
