@@ -40,15 +40,20 @@ def _pm(value, scale=1.0, spec=".1f") -> str:
     return f"{format(value[0] * scale, spec)} ± {format(value[1] * scale, spec)}"
 
 
-def render_study(data: dict, label) -> str:
-    """Header line + Markdown table of a κ-scheduling study (mlan_train/study.py): per
-    (share, α, λ), mean ± std over seeds."""
+def study_header(data: dict, label) -> str:
+    """One line: where and how a κ-scheduling study ran."""
     env, settings = data["environment"], data["settings"]
+    return (f"{env['device']} ({env['cpus']} cores); torch {env['torch']}; {env['date']}; "
+            f"{len(settings['seeds'])} seeds, {settings['jobs']} runs at a time, "
+            f"{data['total_seconds'] / 60:.0f} min in all (`{label}`)")
+
+
+def render_study(data: dict, label=None) -> str:
+    """Markdown table of a κ-scheduling study (mlan_train/study.py): per (share, α, λ), mean ±
+    std over seeds (no header line: the README names the file and the setting in its text;
+    study_header gives one)."""
     tasks = list(dict.fromkeys(task for group in data["groups"] for task in group["by_task"]))
-    lines = [f"{env['device']} ({env['cpus']} cores); torch {env['torch']}; {env['date']}; "
-             f"{len(settings['seeds'])} seeds, {settings['jobs']} runs at a time, "
-             f"{data['total_seconds'] / 60:.0f} min in all (`{label}`)", "",
-             "| share | α | λ | image % | " + " | ".join(f"{t} %" for t in tasks)
+    lines = ["| share | α | λ | image % | " + " | ".join(f"{t} %" for t in tasks)
              + " | text % | image tokens | text tokens | wall s | probe overhead % | final κ̂ |",
              "|" + "---|" * (10 + len(tasks))]
     for g in data["groups"]:

@@ -241,6 +241,6 @@ def main(argv=None) -> int:
         json.dump(data, handle, indent=1)
         handle.write("\n")
     plot(data, own.png or os.path.splitext(path)[0] + ".png")
-    from mlan_bench.render import render_study
-    print(render_study(data, path))
+    from mlan_bench.render import render_study, study_header
+    print(study_header(data, path) + "\n\n" + render_study(data))
     return 0
