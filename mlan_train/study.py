@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import torch
 from mlan_kernels.help_format import DefaultsHelpFormatter
 
 # The study's mlan-train settings unless given: a shorter stage 2 than the demo, the demo's LR.
-STUDY_DEFAULTS = ["--steps", "600", "--warmup-steps", "20", "--lr", "1e-2", "--no-plots",
+STUDY_DEFAULTS = ["--steps", "300", "--warmup-steps", "20", "--lr", "1e-2", "--no-plots",
                   "--no-progress", "--threads", "1"]
 KIND = "balance-study"
 TASKS = ("colour", "shape", "side", "add", "bigger", "repeat")
@@ -92,16 +93,40 @@ def run_argv(args, out, seed, alpha, aux, share) -> list:
                    "--aux-weight", f"{aux:g}", "--language-share", f"{share:g}"]
 
 
+def finished(out):
+    """Wall seconds of a run that finished in an earlier invocation (OUT/<run>/wall.json), or None."""
+    path = os.path.join(out, "wall.json")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(out, "run.json"))):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)["wall_seconds"]
+
+
+def record_wall(out, seconds):
+    with open(os.path.join(out, "wall.json"), "w", encoding="utf-8") as handle:
+        json.dump({"wall_seconds": seconds}, handle)
+
+
 def run_all(own, args) -> list:
-    """Train every run of the grid; returns [(key, out directory, wall seconds)]."""
-    pending = [(key, os.path.join(own.out, run_name(*key))) for key in grid(own)]
-    done = []
+    """Train every run of the grid that OUT does not already hold finished (an interrupted study
+    continues where it stopped: same options, same --out); returns [(key, out, wall seconds)]."""
+    pending, done = [], []
+    for key in grid(own):
+        out = os.path.join(own.out, run_name(*key))
+        wall = finished(out)
+        if wall is None:
+            shutil.rmtree(out, ignore_errors=True)          # an interrupted run starts over
+            pending.append((key, out))
+        else:
+            done.append((key, out, wall))
+            print(f"reusing {run_name(*key)} ({wall:.0f} s)", flush=True)
     if own.jobs <= 1:
         from .cli import prepare, run
         for key, out in pending:
             start = time.perf_counter()
             run(prepare(run_argv(args, out, *key)))
             done.append((key, out, time.perf_counter() - start))
+            record_wall(out, done[-1][2])
         return done
     environment = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     running = []
@@ -125,6 +150,7 @@ def run_all(own, args) -> list:
             if process.returncode != 0:
                 raise RuntimeError(f"{run_name(*key)} failed ({process.returncode}); see {out}/train.log")
             done.append((key, out, time.perf_counter() - start))
+            record_wall(out, done[-1][2])
             print(f"finished {run_name(*key)} in {done[-1][2]:.0f} s", flush=True)
     return done
 
@@ -180,19 +206,12 @@ def summarize(runs) -> list:
     return result
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict:
-    return {"device": cpu_name(), "cpus": os.cpu_count(),
+    """CPU, versions, date, OMP threads and the 1/5/15-min load average when the study started
+    (other work on the machine)."""
+    from mlan_bench.report import cpu_model
+    return {"device": cpu_model(), "cpus": os.cpu_count(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(),
             "threads": os.environ.get("OMP_NUM_THREADS")}
@@ -228,10 +247,10 @@ def main(argv=None) -> int:
     own, train_args = parser().parse_known_args(argv)
     command = "python python/study_balance.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args = prepare_base(STUDY_DEFAULTS + train_args)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), environment()
     done = run_all(own, args)
     runs = [run_record(key, out, wall) for key, out, wall in done]
-    data = {"kind": KIND, "command": command, "environment": environment(),
+    data = {"kind": KIND, "command": command, "environment": started,
             "settings": {"seeds": own.seeds, "alphas": own.alphas, "aux_weights": own.aux_weights,
                          "shares": own.shares, "jobs": own.jobs, "mlan_train": STUDY_DEFAULTS + train_args},
             "total_seconds": time.perf_counter() - start, "runs": runs, "groups": summarize(runs)}
