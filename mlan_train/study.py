@@ -62,8 +62,9 @@ def run_name(seed, alpha, aux, share) -> str:
 
 
 def grid(own):
-    return [(seed, alpha, aux, share) for share in own.shares for alpha in own.alphas
-            for aux in own.aux_weights for seed in own.seeds]
+    """Seed-major: an interrupted study holds whole seeds of every setting."""
+    return [(seed, alpha, aux, share) for seed in own.seeds for share in own.shares
+            for alpha in own.alphas for aux in own.aux_weights]
 
 
 def prepare_base(train_args) -> list:
@@ -192,7 +193,7 @@ def mean_std(values):
 def summarize(runs) -> list:
     """One group per (share, α, λ): mean and sample std over seeds of every metric."""
     groups = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: (r["share"], r["alpha"], r["aux_weight"], r["seed"])):
         groups.setdefault((run["share"], run["alpha"], run["aux_weight"]), []).append(run)
     result = []
     for (share, alpha, aux), members in groups.items():
