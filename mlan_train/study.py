@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
                         help="mlan-train processes at a time (1 = in this process)")
     result.add_argument("--json", default=None, help="results JSON (default: OUT/study.json)")
     result.add_argument("--png", default=None, help="plot (default: next to the JSON, .png)")
+    result.add_argument("--from-json", default=None,
+                        help="train nothing: plot and print the table of this finished study")
     return result
 
 
@@ -219,26 +221,29 @@ def environment() -> dict:
 
 
 def plot(data, path):
-    """Image and text accuracy (mean ± std over seeds) per (α, λ), one panel per share."""
+    """Per (α, λ): held-out accuracy of each image task and of the text tasks (mean ± std over
+    seeds), one panel per language share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shares = sorted({g["share"] for g in data["groups"]})
-    figure, axes = plt.subplots(1, len(shares), figsize=(5 * len(shares), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(shares), figsize=(5.5 * len(shares), 3.8), squeeze=False)
     for axis, share in zip(axes[0], shares):
         groups = [g for g in data["groups"] if g["share"] == share]
-        labels = [f"α={g['alpha']:g}\nλ={g['aux_weight']:g}" for g in groups]
-        for offset, (metric, name) in zip((-0.2, 0.2), (("image_accuracy", "image"),
-                                                        ("text_accuracy", "text"))):
-            means = [100 * g[metric][0] for g in groups]
-            stds = [100 * g[metric][1] for g in groups]
-            axis.bar([i + offset for i in range(len(groups))], means, 0.4, yerr=stds,
-                     capsize=3, label=name)
-        axis.set_xticks(range(len(groups)), labels)
+        bars = [(task, lambda g, t=task: g["by_task"].get(t)) for task in ("colour", "shape", "side")]
+        bars.append(("text", lambda g: g["text_accuracy"]))
+        width = 0.8 / len(bars)
+        for index, (name, value) in enumerate(bars):
+            pairs = [value(g) or [0.0, 0.0] for g in groups]
+            axis.bar([i + (index - (len(bars) - 1) / 2) * width for i in range(len(groups))],
+                     [100 * m for m, _ in pairs], width, yerr=[100 * s for _, s in pairs],
+                     capsize=2, label=name)
+        axis.set_xticks(range(len(groups)),
+                        [f"α={g['alpha']:g}, λ={g['aux_weight']:g}" for g in groups])
         axis.set_ylim(0, 100)
-        axis.set_title(f"language share {share:g} ({len(groups[0]['seeds'])} seeds)")
+        axis.set_title(f"language share {share:g} ({len(groups[0]['seeds'])} seeds, mean ± std)")
         axis.set_ylabel("held-out accuracy %")
-        axis.legend(loc="lower right")
+    axes[0][0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(bars), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -246,6 +251,13 @@ def plot(data, path):
 
 def main(argv=None) -> int:
     own, train_args = parser().parse_known_args(argv)
+    if own.from_json:                   # re-plot and re-print a finished study
+        with open(own.from_json, encoding="utf-8") as handle:
+            data = json.load(handle)
+        plot(data, own.png or os.path.splitext(own.from_json)[0] + ".png")
+        from mlan_bench.render import render_study, study_header
+        print(study_header(data, own.from_json) + "\n\n" + render_study(data))
+        return 0
     command = "python python/study_balance.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args = prepare_base(STUDY_DEFAULTS + train_args)
     start, started = time.perf_counter(), environment()

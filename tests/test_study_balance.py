@@ -30,6 +30,8 @@ def test_one_seed_smoke_study_writes_json_png_and_a_rendered_table(tmp_path, cap
     assert (tmp_path / "base" / "base.json").is_file()                      # made once, reused
     table = capsys.readouterr().out
     assert "| share | α | λ | image % |" in table and "| 0.5 | 0.5 | 5 |" in table
+    assert main(["--from-json", str(result), "--png", str(tmp_path / "again.png")]) == 0
+    assert os.path.getsize(tmp_path / "again.png") > 0 and table in capsys.readouterr().out
     readme = f"<!-- results: {result.name} -->\nstale\n<!-- /results -->\n"
     rendered = render_blocks(readme, str(tmp_path))
     assert len(BLOCK.findall(rendered)) == 1 and "| 0.5 | 0 | 5 |" in rendered and "stale" not in rendered
