@@ -63,7 +63,7 @@ def render_study(data: dict, label=None) -> str:
             f"{_pm(g['image_accuracy'], 100)} | "
             + " | ".join(_pm(g["by_task"].get(t), 100, ".0f") for t in tasks)
             + f" | {_pm(g['text_accuracy'], 100)} | {_pm(g['image_tokens'], 1, '.0f')} | "
-            f"{_pm(g['wall_seconds'], 1, '.0f')} | {_pm(g['probe_overhead'], 100, '.0f')} | {kappa} |")
+            f"{_pm(g['text_tokens'], 1, '.0f')} | {_pm(g['wall_seconds'], 1, '.0f')} | {_pm(g['probe_overhead'], 100, '.0f')} | {kappa} |")
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ def test_one_seed_smoke_study_writes_json_png_and_a_rendered_table(tmp_path, cap
     assert (tmp_path / "base" / "base.json").is_file()                      # made once, reused
     table = capsys.readouterr().out
     assert "| share | α | λ | image % |" in table and "| 0.5 | 0.5 | 5 |" in table
+    rows = [line for line in render_study(data).splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in rows}) == 1          # every row has every column
     assert main(["--from-json", str(result), "--png", str(tmp_path / "again.png")]) == 0
     assert os.path.getsize(tmp_path / "again.png") > 0
     assert render_study(data) in capsys.readouterr().out and render_study(data) in table
