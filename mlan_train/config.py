@@ -73,15 +73,22 @@ class TrainConfig:
     probe_every: int = 10                     # κ probe interval (0 = no probing)
     kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
                                               # below ~1e-8 are rounding noise, not learning
-    kappa_ema: str = "linear"                 # κ̂ = EMA of "linear" κ (the original design) or of
-                                              # "log" κ (ours, the geometric mean; docs/commit_balance.md)
+    kappa_ema: str = "log"                    # κ̂ = EMA of "log" κ (ours, the geometric mean; the
+                                              # stable choice measured in docs/commit_balance.md §7)
+                                              # or of "linear" κ (the original design)
     kappa_beta: float = 0.9                   # β of the κ̂ EMA
-    kappa_min_kl: float = 0.0                 # skip a probe whose KL_feat and KL_lang are both
-                                              # below this (κ̂ unchanged; 0 = never skip)
+    kappa_min_kl: float = 1e-7                # skip a probe whose KLs are below this (κ̂ unchanged;
+                                              # 0 = never skip): 10·ε, where κ is mostly ε
+    kappa_skip: str = "either"                # "either": skip when one KL is below --kappa-min-kl
+                                              # (ours, §7); "both": only when both are
     probe_on: str = "image"                   # "image": a due probe waits for an image-text batch
                                               # (on text-only ones the vision side cannot move
                                               # the output, so κ says nothing); "any"
     balance_alpha: float = 0.0                # 0 = constant multipliers (κ only measured)
+    aux_weight: float = 0.0                   # λ of CoMMIT's auxiliary loss (ours): at a probe, the
+                                              # batch of the previous probe of the same kind is
+                                              # re-forwarded and −λ·KL(sg(p_prev) ‖ p) trains the
+                                              # lagging side only; 0 = off
     nan_policy: str = "error"                 # non-finite loss or gradient: "error" stops the run
                                               # naming the step; "skip-step" skips that update
                                               # (as AMP's GradScaler does) and counts it
@@ -151,8 +158,12 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "kappa_beta": "β of the κ̂ EMA, in [0, 1)",
     "kappa_min_kl": "skip a probe whose KL_feat and KL_lang are both below this: κ̂ unchanged, "
                     "the record says skipped (0 = never skip)",
+    "kappa_skip": "'both': skip a probe when both KLs are below --kappa-min-kl; 'either': when "
+                  "one of them is (that side did not measurably move the output)",
     "probe_on": "'image': a due probe waits for an image-text batch; 'any': probe on schedule",
     "balance_alpha": "CoMMIT LR exponent α; 0 = constant multipliers (κ only measured)",
+    "aux_weight": "λ of the auxiliary loss −λ·KL(sg(p_prev) ‖ p) on the previous probe's batch, "
+                  "backpropagated into the lagging side only, at probe steps (ours); 0 = off",
     "nan_policy": "non-finite loss or gradient: 'error' stops naming the step, 'skip-step' "
                   "skips that update",
     "eval_every": "held-out evaluation interval in steps (0 = only at the end)",
@@ -259,6 +270,7 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "kappa_beta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "kappa_min_kl": (lambda v: v >= 0, ">= 0 (0 = never skip)"),
     "balance_alpha": (lambda v: v >= 0, ">= 0"),
+    "aux_weight": (lambda v: v >= 0, ">= 0 (0 = off)"),
 }
 POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
                  "clip_layers", "image_size", "patch_size", "base_steps")
@@ -285,6 +297,7 @@ def validate(config: TrainConfig):
         ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
         ("probe_on", config.probe_on in ("image", "any"), "'image' or 'any'"),
         ("kappa_ema", config.kappa_ema in ("log", "linear"), "'log' or 'linear'"),
+        ("kappa_skip", config.kappa_skip in ("both", "either"), "'both' or 'either'"),
         ("nan_policy", config.nan_policy in NAN_POLICIES, " or ".join(map(repr, NAN_POLICIES))),
         ("backend", config.backend in ("auto",) + BACKENDS, f"one of {('auto',) + BACKENDS}"),
         ("device", _device_ok(config.device), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
@@ -303,6 +316,9 @@ def validate(config: TrainConfig):
     _validate_shapes(config)
     if config.balance_alpha > 0 and config.probe_every == 0:
         raise ValueError("--balance-alpha needs κ probes: set --probe-every > 0")
+    if config.aux_weight > 0 and config.probe_every == 0:
+        raise ValueError("--aux-weight needs κ probes (the lagging side, the cached batch): "
+                         "set --probe-every > 0")
 
 
 def _device_ok(device: str) -> bool:

@@ -4,7 +4,10 @@ One optimizer step = `grad_accum` micro-batches from ModalityLengthBatchSampler 
 modality; text-only batches never run CLIP), AdamW with per-side learning rates from
 BalanceScheduler (cosine with warm-up × CoMMIT multipliers, our interpretation), per-side
 gradient clipping with the fused scale_grads_, and a κ probe (BalanceMonitor) every
-`probe_every` steps. Under torch.distributed (DDP, gloo on CPU / nccl on GPU) every rank
+`probe_every` steps. With aux_weight λ > 0 (ours, training/auxiliary.py), a probe step first
+re-forwards the batch cached at the previous probe of the same kind (image-text / text-only)
+and backpropagates −λ·KL(sg(p_prev) ‖ p) into the lagging side's gradients only (before the
+clip), then caches its own batch and logits. Under torch.distributed (DDP, gloo on CPU / nccl on GPU) every rank
 trains on a disjoint shard of the same single-modality global batch.
 """
 import contextlib
@@ -20,6 +23,7 @@ from mlan_kernels.data.dataset import InstructionDataset, split_by_modality
 from mlan_kernels.data.records import load_records
 from mlan_kernels.data.sampler import MixtureSampler, ModalityLengthBatchSampler
 from mlan_kernels.ops.grad_scale import scale_grads_
+from mlan_kernels.training.auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
 from mlan_kernels.training.balance import FEATURE, LANGUAGE, BalanceMonitor
 from mlan_kernels.training.scheduler import BalanceScheduler, CosineWithWarmup
 from .batches import batch_to
@@ -94,8 +98,14 @@ class MixedTrainer:
                 lambda batch: self.module(**batch).logits, *self.sides,
                 probe_every=config.probe_every, probe_mode="eval", model=self.module,
                 eps=config.kappa_eps, beta=config.kappa_beta, ema=config.kappa_ema,
-                min_kl=config.kappa_min_kl,
+                min_kl=config.kappa_min_kl, skip=config.kappa_skip,
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size, self.device)))
+        if config.aux_weight > 0 and world_size > 1:
+            raise ValueError("--aux-weight > 0 runs in one process only (its gradient is not "
+                             "all-reduced across ranks)")
+        # --aux-weight: {"image"|"text": (batch, logits, answer mask)} of the last probe of that
+        # kind; not checkpointed (after a resume the first probe of each kind only fills it)
+        self.aux_cache = {}
         self.step, self.counter = 0, None
         self.history = {"loss": [], "lr": [], "kappa": [], "eval": [], "step_seconds": [],
                         "tokens": TokenCounter().as_dict(), "probe_due": False}
@@ -186,12 +196,19 @@ class MixedTrainer:
             inputs, out, image_batch = self._micro_step(next(batch_iter), counter,
                                                         micro + 1 == config.grad_accum)
             loss += float(out.loss.detach()) / config.grad_accum
+        probe, aux = None, {}
+        if config.aux_weight > 0:             # λ = 0: the code path of a run without it, exactly
+            probe = self._probe_now(image_batch)
+            if probe:
+                aux = self._auxiliary(inputs, out, image_batch)
         # the clip reads gradients only: before the probe, which reads parameters only
         norms = scale_grads_(self.sides, [1.0, 1.0], max_norm=config.max_grad_norm or None)
         if not (math.isfinite(loss) and bool(torch.isfinite(norms).all())):
             self._non_finite(loss, norms)
             return loss, None
-        if self.monitor is not None and self._probe_now(image_batch):
+        if probe is None:
+            probe = self.monitor is not None and self._probe_now(image_batch)
+        if probe:
             labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
                                                  inputs["has_image"])
             self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels),
@@ -203,12 +220,36 @@ class MixedTrainer:
             record = self.monitor.after_step(loss=loss, m_feat=multipliers[FEATURE],
                                              m_lang=multipliers[LANGUAGE],
                                              grad_norm_feat=norms[0], grad_norm_lang=norms[1],
-                                             image_batch=float(image_batch))
+                                             image_batch=float(image_batch), **aux)
             if record is not None and record["kappa_ema"] is not None:   # None: all probes so far skipped
                 self.scheduler.update_kappa(record["kappa_ema"])
         self.history["lr"].append(self.scheduler.get_last_lr()[-1])
         self.scheduler.step()
         return loss, record
+
+    def _auxiliary(self, inputs, out, image_batch) -> dict:
+        """CoMMIT's auxiliary loss at a probe step (ours; training/auxiliary.py): with a batch
+        cached at the previous probe of this kind and a lagging side (κ̂ ≠ 1), re-forward that
+        batch and accumulate ∂(−λ·KL(sg(p_prev) ‖ p)) into the lagging side's .grad only; then
+        cache this batch with its training logits. Returns the probe record's extras:
+        aux_side (1 feature, −1 language, 0 none) and aux_loss."""
+        kind = "image" if image_batch else "text"
+        cached = self.aux_cache.get(kind)
+        side = lagging_side(self.monitor.kappa_hat)
+        value = 0.0
+        if cached is not None and side is not None:
+            batch, previous, mask = cached
+            with self.autocast():
+                logits = self.module(**batch).logits
+            loss = auxiliary_kl_loss(logits, previous, mask, self.config.aux_weight)
+            backward_auxiliary(loss, self.sides[0] if side == FEATURE else self.sides[1])
+            value = float(loss.detach())
+        else:
+            side = None
+        labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
+                                             inputs["has_image"])
+        self.aux_cache[kind] = (inputs, out.logits.detach(), answer_mask(labels))
+        return {"aux_side": {FEATURE: 1.0, LANGUAGE: -1.0, None: 0.0}[side], "aux_loss": value}
 
     def _non_finite(self, loss, norms):
         """--nan-policy: "error" raises naming the step; "skip-step" drops this update (the

@@ -104,6 +104,22 @@ def test_a_probe_is_skipped_only_with_both_kls_strictly_below_min_kl(kls, skippe
     assert monitor.skipped == (2 if skipped else 0)
 
 
+@pytest.mark.parametrize("kls, skipped", [((1e-3, 1e-3), False), ((0.5e-3, 1e-3), True),
+                                          ((1e-3, 0.5e-3), True), ((0.5e-3, 0.5e-3), True)])
+def test_skip_either_skips_a_probe_with_one_kl_strictly_below_min_kl(kls, skipped):
+    model = Toy()
+    monitor = monitor_of(model, min_kl=1e-3, skip="either", reduce_kl=lambda kl_feat, kl_lang: kls)
+    for _ in range(2):
+        record = probe(monitor, model, torch.randn(8, 4), feature_delta=0.1)
+    assert record["skipped"] == skipped and (monitor.kappa_hat is None) == skipped
+    assert monitor.skipped == (2 if skipped else 0)
+
+
+def test_an_unknown_skip_rule_is_refused():
+    with pytest.raises(ValueError, match=r"skip must be one of \('both', 'either'\), got 'any'"):
+        monitor_of(Toy(), skip="any")
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_an_eval_probe_leaves_the_model_in_its_mode(training):
     model = Toy().train(training)

@@ -124,12 +124,15 @@ def test_bad_options(options):
 
 def test_mlan_train_options_defaults_and_help(capsys):
     config = config_from_args(build_parser().parse_args([]))
-    assert (config.kappa_ema, config.kappa_beta, config.kappa_min_kl) == ("linear", 0.9, 0.0)
+    # the stable κ̂ measured in docs/commit_balance.md §7 (issue 18): log EMA, min KL 10·ε per side
+    assert (config.kappa_ema, config.kappa_beta, config.kappa_min_kl, config.kappa_skip) == (
+        "log", 0.9, 1e-7, "either")
     help_text = " ".join(build_parser().format_help().split())
-    for flag in ("--kappa-ema", "--kappa-beta", "--kappa-min-kl"):
+    for flag in ("--kappa-ema", "--kappa-beta", "--kappa-min-kl", "--kappa-skip"):
         assert flag in help_text
-    assert "default: linear" in help_text
-    for bad in (["--kappa-ema", "x"], ["--kappa-beta", "1"], ["--kappa-min-kl", "-1"]):
+    assert "(default: log)" in help_text and "(default: either)" in help_text
+    for bad in (["--kappa-ema", "x"], ["--kappa-beta", "1"], ["--kappa-min-kl", "-1"],
+                ["--kappa-skip", "any"]):
         with pytest.raises(ValueError, match=bad[0]):
             config_from_args(build_parser().parse_args(bad))
 
@@ -137,7 +140,8 @@ def test_mlan_train_options_defaults_and_help(capsys):
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--clip-layers", "4",
         "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--eval-samples", "8",
         "--probe-every", "1", "--probe-on", "any", "--log-every", "1", "--no-plots",
-        "--language-share", "0.5", "--steps", "6", "--balance-alpha", "0.5", "--kappa-ema", "log"]
+        "--language-share", "0.5", "--steps", "6", "--balance-alpha", "0.5", "--kappa-ema", "log",
+        "--kappa-skip", "both"]
 
 
 def train(data, out, *extra):

@@ -17,7 +17,9 @@ Stable κ̂ (ours, docs/commit_balance.md "Noise of κ"): ema="log" averages log
     log κ̂_t = β log κ̂_{t−1} + (1 − β) log κ_t,
 so one outlier moves log κ̂ by at most (1 − β)·|log κ_t − log κ̂_{t−1}| instead of making κ̂ jump
 to ≈ (1 − β)·κ_t; min_kl > 0 skips a probe whose two KLs are both below it (κ̂ unchanged, the
-record says skipped=True): κ of two sub-min_kl KLs is a ratio of rounding noise.
+record says skipped=True): κ of two sub-min_kl KLs is a ratio of rounding noise. With
+skip="either" a probe is skipped when either KL is below min_kl: a side that did not move the
+output measurably makes κ a ratio of that side's noise (or of ε) to the other's step.
 
 Usage (one training step):
     monitor = BalanceMonitor(lambda batch: model(**batch).logits, *balance_groups(model))
@@ -39,6 +41,7 @@ from ..ops.kl_div import kl_div_logits
 
 FEATURE, LANGUAGE = "feature", "language"
 EMA_MODES = ("linear", "log")
+SKIP_RULES = ("both", "either")
 
 
 def _lavin_parts(model: nn.Module):
@@ -103,7 +106,8 @@ class BalanceMonitor:
     ranks so every rank computes the same κ̂ (and the same learning rates).
     ema: "linear" (default, the design doc's EMA of κ) or "log" (EMA of log κ, ours; robust to
     single-probe outliers). min_kl: probes with kl_feat < min_kl and kl_lang < min_kl are
-    skipped (κ̂ unchanged, record["skipped"] = True); 0 (default) skips none. Memory: one copy of each group, twice (θ_t, φ_t,
+    skipped (κ̂ unchanged, record["skipped"] = True); 0 (default) skips none. skip: "both"
+    (default, as just said) or "either" (kl_feat < min_kl or kl_lang < min_kl). Memory: one copy of each group, twice (θ_t, φ_t,
     and θ_{t+1}, φ_{t+1} while swapping) — a few MB for LaVIN's adapters.
     """
 
@@ -112,7 +116,7 @@ class BalanceMonitor:
                  eps: float = 1e-12, probe_mode: str = "train", model: Optional[nn.Module] = None,
                  log_path: Optional[str] = None, backend: str = "auto",
                  reduce_kl: Optional[Callable[[float, float], tuple]] = None,
-                 ema: str = "linear", min_kl: float = 0.0):
+                 ema: str = "linear", min_kl: float = 0.0, skip: str = "both"):
         if not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every must be a positive int, got {probe_every!r}")
         if not 0.0 <= beta < 1.0:
@@ -125,7 +129,9 @@ class BalanceMonitor:
             raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
         if not (math.isfinite(min_kl) and min_kl >= 0):
             raise ValueError(f"min_kl must be finite and >= 0, got {min_kl!r}")
-        self.ema, self.min_kl = ema, float(min_kl)
+        if skip not in SKIP_RULES:
+            raise ValueError(f"skip must be one of {SKIP_RULES}, got {skip!r}")
+        self.ema, self.min_kl, self.skip = ema, float(min_kl), skip
         self.skipped = 0
         self.forward_logits, self.model = forward_logits, model
         self.feature_params, self.language_params = list(feature_params), list(language_params)
@@ -197,7 +203,8 @@ class BalanceMonitor:
         if self.reduce_kl is not None:
             kl_feat, kl_lang = self.reduce_kl(kl_feat, kl_lang)
         kappa = (kl_feat + self.eps) / (kl_lang + self.eps)
-        skipped = kl_feat < self.min_kl and kl_lang < self.min_kl
+        below = (kl_feat < self.min_kl, kl_lang < self.min_kl)
+        skipped = all(below) if self.skip == "both" else any(below)
         if skipped:
             self.skipped += 1
         else:
