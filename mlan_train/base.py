@@ -240,7 +240,7 @@ def settings_of(config) -> BaseSettings:
                         vision_steps=config.base_steps,
                         clip_dim=config.clip_dim, clip_layers=config.clip_layers,
                         image_size=config.image_size, patch_size=config.patch_size,
-                        seed=config.seed)
+                        seed=config.base_seed)
 
 
 def with_pretrained_base(config, rank: int = 0, world_size: int = 1):

@@ -50,6 +50,7 @@ class TrainConfig:
     base: Optional[str] = None                # stage 1: pretrain a tiny LLaMA/CLIP base here unless
                                               # present, then train adapters on it frozen (LaVIN)
     base_steps: int = 600                     # stage-1 AdamW steps of each base model
+    base_seed: int = 0                        # stage-1 seed (--seed is stage 2's: one base, many seeds)
     llama: Optional[str] = None               # local HF LlamaForCausalLM directory
     clip: Optional[str] = None                # local HF CLIPVisionModel directory
     tokenizer: Optional[str] = None           # tokenizer.json (default: DATA/tokenizer.json or the --llama one)
@@ -130,6 +131,7 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
             "statements) and CLIP (scene attributes) into this directory unless it holds them "
             "(stage 1), then train only adapters, neck and modality token on them, frozen",
     "base_steps": "stage 1 (--base): AdamW steps of the LLaMA and of the CLIP pretraining",
+    "base_seed": "stage 1 (--base): seed of the base models (--seed seeds stage 2 only)",
     "llama": "local HF LlamaForCausalLM directory (default: a tiny LLaMA built in code)",
     "clip": "local HF CLIPVisionModel directory (default: a tiny CLIP built in code)",
     "tokenizer": "tokenizer.json (default: DATA/tokenizer.json, or the --llama directory's)",
@@ -294,6 +296,7 @@ def validate(config: TrainConfig):
     checks += [(name, getattr(config, name) >= 0, ">= 0") for name in NON_NEGATIVE_INTS]
     checks += [
         ("seed", 0 <= config.seed < SEED_LIMIT, "in [0, 2^32)"),
+        ("base_seed", 0 <= config.base_seed < SEED_LIMIT, "in [0, 2^32)"),
         ("warmup_steps", 0 <= config.warmup_steps < config.steps, "in [0, steps)"),
         ("probe_on", config.probe_on in ("image", "any"), "'image' or 'any'"),
         ("kappa_ema", config.kappa_ema in ("log", "linear"), "'log' or 'linear'"),

@@ -7,8 +7,8 @@ frozen stage-1 base, summarised as mean ± std over seeds.
 
 Each run is `mlan-train` with the study's defaults (STUDY_DEFAULTS) and every option not known
 here passed through, e.g. `--steps 400`. With --base the base is made (or reused) once, before
-any run, and every run reads it as --llama/--clip (stage 1's fingerprint includes --seed, so
-the seeds of stage 2 do not each make a base). --jobs N > 1 runs N `mlan-train` processes at a
+any run, and every run reads it as --llama/--clip (so that parallel runs never race to make
+it; its seed is --base-seed, the runs' --seed is stage 2's). --jobs N > 1 runs N `mlan-train` processes at a
 time (OMP_NUM_THREADS=1 each); --jobs 1 runs them in this process. The JSON holds every run
 and the groups' means and standard deviations; `python -m mlan_bench.render` renders it
 (the README's study table).

@@ -196,7 +196,10 @@ def test_mlan_train_base_pretrains_once_then_trains_only_adapters(tmp_path):
     parameters = run["parameters"]
     assert parameters["trainable"] == sum(t.numel() for t in trained.values()) < parameters["total"]
     stamp = (tmp_path / "base" / "base.json").stat().st_mtime_ns
-    assert main([*tiny, "--out", str(tmp_path / "again")]) == 0
+    assert main([*tiny, "--seed", "1", "--out", str(tmp_path / "again")]) == 0   # stage 2's seed
+    assert (tmp_path / "base" / "base.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "again" / "run.json").read_text())["config"]["seed"] == 1
+    assert main([*tiny, "--base-seed", "1", "--out", str(tmp_path / "other")]) == 2  # another base
     assert (tmp_path / "base" / "base.json").stat().st_mtime_ns == stamp
 
 
