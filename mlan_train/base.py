@@ -125,8 +125,8 @@ def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
 
     loss = _train(llama, settings.lr, settings.text_steps, loss_at)
     llama.eval()
-    accuracy = {kind: last_word_accuracy(llama, statements(300, settings.seed + 1, kinds=(kind,)), tokenizer)
-                for kind in DETERMINED_KINDS}
+    held_out = {kind: statements(300, settings.seed + 1, kinds=(kind,)) for kind in DETERMINED_KINDS}
+    accuracy = {kind: last_word_accuracy(llama, texts, tokenizer) for kind, texts in held_out.items()}
     return llama, {"loss": loss, "seconds": time.perf_counter() - start,
                    "held_out_last_word_accuracy": accuracy}
 
