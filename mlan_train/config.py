@@ -72,6 +72,9 @@ class TrainConfig:
     backend: str = "auto"                     # op backend of the adapters
     # CoMMIT balancing (our interpretation, docs/commit_balance.md)
     probe_every: int = 10                     # κ probe interval (0 = no probing)
+    probe_start: Optional[int] = None         # first step a probe may run (None = --warmup-steps:
+                                              # during warm-up κ measures a near-zero LR's
+                                              # rounding and seeds κ̂ with it, docs §7)
     kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
                                               # below ~1e-8 are rounding noise, not learning
     kappa_ema: str = "log"                    # κ̂ = EMA of "log" κ (ours, the geometric mean; the
@@ -154,6 +157,7 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "placement": "adapter sites: 'attn' (LaVIN's, before attention) or 'block' (also before the MLP)",
     "backend": "MM-Adapter op backend (auto, " + ", ".join(BACKENDS) + ")",
     "probe_every": "κ probe interval in steps, 0 = no probing",
+    "probe_start": "first step a κ probe may run (default: --warmup-steps; 0 = from the start)",
     "kappa_eps": "ε of κ = (KL_feat + ε) / (KL_lang + ε)",
     "kappa_ema": "κ̂ = EMA of 'linear' κ (the original design) or of 'log' κ (ours: a "
                  "geometric mean, one outlier moves log κ̂ by at most (1-β)·its log distance)",
@@ -311,6 +315,8 @@ def validate(config: TrainConfig):
     optional_positive = [("samples_per_epoch", config.samples_per_epoch),
                          ("eval_samples", config.eval_samples)]
     checks += [(name, value is None or value > 0, "> 0") for name, value in optional_positive]
+    checks.append(("probe_start", config.probe_start is None or 0 <= config.probe_start < config.steps,
+                   "in [0, steps)"))
     checks.append(("max_length", config.max_length is None or config.max_length >= 2,
                    ">= 2 (<s> + one answer token)"))
     for name, ok, expected in checks:

@@ -30,9 +30,9 @@ import torch
 
 from mlan_kernels.help_format import DefaultsHelpFormatter
 
-# The study's mlan-train settings unless given: a shorter stage 2 than the demo, the demo's LR.
-STUDY_DEFAULTS = ["--steps", "300", "--warmup-steps", "20", "--lr", "1e-2", "--no-plots",
-                  "--no-progress", "--threads", "1"]
+# The study's mlan-train settings unless given: the demo's stage 2 (mlan-train's 1,500 steps and
+# 40 warm-up steps, `make demo`'s LR), without plots or progress bars, one thread per run.
+STUDY_DEFAULTS = ["--lr", "1e-2", "--no-plots", "--no-progress", "--threads", "1"]
 KIND = "balance-study"
 TASKS = ("colour", "shape", "side", "add", "bigger", "repeat")
 
@@ -45,8 +45,9 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="mlan-train --seed values")
     result.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5],
                         help="--balance-alpha values (0 = κ measured only)")
-    result.add_argument("--aux-weights", type=float, nargs="+", default=[0.0, 10.0],
-                        help="--aux-weight values λ (0 = no auxiliary loss)")
+    result.add_argument("--aux-weights", type=float, nargs="+", default=[0.0, 1.0],
+                        help="--aux-weight values λ (0 = no auxiliary loss; λ = 10 cost image "
+                             "accuracy in the 300-step study, docs/commit_balance.md §9)")
     result.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.875],
                         help="--language-share values")
     result.add_argument("--out", default="runs/study", help="directory of the runs (OUT/<run>/run.json)")

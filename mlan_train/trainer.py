@@ -265,8 +265,12 @@ class MixedTrainer:
         self.scheduler.step()
 
     def _probe_now(self, image_batch: bool) -> bool:
-        """Probe when one is due (every probe_every steps) and, with probe_on="image", the
-        batch is image-text; otherwise the due probe waits for the next such batch."""
+        """Probe when one is due (every probe_every steps from probe_start, by default the end
+        of warm-up) and, with probe_on="image", the batch is image-text; otherwise the due probe
+        waits for the next such batch."""
+        start = self.config.probe_start
+        if self.step < (self.config.warmup_steps if start is None else start):
+            return False
         self.history["probe_due"] = self.history["probe_due"] or self.step % self.config.probe_every == 0
         if self.history["probe_due"] and (self.config.probe_on == "any" or image_batch):
             self.history["probe_due"] = False

@@ -5,7 +5,8 @@
 * per-side clipping: after clipping every side's gradient norm is ≤ --max-grad-norm (a side above
   it lands on it); --max-grad-norm 0 leaves the gradients as computed;
 * CoMMIT balancing: with --balance-alpha α > 0 the per-side learning rates follow the κ̂ of the
-  probes, lr_side = initial_lr · schedule(step) · clip(κ̂^(∓α)); with α = 0 both sides share it.
+  probes, lr_side = initial_lr · schedule(step) · clip(κ̂^(∓α)); with α = 0 both sides share it;
+  probes run every --probe-every steps from --probe-start, by default the end of warm-up.
 """
 import collections
 
@@ -98,7 +99,7 @@ def side_norms(trainer):
 @pytest.mark.parametrize("max_norm", [1e-3, 0.05])
 def test_after_clipping_every_side_norm_is_at_most_max_grad_norm(data, tmp_path, max_norm):
     trainer = make_trainer(data, tmp_path, "--max-grad-norm", str(max_norm), "--probe-every", "1",
-                           "--probe-on", "any")
+                           "--probe-on", "any", "--probe-start", "0")    # a record at every step
     post_clip = []
     trainer.optimizer.register_step_pre_hook(lambda *args: post_clip.append(side_norms(trainer)))
     batches, counter, records = trainer._batches(), TokenCounter(), []
@@ -124,7 +125,7 @@ def expected_multipliers(kappa, alpha, low=0.1, high=10.0):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0])
 def test_per_side_learning_rates_follow_the_probed_kappa(data, tmp_path, alpha):
     trainer = make_trainer(data, tmp_path, "--balance-alpha", str(alpha), "--probe-every", "1",
-                           "--probe-on", "any", "--lr", "1e-2")
+                           "--probe-on", "any", "--lr", "1e-2", "--probe-start", "0")
     batches, counter = trainer._batches(), TokenCounter()
     kappas = []
     for step in range(1, 5):
@@ -138,3 +139,28 @@ def test_per_side_learning_rates_follow_the_probed_kappa(data, tmp_path, alpha):
             expected = group["initial_lr"] * factor * multipliers[group[GROUP_KEY]]
             assert group["lr"] == pytest.approx(expected, rel=1e-9), (step, group[GROUP_KEY])
     assert any(abs(kappa - 1.0) > 1e-2 for kappa in kappas)  # κ̂ ≠ 1: the multipliers matter
+
+
+@pytest.mark.parametrize("options, probed", [
+    ([], [4, 6, 8]),                              # default: the first probe after warm-up
+    (["--probe-start", "0"], [0, 2, 4, 6, 8]),
+    (["--probe-start", "5"], [6, 8]),             # then on the --probe-every grid
+])
+def test_probes_run_on_the_probe_every_grid_from_probe_start(data, tmp_path, options, probed):
+    trainer = make_trainer(data, tmp_path, "--warmup-steps", "4", "--probe-every", "2",
+                           "--probe-on", "any", "--balance-alpha", "0.5", *options)
+    batches, counter, steps = trainer._batches(), TokenCounter(), []
+    for step in range(10):
+        _, record = trainer.train_step(batches, counter)
+        trainer.step += 1
+        if record is not None:
+            steps.append(record["step"])
+        if not steps:                             # no κ̂ yet: both sides at the schedule's LR
+            assert {group["lr"] for group in trainer.optimizer.param_groups} == {
+                trainer.optimizer.param_groups[0]["initial_lr"] * trainer.scheduler.base_schedule(step + 1)}
+    assert steps == probed
+
+
+def test_probe_start_outside_the_run_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match=r"--probe-start must be in \[0, steps\), got 10"):
+        make_trainer(data, tmp_path, "--probe-start", "10")

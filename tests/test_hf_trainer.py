@@ -125,6 +125,19 @@ def test_resume_from_checkpoint_continues_exactly(data, tmp_path):
     assert_same_weights(weights(resumed.model), weights(straight.model), atol=1e-6)
 
 
+@pytest.mark.parametrize("start_step, probed", [(None, [6, 8]), (0, [0, 2, 4, 6, 8]), (3, [4, 6, 8])])
+def test_probes_start_after_warm_up_unless_told(data, tmp_path, start_step, probed):
+    """Default start_step = TrainingArguments.get_warmup_steps (here warmup_steps=5)."""
+    dataset, _ = data
+    trainer = make_trainer(dataset, tmp_path, steps=10, warmup_steps=5, save_steps=100,
+                           lr_scheduler_type="constant_with_warmup",
+                           callbacks=[BalanceCallback(probe_every=2, alpha=1.0, plot=False,
+                                                      start_step=start_step)])
+    trainer.train()
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, BalanceCallback))
+    assert [row["step"] for row in callback.monitor.records] == probed
+
+
 @pytest.fixture(scope="module")
 def plain_run(data, tmp_path_factory):
     """Adapter weights after 2 steps of the default setup (the reference for the variants)."""
@@ -250,6 +263,8 @@ def test_errors_name_the_argument(data, tmp_path):
         BalanceCallback(probe_every=0)
     with pytest.raises(ValueError, match="probe_on"):
         BalanceCallback(probe_on="text")
+    with pytest.raises(ValueError, match="start_step must be None or an int >= 0, got -1"):
+        BalanceCallback(start_step=-1)
     with pytest.raises(ValueError, match="side_of"):
         side_param_groups(tiny_model(dataset.tokenizer.vocab_size), side_of=lambda name: "vision")
     trainer = make_trainer(dataset, tmp_path, steps=1)

@@ -9,7 +9,7 @@ from mlan_kernels.data.synthetic import make_synthetic
 from mlan_train.study import main
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--batch-size", "4",
-        "--eval-samples", "4", "--steps", "6", "--warmup-steps", "1", "--probe-every", "1",
+        "--eval-samples", "4", "--steps", "8", "--warmup-steps", "1", "--probe-every", "1",
         "--base-steps", "2"]
 
 

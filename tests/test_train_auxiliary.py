@@ -54,7 +54,8 @@ def same(grads_a, grads_b) -> bool:
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")     # the recording wrapper
 @pytest.mark.parametrize("share", ["0", "1"])      # image-text batches only / text-only only
 def test_positive_weight_changes_only_the_lagging_sides_gradients(data, tmp_path, share):
-    options = ["--steps", "4", "--probe-every", "1", "--probe-on", "any", "--language-share", share,
+    options = ["--steps", "4", "--probe-every", "1", "--probe-start", "0", "--probe-on", "any",
+               "--language-share", share,
                "--kappa-min-kl", "0"]          # every probe counts: κ̂ after the first one
     runs = []
     for weight in ("0", "5"):

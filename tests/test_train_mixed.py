@@ -209,7 +209,7 @@ def test_fsdp2_example_trains_on_gloo():
 
 
 def test_probe_on_any_follows_the_schedule(data, tmp_path):
-    run = train(data, tmp_path, "--steps", "7", "--probe-on", "any", "--probe-every", "3",
+    run = train(data, tmp_path, "--steps", "7", "--probe-on", "any", "--probe-every", "3", "--probe-start", "0",
                 "--no-plots", "--language-share", "0.5")
     assert [r["step"] for r in run["kappa"]] == [0, 3, 6]
     assert {r["image_batch"] for r in run["kappa"]} <= {0.0, 1.0}

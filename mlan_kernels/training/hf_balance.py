@@ -38,24 +38,30 @@ class BalanceCallback(TrainerCallback):
     one JSONL row per probe in output_dir/`log_name` and output_dir/balance.png at the end
     (world process zero). Needs MlanTrainer (it reads the micro-batch and the side groups).
 
-    probe_on: "any", or "image" to move a due probe to the next image-text step. Under several
-    processes the two KLs are averaged over ranks, so κ̂ and the LRs agree everywhere.
+    start_step: the first optimizer step a probe may run; None = the Trainer's warm-up steps
+    (args.get_warmup_steps(max_steps)): during warm-up the LR is near 0, so κ measures rounding
+    and would seed κ̂ with it. probe_on: "any", or "image" to move a due probe to the next
+    image-text step. Under several processes the two KLs are averaged over ranks, so κ̂ and the
+    LRs agree everywhere.
     `lr_history`: per step {"step", "lr_feature", "lr_language", "m_feat", "m_lang"}.
     """
 
     def __init__(self, probe_every: int = 10, alpha: float = 0.5, clip: Sequence[float] = (0.1, 10.0),
                  beta: float = 0.9, eps: float = 1e-12, probe_on: str = "any",
-                 log_name: Optional[str] = "balance.jsonl", plot: bool = True):
+                 log_name: Optional[str] = "balance.jsonl", plot: bool = True,
+                 start_step: Optional[int] = None):
         if not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every must be a positive int, got {probe_every!r}")
+        if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
+            raise ValueError(f"start_step must be None or an int >= 0, got {start_step!r}")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
         if probe_on not in ("any", "image"):
             raise ValueError(f"probe_on must be 'any' or 'image', got {probe_on!r}")
         self.probe_every, self.alpha, self.clip, self.beta, self.eps = probe_every, alpha, tuple(clip), beta, eps
-        self.probe_on, self.log_name, self.plot = probe_on, log_name, plot
+        self.probe_on, self.log_name, self.plot, self.start_step = probe_on, log_name, plot, start_step
         self.trainer, self.monitor, self.lr_history = None, None, []
-        self._kappa_hat, self._probe_due, self._probing = None, False, False
+        self._kappa_hat, self._probe_due, self._probing, self._start = None, False, False, 0
 
     def bind(self, trainer):
         self.trainer = trainer
@@ -89,6 +95,8 @@ class BalanceCallback(TrainerCallback):
                                       eps=self.eps, probe_mode="eval", model=module,
                                       log_path=log_path, reduce_kl=self._reduce_kl)
         self.monitor.kappa_hat = self._kappa_hat
+        self._start = (args.get_warmup_steps(state.max_steps) if self.start_step is None
+                       else self.start_step)
         if getattr(self.trainer, "is_deepspeed_enabled", False):
             self.probe_every = 0
             warnings.warn("BalanceCallback: no κ probes under DeepSpeed (its engine steps inside "
@@ -129,6 +137,8 @@ class BalanceCallback(TrainerCallback):
                                 "m_lang": multipliers[LANGUAGE]})
         inputs = self.trainer.last_inputs
         if not self.probe_every:
+            return
+        if state.global_step < self._start:
             return
         image_batch = bool(inputs["has_image"].any())
         self._probe_due = self._probe_due or state.global_step % self.probe_every == 0
