@@ -123,9 +123,10 @@ def prepare(module: str, tests: list, work: Path) -> None:
     if work.exists():
         subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
-    for name in ("mlan_kernels", "tests", "pyproject.toml") + _ALSO_COPY:
+    for name in ("mlan_kernels", "mlan_train", "tests", "pyproject.toml") + _ALSO_COPY:
         (work / name).symlink_to(ROOT / name)
-    lines = ["[mutmut]", "source_paths = mlan_kernels", f"only_mutate = {module}",
+    package = module.split("/")[0]               # mlan_kernels, or mlan_train for the trainer
+    lines = ["[mutmut]", f"source_paths = {package}", f"only_mutate = {module}",
              "also_copy ="] + [f"    {name}" for name in _ALSO_COPY] + [
              "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests] + [
              "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",

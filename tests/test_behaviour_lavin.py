@@ -1,7 +1,8 @@
 """What LaVIN users rely on in the assembly and its checkpoint import.
 
 * The image tokens are neck(CLS token after every clip_every-th CLIP block), in block order; the
-  CLS is read from the block outputs themselves (forward hooks), not from hidden_states.
+  CLS is read from the block outputs themselves (forward hooks), not from hidden_states; a
+  16-bit vision tower's features are cast to the neck's dtype (an fp32 neck stays fp32).
 * Every spelling of LaVIN's parameter names (CLIP under `backbone.visual.transformer` or
   `backbone.transformer`, DDP's `module.` prefix) loads every adapter, also with strict=False,
   where a name that fails to match would leave that adapter silently random.
@@ -12,6 +13,7 @@ import torch
 from mlan_kernels.checkpoint import adapter_state_dict, load_lavin_adapters
 from mlan_kernels.integrations import adapters
 from mlan_kernels.integrations.clip import clip_encoder_layers
+from mlan_kernels.integrations.lavin import VisualNeck
 
 from test_integration_lavin import PIXELS, tiny_lavin
 
@@ -74,3 +76,14 @@ def test_every_lavin_name_form_loads_every_adapter(clip_prefix, llama_prefix, pl
     assert any(name.startswith("clip.") for name in expected)
     mismatched = [name for name in expected if not torch.equal(expected[name], loaded[name])]
     assert mismatched == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_tower_feeds_the_fp32_neck_in_fp32(dtype):
+    torch.manual_seed(0)
+    neck = VisualNeck(16, 8, 12)                                   # fp32, as build_lavin makes it
+    features = torch.randn(3, 2, 16).to(dtype)                     # a half-precision CLIP's CLS
+    out = neck(features)
+    assert out.dtype == torch.float32
+    expected = neck.up(torch.nn.functional.silu(neck.down(features.float())))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -209,6 +209,35 @@ def test_seed_tensor_forms_give_the_int_seeds_results():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_ops_get_the_seed_as_int64_on_xs_device(device):
+    """What the compiled ops are handed (the kernels read the seed through its pointer, so on
+    CUDA it must live in device memory): a 1-element int64 tensor on x's device, from an int
+    or from a tensor of another dtype or device. "meta" stands in for a device other than the
+    CPU, on which a CPU-only build can still run this conversion."""
+    x = torch.empty(2, 3, 4, device=device)
+    for seed in (7, torch.tensor(7), torch.tensor([7], dtype=torch.int32)):
+        got = compiled._seed_tensor(seed, x)
+        assert (got.dtype, got.device, got.numel()) == (torch.int64, x.device, 1)
+        if device == "cpu":
+            assert int(got) == 7
+    assert compiled._seed_tensor(None, x) is None                # no dropout: no seed
+
+
+def test_supports_names_the_missing_cuda_kernels_only_for_cuda():
+    """`cpu` is always supported once _C loads; `cuda` only when _C was built with nvcc, and
+    otherwise the reason says how to get it (asserted whole)."""
+    assert compiled.supports("cpu", torch.device("cpu"), torch.float32) is None
+    reason = compiled.supports("cuda", torch.device("cuda"), torch.float32)
+    if compiled._C.cuda_compiled:
+        assert reason is None
+    else:
+        assert reason == ("mlan_kernels._C was built without its CUDA kernels (no CUDA torch or "
+                          "nvcc at build time, or MLAN_SKIP_CUDA=1); build it with `pip install "
+                          "--no-build-isolation -e .` (torch installed first; MLAN_SKIP_EXT=1 "
+                          "skips it on purpose) on a machine with nvcc")
+
+
 _OP_MODULE = importlib.import_module("mlan_kernels.ops.mm_adapter")
 _WRAPPERS = {"mlan.mm_adapter.default": _OP_MODULE._forward_impl,
              "mlan.mm_adapter_backward.default": _OP_MODULE._backward_impl}
