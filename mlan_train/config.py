@@ -74,7 +74,7 @@ class TrainConfig:
     probe_every: int = 10                     # κ probe interval (0 = no probing)
     probe_start: Optional[int] = None         # first step a probe may run (None = --warmup-steps:
                                               # during warm-up κ measures a near-zero LR's
-                                              # rounding and seeds κ̂ with it, docs §7)
+                                              # rounding and seeds κ̂ with it; commit_balance.md §2)
     kappa_eps: float = 1e-8                   # ε of κ = (KL_feat + ε) / (KL_lang + ε): fp32 KLs
                                               # below ~1e-8 are rounding noise, not learning
     kappa_ema: str = "log"                    # κ̂ = EMA of "log" κ (ours, the geometric mean; the
