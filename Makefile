@@ -134,7 +134,8 @@ bench: venv
 
 # Mutation testing (mutmut 3, the `mutation` extra; not part of `make test` or CI): one module at
 # a time, e.g. `make mutation MODULE=mlan_kernels/integrations/merge.py`; several modules
-# separated by spaces, or MODULE=all for every module in python/mutation.py's table.
+# separated by spaces, or MODULE=all for every module in python/mutation.py's table. Some of a
+# module's functions: `python/mutation.py MODULE --only '<mutant name pattern>' ...`.
 # Scores and how long each module took: docs/testing.md.
 MODULE ?=
 mutation: venv

@@ -11,6 +11,7 @@ there, not in pyproject.toml); `cd` there and run `../../../.venv/bin/mutmut sho
 read a survivor. Not part of `make test` or CI: one module takes minutes (docs/testing.md).
 """
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ _INTEGRATION_TESTS = ["tests/test_integration_llama.py", "tests/test_integration
                       "tests/test_behaviour_merge.py", "tests/test_behaviour_lavin.py",
                       "tests/test_behaviour_routing.py", "tests/test_hf_compat.py"]
 _TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_train_mixed.py",
+                  "tests/test_train_faults.py", "tests/test_train_auxiliary.py",
                   "-k", "not ddp and not fsdp2 and not console_scripts"]
 TESTS = {
     # The oracle's own tests only (for time: _OP_TESTS makes a survivor cost minutes).
@@ -135,27 +137,30 @@ def prepare(module: str, tests: list, work: Path) -> None:
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
-def tally(work: Path, module: str) -> dict:
-    """{status: [mutant names]} from mutmut's per-file results (mutants/<module>.meta)."""
+def tally(work: Path, module: str, only=None) -> dict:
+    """{status: [mutant names]} from mutmut's per-file results (mutants/<module>.meta), of the
+    mutants matching one of the `only` patterns when given."""
     from mutmut.stats import status_by_exit_code
     meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
     results = {}
     for name, code in meta["exit_code_by_key"].items():
-        results.setdefault(status_by_exit_code[code], []).append(name)
+        if only is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in only):
+            results.setdefault(status_by_exit_code[code], []).append(name)
     return results
 
 
-def run_module(module: str, tests: list, max_children: int) -> int:
-    """mutmut on one module; prints the score and every mutant not killed. Returns mutmut's code."""
+def run_module(module: str, tests: list, max_children: int, only=None) -> int:
+    """mutmut on one module (or on its mutants matching `only`, mutmut name patterns); prints
+    the score and every mutant not killed. Returns mutmut's code."""
     work = ROOT / "build" / "mutation" / module.replace("/", "_").removesuffix(".py")
     prepare(module, tests, work)
     mutmut = Path(sys.executable).parent / "mutmut"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.perf_counter()
-    run = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)],
+    run = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *(only or [])],
                          cwd=work, env=env)
     seconds = time.perf_counter() - start
-    results = tally(work, module)
+    results = tally(work, module, only)
     counts = {status: len(names) for status, names in sorted(results.items())}
     total = sum(counts.values())
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
@@ -174,12 +179,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tests", nargs="+", help="pytest arguments (default: the module's table entry)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1,
                         help="mutants tested in parallel (default: the CPU count)")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN",
+                        help="only the mutants whose names match, e.g. "
+                             "'mlan_train.trainer.xǁMixedTrainerǁ_probe_now__mutmut_*' (default: all)")
     args = parser.parse_args(argv)
     modules = list(TESTS) if args.modules == ["all"] else args.modules
     unknown = [module for module in modules if module not in TESTS and not args.tests]
     if unknown:
         parser.error(f"no test list for {unknown}; pass --tests (known: {', '.join(TESTS)})")
-    codes = [run_module(module, args.tests or TESTS[module], args.max_children) for module in modules]
+    codes = [run_module(module, args.tests or TESTS[module], args.max_children, args.only)
+             for module in modules]
     return max(codes)
 
 

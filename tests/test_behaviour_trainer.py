@@ -164,3 +164,17 @@ def test_probes_run_on_the_probe_every_grid_from_probe_start(data, tmp_path, opt
 def test_probe_start_outside_the_run_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"--probe-start must be in \[0, steps\), got 10"):
         make_trainer(data, tmp_path, "--probe-start", "10")
+
+
+def test_micro_batches_are_padded_with_the_tokenizers_pad_id(data, tmp_path):
+    """A LLaMA tokenizer's pad id need not be 0 (the tiny word tokenizer's): the trained batch
+    pads with the tokenizer's own id, on the padded (masked-out) positions only."""
+    trainer = make_trainer(data, tmp_path)
+    trainer.tokenizer.pad_id = 3                     # this instance only
+    lengths = {index: len(trainer.train_set[index]["input_ids"]) for index in range(16)}
+    short, long = min(lengths, key=lengths.get), max(lengths, key=lengths.get)
+    assert lengths[short] < lengths[long]
+    inputs, _, _ = trainer._micro_step([short, long], TokenCounter(), last=True)
+    padded = inputs["attention_mask"] == 0
+    assert padded.any() and (inputs["input_ids"][padded] == 3).all()
+    assert inputs["input_ids"][0, :lengths[short]].tolist() == trainer.train_set[short]["input_ids"].tolist()
