@@ -18,6 +18,7 @@ from mlan_kernels.data.dataset import IGNORE_INDEX
 from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training.balance import FEATURE, LANGUAGE
 from mlan_train.config import build_parser, config_from_args
+from mlan_train.evaluate import answer_mask
 from mlan_train.trainer import MixedTrainer
 from mlan_kernels.training.scheduler import GROUP_KEY
 
@@ -178,3 +179,113 @@ def test_micro_batches_are_padded_with_the_tokenizers_pad_id(data, tmp_path):
     padded = inputs["attention_mask"] == 0
     assert padded.any() and (inputs["input_ids"][padded] == 3).all()
     assert inputs["input_ids"][0, :lengths[short]].tolist() == trainer.train_set[short]["input_ids"].tolist()
+
+
+def recording_micro_steps(trainer):
+    """A list that receives (loss, has_image) of every micro-batch trainer trains."""
+    seen, micro_step = [], trainer._micro_step
+
+    def recording(*args, **kwargs):
+        inputs, out, image_batch = micro_step(*args, **kwargs)
+        seen.append((float(out.loss.detach()), image_batch))
+        return inputs, out, image_batch
+    trainer._micro_step = recording
+    return seen
+
+
+def test_the_step_reports_its_loss_and_multipliers_and_logs_the_language_lr(data, tmp_path):
+    """train_step's loss = the mean of its micro-batches' losses; a probe record holds that loss
+    and the multipliers the step's LRs carried, and its KLs are over the answer tokens;
+    history["lr"] is the language side's LR."""
+    trainer = make_trainer(data, tmp_path, "--balance-alpha", "0.5", "--probe-every", "1",
+                           "--probe-start", "0", "--probe-on", "any", "--lr", "1e-2",
+                           "--grad-accum", "2")
+    seen, used, masks = recording_micro_steps(trainer), [], []
+    before_step = trainer.monitor.before_step
+
+    def recording_before_step(step, inputs, logits, mask, **kwargs):
+        labels = trainer.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
+                                                inputs["has_image"])
+        masks.append(torch.equal(mask, answer_mask(labels)) and bool(mask.any()))
+        return before_step(step, inputs, logits, mask, **kwargs)
+    trainer.monitor.before_step = recording_before_step
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, *args: used.append(
+        {group[GROUP_KEY]: (group["lr"] / (group["initial_lr"] * trainer.scheduler.base_schedule(
+            trainer.step)), group["lr"]) for group in optimizer.param_groups}))
+    batches, counter = trainer._batches(), TokenCounter()
+    for step in range(4):
+        loss, record = trainer.train_step(batches, counter)
+        trainer.step += 1
+        micro = [value for value, _ in seen[2 * step:2 * step + 2]]
+        assert loss == pytest.approx(sum(micro) / 2, rel=1e-12)
+        assert record["loss"] == loss
+        assert record["m_feat"] == pytest.approx(used[-1][FEATURE][0], rel=1e-9)
+        assert record["m_lang"] == pytest.approx(used[-1][LANGUAGE][0], rel=1e-9)
+        assert trainer.history["lr"][-1] == used[-1][LANGUAGE][1]
+    assert any(abs(u[FEATURE][0] - 1) > 1e-3 for u in used)    # the multipliers moved
+    assert masks == [True] * 4                 # κ's KLs are over the answer tokens
+
+
+def test_without_probes_a_step_returns_no_record(data, tmp_path):
+    trainer = make_trainer(data, tmp_path, "--probe-every", "0")
+    _, record = trainer.train_step(trainer._batches(), TokenCounter())
+    assert record is None
+
+
+@pytest.mark.parametrize("aux_weight", ["0", "0.5"])
+def test_a_due_probe_waits_for_the_next_image_text_batch(data, tmp_path, aux_weight):
+    """--probe-on image: a probe due at a text-only step runs at the next image-text step, with
+    or without the auxiliary loss (whose step decides the probe first)."""
+    trainer = make_trainer(data, tmp_path, "--probe-every", "3", "--probe-start", "0",
+                           "--aux-weight", aux_weight, "--steps", "16")
+    seen, batches, counter, records = recording_micro_steps(trainer), trainer._batches(), TokenCounter(), []
+    for _ in range(16):
+        _, record = trainer.train_step(batches, counter)
+        trainer.step += 1
+        if record is not None:
+            records.append(record)
+    probed = [record["step"] for record in records]
+    expected, due = [], False
+    for step, (_, image) in enumerate(seen):
+        due = due or step % 3 == 0
+        if due and image:
+            expected.append(step)
+            due = False
+    assert probed == expected and any(step % 3 for step in expected)   # one was deferred
+    # any λ > 0 runs the auxiliary step (0.5 too): from the second probe on, at κ̂ ≠ 1
+    assert any(record.get("aux_side") for record in records) == (aux_weight != "0")
+
+
+def test_the_auxiliary_step_trains_the_lagging_side_it_reports(data, tmp_path):
+    """At a probe with λ > 0: the first batch of a kind is only cached (aux_loss 0); the next one
+    of that kind re-forwards the cached batch and puts −λ·KL(sg(p_prev) ‖ p) over its answer
+    tokens into the lagging side's gradients only (κ̂ > 1: language, aux_side −1; κ̂ < 1:
+    feature, +1). Each batch is cached under its own kind."""
+    from mlan_kernels.training.auxiliary import auxiliary_kl_loss
+    trainer = make_trainer(data, tmp_path, "--aux-weight", "0.5", "--probe-every", "1")
+    image = [i for i in range(len(trainer.train_set)) if trainer.train_set[i]["has_image"]]
+    text = [i for i in range(len(trainer.train_set)) if not trainer.train_set[i]["has_image"]]
+    for kappa, side, sign in ((100.0, 1, -1.0), (0.01, 0, 1.0)):
+        trainer.aux_cache.clear()
+        trainer.monitor.kappa_hat = kappa
+        for indices, kind in ((image[:4], "image"), (text[:4], "text")):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            inputs, out, image_batch = trainer._micro_step(indices, TokenCounter(), last=True)
+            assert trainer._auxiliary(inputs, out, image_batch) == {"aux_side": 0.0, "aux_loss": 0.0}
+            assert set(trainer.aux_cache) == ({"image"} if kind == "image" else {"image", "text"})
+            assert bool(trainer.aux_cache[kind][0]["has_image"].any()) == (kind == "image")
+        trainer.optimizer.step()                     # p moves away from the cached p_prev
+        cached, previous, mask = trainer.aux_cache["image"]
+        with torch.no_grad():
+            expected = auxiliary_kl_loss(trainer.module(**cached).logits, previous, mask, 0.5)
+        labels = trainer.module.assemble_labels(cached["labels"], cached["attention_mask"], cached["has_image"])
+        assert torch.equal(mask, answer_mask(labels))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        inputs, out, image_batch = trainer._micro_step(image[4:8], TokenCounter(), last=True)
+        before = [[p.grad.clone() if p.grad is not None else None for p in group] for group in trainer.sides]
+        result = trainer._auxiliary(inputs, out, image_batch)
+        assert result["aux_side"] == sign and result["aux_loss"] == pytest.approx(float(expected), rel=1e-5)
+        for index, group in enumerate(trainer.sides):
+            changed = any(b is None or not torch.equal(b, p.grad) for b, p in zip(before[index], group)
+                          if p.grad is not None)
+            assert changed == (index == side), (kappa, index)
