@@ -64,10 +64,10 @@ TESTS = {
         "-k", "reference and not triton"],
     "mlan_kernels/backends/kl_chunked.py": _KL_TESTS + ["-k", "not triton"],
     "mlan_kernels/backends/kl_compiled.py": _KL_TESTS + ["-k", "not triton and not torch_compile"],
-    # test_compiled_backend.py only (~13 s): with _OP_TESTS (~2 min) each survivor costs that.
     "mlan_kernels/backends/kl_triton.py": _KL_TESTS,
     "mlan_kernels/backends/grad_scale_foreach.py": _GRAD_SCALE_TESTS,
     "mlan_kernels/backends/grad_scale_triton.py": _GRAD_SCALE_TESTS,
+    # test_compiled_backend.py only (~13 s): with _OP_TESTS (~2 min) each survivor costs that.
     "mlan_kernels/backends/compiled.py": ["tests/test_compiled_backend.py"],
     "mlan_kernels/backends/triton.py": _OP_TESTS,
     # The compile test is left out for time (~10 s a survivor; eager equality is tested apart).
