@@ -254,6 +254,7 @@ def test_a_due_probe_waits_for_the_next_image_text_batch(data, tmp_path, aux_wei
     assert probed == expected and any(step % 3 for step in expected)   # one was deferred
     # any λ > 0 runs the auxiliary step (0.5 too): from the second probe on, at κ̂ ≠ 1
     assert any(record.get("aux_side") for record in records) == (aux_weight != "0")
+    assert set(trainer.aux_cache) == ({"image"} if aux_weight != "0" else set())   # cached by kind
 
 
 def test_the_auxiliary_step_trains_the_lagging_side_it_reports(data, tmp_path):
