@@ -209,10 +209,8 @@ class MixedTrainer:
         if probe is None:
             probe = self.monitor is not None and self._probe_now(image_batch)
         if probe:
-            labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
-                                                 inputs["has_image"])
-            self.monitor.before_step(self.step, inputs, out.logits.detach(), answer_mask(labels),
-                                     probe=True)
+            self.monitor.before_step(self.step, inputs, out.logits.detach(),
+                                     self._answer_mask(inputs), probe=True)
         self.optimizer.step()
         record = None
         if self.monitor is not None:
@@ -246,10 +244,14 @@ class MixedTrainer:
             value = float(loss.detach())
         else:
             side = None
+        self.aux_cache[kind] = (inputs, out.logits.detach(), self._answer_mask(inputs))
+        return {"aux_side": {FEATURE: 1.0, LANGUAGE: -1.0, None: 0.0}[side], "aux_loss": value}
+
+    def _answer_mask(self, inputs):
+        """[B, S] bool over the assembled sequence: the logits that predict an answer token."""
         labels = self.module.assemble_labels(inputs["labels"], inputs["attention_mask"],
                                              inputs["has_image"])
-        self.aux_cache[kind] = (inputs, out.logits.detach(), answer_mask(labels))
-        return {"aux_side": {FEATURE: 1.0, LANGUAGE: -1.0, None: 0.0}[side], "aux_loss": value}
+        return answer_mask(labels)
 
     def _non_finite(self, loss, norms):
         """--nan-policy: "error" raises naming the step; "skip-step" drops this update (the
