@@ -290,3 +290,60 @@ def test_the_auxiliary_step_trains_the_lagging_side_it_reports(data, tmp_path):
             changed = any(b is None or not torch.equal(b, p.grad) for b, p in zip(before[index], group)
                           if p.grad is not None)
             assert changed == (index == side), (kappa, index)
+
+
+def poison_the_language_gradients(monkeypatch):
+    """Every step from now on: one language-side gradient element is NaN (the feature side's
+    stay finite) when the trainer clips."""
+    from mlan_train import trainer as trainer_module
+    original = trainer_module.scale_grads_
+
+    def poisoned(groups, *args, **kwargs):
+        next(p for p in groups[1] if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return original(groups, *args, **kwargs)
+    monkeypatch.setattr(trainer_module, "scale_grads_", poisoned)
+
+
+def test_a_skipped_step_keeps_the_weights_logs_the_language_lr_and_advances_the_schedule(
+        data, tmp_path, monkeypatch):
+    """--nan-policy skip-step, with α > 0 so the two sides' LRs differ: the non-finite step
+    changes no parameter and returns no record, history["lr"] gets the language side's LR of
+    that step, and every group's LR moves on by the schedule (κ̂ unchanged)."""
+    trainer = make_trainer(data, tmp_path, "--balance-alpha", "0.5", "--probe-every", "1",
+                           "--probe-start", "0", "--probe-on", "any", "--lr", "1e-2",
+                           "--nan-policy", "skip-step")
+    batches, counter = trainer._batches(), TokenCounter()
+    for _ in range(3):
+        trainer.train_step(batches, counter)
+        trainer.step += 1
+    lrs = {group[GROUP_KEY]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert abs(lrs[FEATURE] / lrs[LANGUAGE] - 1) > 1e-3          # κ̂ ≠ 1: the sides differ
+    weights = {name: p.detach().clone() for name, p in trainer.module.named_parameters()
+               if p.requires_grad}
+    poison_the_language_gradients(monkeypatch)
+    _, record = trainer.train_step(batches, counter)
+    assert record is None and trainer.history["skipped_steps"] == [3]
+    assert trainer.history["lr"][-1] == lrs[LANGUAGE]
+    for name, p in trainer.module.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, weights[name]), name
+    factor = trainer.scheduler.base_schedule(4) / trainer.scheduler.base_schedule(3)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(lrs[group[GROUP_KEY]] * factor, rel=1e-9)
+
+
+def test_a_non_finite_step_error_names_each_sides_norm(data, tmp_path, monkeypatch):
+    """--nan-policy error: the message names the step and the feature and language gradient
+    norms, each its own (here only the language side's is NaN)."""
+    import re
+    from mlan_train.trainer import NonFiniteError
+    trainer = make_trainer(data, tmp_path, "--max-grad-norm", "0")
+    image = next(i for i in range(len(trainer.train_set)) if trainer.train_set[i]["has_image"])
+    poison_the_language_gradients(monkeypatch)
+    with pytest.raises(NonFiniteError) as error:
+        trainer.train_step(iter([[image]]), TokenCounter())
+    found = re.search(r"step 0: non-finite loss \S+ or gradient norms "
+                      r"\(feature (\S+), language (\S+)\)", str(error.value))
+    assert found and found.group(2) == "nan", str(error.value)
+    feature = float(found.group(1))
+    assert 0 < feature < float("inf")        # an image batch trains the feature side too
