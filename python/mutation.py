@@ -51,11 +51,11 @@ TESTS = {
     "mlan_kernels/ops/validation.py": ["tests/test_validation.py",
                                        "tests/test_behaviour_validation.py"],
     # The Triton-interpreted cases are left out for time (~9 s each; the cpu and chunked
-    # backends reach the same lines of these two modules). kl_div.py's functions run inside
+    # backends reach the same lines of these two modules). Their functions run inside
     # torch.compile in the compile tests, which cannot trace mutmut's trampoline (a ContextVar):
     # left out too, or the baseline fails ("failed to collect stats").
     "mlan_kernels/ops/kl_div.py": _KL_TESTS + ["-k", "not triton and not torch_compile"],
-    "mlan_kernels/ops/fused_linear_kl.py": _KL_TESTS,
+    "mlan_kernels/ops/fused_linear_kl.py": _KL_TESTS + ["-k", "not triton and not torch_compile"],
     "mlan_kernels/ops/grad_scale.py": _GRAD_SCALE_TESTS,
     # The "reference" backend's cases only (the whole _OP_TESTS take ~2 min a survivor).
     "mlan_kernels/backends/plain_torch.py": [
