@@ -5,13 +5,17 @@
   rows as the bool mask; "none" keeps the leading shape, with 0 on unselected rows.
 * Empty inputs (no rows, or an empty vocabulary) give zeros of the compute dtype, and their
   gradients are zeros of the logits' shape.
+* Unselected rows are never read: garbage in them (NaN) reaches neither the value nor the
+  gradients. Logits with any strides, a single row [V], and a mask on another device work.
+* The requested backend is the one that runs, forward and backward.
 """
 import re
 
 import pytest
 import torch
 
-from mlan_kernels.ops.kl_div import kl_div_logits, kl_rows_backward, kl_rows_forward
+from mlan_kernels import dispatch
+from mlan_kernels.ops.kl_div import KLDivFunction, kl_div_logits, kl_rows, kl_rows_backward, kl_rows_forward
 from mlan_kernels.reference import kl_div_logits_reference, kl_rows_grad_reference
 
 from helpers import HAS_KL_CPU
@@ -39,6 +43,10 @@ def logits(*shape, dtype=torch.float32, seed=0):
     (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError,
      "mask must be a tensor of shape [4] (logits_p without its last dim), got [5]"),
     (dict(mask=[True] * 4), ValueError, "mask must be a tensor of shape [4] (logits_p without its last dim), got list"),
+    (dict(logits_p=torch.zeros(2, 3, 10), logits_q=torch.zeros(2, 3, 10), mask=torch.ones(3, dtype=torch.bool)),
+     ValueError, "mask must be a tensor of shape [2, 3] (logits_p without its last dim), got [3]"),
+    (dict(logits_p=torch.zeros(0, 10), logits_q=torch.zeros(0, 10), backend="fused"), ValueError,   # no rows: still checked
+     "backend must be one of ('auto', 'triton', 'cpu', 'chunked'), got 'fused' (argument `backend` or env MLAN_KL_BACKEND)"),
     (dict(reduction="mean"), ValueError,
      "reduction must be one of ('batchmean', 'sum', 'none'), got 'mean' ('mean' is not accepted: "
      "F.kl_div's 'mean' divides by T·V)"),
@@ -137,3 +145,112 @@ def test_the_backward_op_gives_unselected_rows_no_gradient(backend):
                                                            kl, backend)
     assert not grad_p[~mask].any() and not grad_q[~mask].any()
     assert grad_p[mask].abs().amin(-1).gt(0).all() and grad_q[mask].abs().amin(-1).gt(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_garbage_in_unselected_rows_reaches_neither_the_value_nor_the_gradients(backend, reduction):
+    """Padding rows may hold anything (here NaN): with them unselected, the value and both
+    gradients equal those of the selected rows alone, and the padding rows get gradient 0."""
+    p, q = logits(2, 4, 30), logits(2, 4, 30, seed=1)
+    mask = torch.tensor([[True, True, False, True], [False, True, True, False]])
+    p[~mask], q[~mask] = float("nan"), float("nan")
+    p.requires_grad_(True), q.requires_grad_(True)
+    out = kl_div_logits(p, q, mask, reduction, backend)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    grad_p, grad_q = torch.autograd.grad((out * weights).sum(), (p, q))
+    clean_p, clean_q = (t.detach()[mask].double().requires_grad_(True) for t in (p, q))
+    rows = kl_div_logits_reference(clean_p, clean_q, None, "none")
+    expected = {"none": torch.zeros(2, 4, dtype=torch.float64).masked_scatter(mask, rows),
+                "sum": rows.sum(), "batchmean": rows.mean()}[reduction]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    expected_p, expected_q = torch.autograd.grad((expected * weights.double()).sum(), (clean_p, clean_q))
+    for got, want in ((grad_p, expected_p), (grad_q, expected_q)):
+        assert not got[~mask].any() and bool(got.isfinite().all())
+        torch.testing.assert_close(got[mask].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_with_any_strides_give_the_contiguous_result(backend):
+    """Every other column of a wider buffer (last-dim stride 2), a transposed buffer (stride T)
+    and a vocabulary slice of padded rows: the same KL and gradients as contiguous copies."""
+    base_p, base_q = logits(5, 46), logits(5, 46, seed=1)
+    views = [lambda t: t[:, ::2],                                  # [5, 23], stride (46, 2)
+             lambda t: t[:, :23].t().contiguous().t(),             # [5, 23], stride (1, 5)
+             lambda t: t[:, 3:26]]                                 # [5, 23], stride (46, 1)
+    grad = torch.randn(5, generator=torch.Generator().manual_seed(2))
+    for view in views:
+        p, q = view(base_p), view(base_q)
+        kl, lse_p, lse_q = kl_rows_forward(p, q, None, backend)
+        expected = kl_rows_forward(p.contiguous(), q.contiguous(), None, backend)
+        torch.testing.assert_close((kl, lse_p, lse_q), expected, rtol=1e-6, atol=1e-6)
+        got = kl_rows_backward(grad, p, q, None, lse_p, lse_q, kl, backend)
+        want = kl_rows_grad_reference(p.double(), q.double(), grad.double())
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dimensional_logits_are_one_row(backend):
+    p, q = logits(17), logits(17, seed=1)
+    for reduction in ("none", "sum", "batchmean"):
+        got = kl_div_logits(p, q, None, reduction, backend)
+        assert got.shape == ()
+        torch.testing.assert_close(got, kl_div_logits_reference(p, q, None, reduction))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_a_mask_on_another_device_is_moved_to_the_logits(reduction):
+    """A CPU mask with device logits (meta tensors stand in for a GPU here)."""
+    p = torch.zeros(2, 3, 10, device="meta")
+    out = kl_div_logits(p, p, torch.ones(2, 3, dtype=torch.bool), reduction)
+    assert out.device.type == "meta" and out.shape == ((2, 3) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_requested_backend_runs_forward_and_backward(backend, monkeypatch):
+    calls = []
+    for name in dispatch.names("kl_div"):
+        module = dispatch.get_backend(name, op="kl_div")
+        for function in ("forward", "backward"):
+            original = getattr(module, function)
+
+            def spy(*args, name=name, function=function, original=original, **kwargs):
+                calls.append((name, function))
+                return original(*args, **kwargs)
+            monkeypatch.setattr(module, function, spy)
+    p = logits(4, 10).requires_grad_(True)
+    kl_div_logits(p, logits(4, 10, seed=1), backend=backend).backward()
+    assert calls == [(backend, "forward"), (backend, "backward")]
+
+
+def test_the_log_sum_exps_carry_no_gradient():
+    """KLDivFunction's lse outputs are marked non-differentiable: a loss on them raises instead
+    of silently giving no gradient."""
+    p, q = logits(3, 8).requires_grad_(True), logits(3, 8, seed=1).requires_grad_(True)
+    kl, lse_p, lse_q = KLDivFunction.apply(p, q, None, "chunked")
+    assert kl.requires_grad and not lse_p.requires_grad and not lse_q.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_padded_logits_reach_the_kernels_without_a_copy(backend, monkeypatch):
+    """A vocabulary slice of padded rows (last-dim stride 1) is read in place: no [T, V] copy."""
+    module, seen = dispatch.get_backend(backend, op="kl_div"), []
+    original = module.forward
+    monkeypatch.setattr(module, "forward", lambda p, q, mask: seen.append((p, q)) or original(p, q, mask))
+    padded_p, padded_q = logits(5, 46), logits(5, 46, seed=1)
+    p, q = padded_p[:, 3:26], padded_q[:, 3:26]
+    kl_rows_forward(p, q, None, backend)
+    assert [(a.data_ptr(), a.stride()) for a in seen[0]] == [(p.data_ptr(), (46, 1)), (q.data_ptr(), (46, 1))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differentiable_rows_are_zero_on_unselected_rows(backend):
+    """kl_rows (the per-row KL behind every reduction): exactly 0 where the mask is False, even
+    over NaN logits, and the KL of the row elsewhere."""
+    p, q = logits(6, 20), logits(6, 20, seed=1)
+    mask = torch.tensor([True, False, True, False, False, True])
+    p[~mask] = float("nan")
+    rows = kl_rows(p, q, mask, backend)
+    assert rows[~mask].tolist() == [0.0] * 3
+    torch.testing.assert_close(rows[mask], kl_div_logits_reference(p[mask], q[mask], None, "none"))

@@ -94,22 +94,20 @@ class KLDivFunction(torch.autograd.Function):
     def forward(ctx, logits_p, logits_q, mask, backend):
         kl, lse_p, lse_q = torch.ops.mlan.kl_div_logits.default(logits_p, logits_q, mask, backend)
         ctx.mark_non_differentiable(lse_p, lse_q)
-        ctx.set_materialize_grads(False)    # no zero-filled gradients for lse_p, lse_q
         ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
         ctx.backend = backend
         return kl, lse_p, lse_q
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
-        if grad_kl is None:                 # kl unused: no gradient (grads are not materialized)
-            return None, None, None, None
+        # called only when kl has a gradient: the lse outputs are non-differentiable
         logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
         grad_p, grad_q = torch.ops.mlan.kl_div_logits_backward.default(
             grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
         return grad_p, grad_q, None, None
 
 
-def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=("logits_p", "logits_q")):
+def validate_kl_args(logits_p, logits_q, mask, reduction, backend, names=("logits_p", "logits_q")):
     """Raise TypeError/ValueError naming the bad argument (`names`: how the caller calls p, q)."""
     name_p, name_q = names
     for name, value in ((name_p, logits_p), (name_q, logits_q)):
@@ -135,7 +133,8 @@ def validate_kl_args(logits_p, logits_q, mask, reduction, backend="auto", names=
 
 
 def kl_rows(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
-    """Differentiable per-row KL of flat logits [T, V] (mask [T] bool or None) -> [T]."""
+    """Differentiable per-row KL of flat logits [T, V] (mask [T] bool or None) -> [T], 0 on
+    unselected rows (never read)."""
     return KLDivFunction.apply(logits_p, logits_q, mask, backend)[0]
 
 
