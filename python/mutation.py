@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 _OP_TESTS = ["tests/test_reference.py", "tests/test_mm_adapter_op.py", "tests/test_op_paths.py",
              "tests/test_module.py", "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router"]
 _KL_TESTS = ["tests/test_kl_div.py", "tests/test_kl_fused_linear.py",
-             "tests/test_behaviour_fused_linear_kl.py", "tests/test_behaviour_kl_div.py"]
+             "tests/test_behaviour_fused_linear_kl.py", "tests/test_behaviour_kl_div.py",
+             "tests/test_launch_counts.py"]
 _GRAD_SCALE_TESTS = ["tests/test_grad_scale.py", "tests/test_behaviour_grad_scale.py"]
 _INTEGRATION_TESTS = ["tests/test_integration_llama.py", "tests/test_integration_lavin.py",
                       "tests/test_behaviour_merge.py", "tests/test_behaviour_lavin.py",

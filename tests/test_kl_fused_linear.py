@@ -2,6 +2,7 @@
 allocates a [T, V] tensor and peaks at a fraction of the unfused memory (TensorMemory on CPU,
 the CUDA allocator on GPU), opcheck of its registered ops."""
 import importlib
+import re
 
 import pytest
 import torch
@@ -156,19 +157,23 @@ def test_row_backward_in_place_rejects_a_mask():
 
 
 @pytest.mark.parametrize("tokens, hidden, vocab, expected", [
-    (4096, 512, 32000, 128), (8192, 4096, 32000, 1024), (10, 16, 300, 64), (0, 16, 300, 64)])
+    (4096, 512, 32000, 128), (8192, 4096, 32000, 1024), (10, 16, 300, 64), (0, 16, 300, 64),
+    (8192, 1, 32, 256)])                                  # H = 1: 32 vocabulary rows per hidden
 def test_auto_chunk_size_follows_the_documented_rule(tokens, hidden, vocab, expected):
     assert fused_linear_kl_module.auto_chunk_size(tokens, hidden, vocab) == expected
 
 
-def test_default_chunk_is_the_auto_chunk(monkeypatch):
-    inputs = make_inputs(tokens=200, hidden=8, vocab=64)
+@pytest.mark.parametrize("tokens, hidden, vocab, chunk", [
+    (200, 8, 64, 64),       # 200 / (64 / 8) = 25 tokens -> the 64-token minimum
+    (1000, 1, 4, 256)])     # 1000 / (4 / 1) = 250 -> the next power of 2
+def test_default_chunk_is_the_auto_chunk(monkeypatch, tokens, hidden, vocab, chunk):
+    inputs = make_inputs(tokens=tokens, hidden=hidden, vocab=vocab)
     chunk_sizes = []
     token_chunks = fused_linear_kl_module._token_chunks
     monkeypatch.setattr(fused_linear_kl_module, "_token_chunks",
                         lambda total, size: chunk_sizes.append(size) or token_chunks(total, size))
-    torch.testing.assert_close(fused_linear_kl(*inputs), fused_linear_kl(*inputs, chunk_size=64))
-    assert chunk_sizes == [64, 64]        # 200 · 8 / 64 = 25 tokens -> the 64-token minimum
+    torch.testing.assert_close(fused_linear_kl(*inputs), fused_linear_kl(*inputs, chunk_size=chunk))
+    assert chunk_sizes == [chunk, chunk]
 
 
 def test_opcheck():
@@ -183,16 +188,26 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("args, message", [
-    (dict(chunk_size=0), "chunk_size must be"),
-    (dict(lm_head_weight=torch.zeros(30, 5)), "hidden_p must be"),
-    (dict(lm_head_weight=torch.zeros(30, 16, dtype=torch.float64)), "lm_head_weight must have"),
-    (dict(hidden_q=torch.zeros(5, 16)), "hidden_q must have hidden_p's shape"),
-    (dict(lm_head_weight=torch.zeros(30)), r"lm_head_weight must be a \[V, H\]"),
+    (dict(chunk_size=0), "chunk_size must be a positive int or None, got 0"),
+    (dict(chunk_size=2.0), "chunk_size must be a positive int or None, got 2.0"),
+    (dict(lm_head_weight=torch.zeros(30, 5)),
+     "hidden_p must be [..., H] with H = lm_head_weight.shape[1] = 5, got [4, 16]"),
+    (dict(lm_head_weight=torch.zeros(30, 16, dtype=torch.float64)),
+     "lm_head_weight must match hidden_p's dtype/device (torch.float32, cpu), got (torch.float64, cpu)"),
+    (dict(lm_head_weight=torch.zeros(30, 16, device="meta")),
+     "lm_head_weight must match hidden_p's dtype/device (torch.float32, cpu), got (torch.float32, meta)"),
+    (dict(hidden_q=torch.zeros(5, 16)), "hidden_q must have hidden_p's shape [4, 16], got [5, 16]"),
+    (dict(lm_head_weight=torch.zeros(30)), "lm_head_weight must be a [V, H] tensor, got [30]"),
+    (dict(lm_head_weight=[[0.0] * 16]), "lm_head_weight must be a [V, H] tensor, got list"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)),
+     "mask must be a tensor of shape [4] (hidden_p without its last dim), got [5]"),
+    (dict(backend="fused"), "backend must be one of ('auto', 'triton', 'cpu', 'chunked'), got 'fused' "
+                            "(argument `backend` or env MLAN_KL_BACKEND)"),
 ])
 def test_errors_name_the_argument(args, message):
     call = dict(hidden_p=torch.zeros(4, 16), hidden_q=torch.zeros(4, 16), lm_head_weight=torch.zeros(30, 16))
     call.update(args)
-    with pytest.raises((TypeError, ValueError), match=message):
+    with pytest.raises((TypeError, ValueError), match="^" + re.escape(message) + "$"):
         fused_linear_kl(**call)
 
 

@@ -75,7 +75,7 @@ def _accumulate_weight_grad(grad_weight, grad_logits, inputs):
 
 
 def fused_linear_kl_backward(grad_kl, hidden_p, hidden_q, weight, lse_p, lse_q, kl, chunk_size,
-                             backend="auto"):
+                             backend):
     """(∂hidden_p, ∂hidden_q, ∂weight): logits recomputed per chunk, ∂weight accumulated in fp32."""
     grad_hidden_p, grad_hidden_q = (torch.empty_like(h, memory_format=torch.contiguous_format)
                                     for h in (hidden_p, hidden_q))     # mm(out=rows) needs dense rows
@@ -160,12 +160,14 @@ def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
     """
     validate_kl_args(hidden_p, hidden_q, mask, reduction, backend, names=("hidden_p", "hidden_q"))
     if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2:
-        raise ValueError("lm_head_weight must be a [V, H] tensor")
+        raise ValueError(f"lm_head_weight must be a [V, H] tensor, got "
+                         f"{list(lm_head_weight.shape) if isinstance(lm_head_weight, Tensor) else type(lm_head_weight).__name__}")
     if hidden_p.shape[-1:] != lm_head_weight.shape[1:]:
         raise ValueError(f"hidden_p must be [..., H] with H = lm_head_weight.shape[1] = "
-                         f"{lm_head_weight.shape[1]}")
-    if lm_head_weight.dtype != hidden_p.dtype:
-        raise TypeError(f"lm_head_weight must have hidden_p's dtype {hidden_p.dtype}, got {lm_head_weight.dtype}")
+                         f"{lm_head_weight.shape[1]}, got {list(hidden_p.shape)}")
+    if lm_head_weight.dtype != hidden_p.dtype or lm_head_weight.device != hidden_p.device:
+        raise TypeError(f"lm_head_weight must match hidden_p's dtype/device ({hidden_p.dtype}, "
+                        f"{hidden_p.device}), got ({lm_head_weight.dtype}, {lm_head_weight.device})")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     width = hidden_p.shape[-1]

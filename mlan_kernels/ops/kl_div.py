@@ -94,13 +94,15 @@ class KLDivFunction(torch.autograd.Function):
     def forward(ctx, logits_p, logits_q, mask, backend):
         kl, lse_p, lse_q = torch.ops.mlan.kl_div_logits.default(logits_p, logits_q, mask, backend)
         ctx.mark_non_differentiable(lse_p, lse_q)
+        ctx.set_materialize_grads(False)    # no zero-filled gradients for lse_p, lse_q
         ctx.save_for_backward(logits_p, logits_q, mask, lse_p, lse_q, kl)
         ctx.backend = backend
         return kl, lse_p, lse_q
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
-        # called only when kl has a gradient: the lse outputs are non-differentiable
+        if grad_kl is None:                 # kl unused: no gradient (grads are not materialized)
+            return None, None, None, None
         logits_p, logits_q, mask, lse_p, lse_q, kl = ctx.saved_tensors
         grad_p, grad_q = torch.ops.mlan.kl_div_logits_backward.default(
             grad_kl, logits_p, logits_q, mask, lse_p, lse_q, kl, ctx.backend)
