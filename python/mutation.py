@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests that exercise each module. Subprocess-based tests (DDP, FSDP) are left out: they
 # import the unmutated package in a fresh interpreter, so they cost time and kill nothing.
 _OP_TESTS = ["tests/test_reference.py", "tests/test_mm_adapter_op.py", "tests/test_op_paths.py",
-             "tests/test_module.py", "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router"]
+             "tests/test_module.py", "tests/test_behaviour_mm_adapter_op.py",
+             "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router"]
 _KL_TESTS = ["tests/test_kl_div.py", "tests/test_kl_fused_linear.py",
              "tests/test_behaviour_fused_linear_kl.py", "tests/test_behaviour_kl_div.py",
              "tests/test_launch_counts.py"]
