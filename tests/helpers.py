@@ -19,7 +19,7 @@ from mlan_kernels.testing import (TEMPERATURE, TOLERANCES, assert_close_to_refer
 __all__ = ["BACKENDS", "HAS_KL_CPU", "HAS_TRITON", "TEMPERATURE", "TOLERANCES",
            "assert_close_to_reference", "assert_verbose_allclose", "assert_within_pytorch_error",
            "compiled_backend_built", "explicit_weights", "grads_of", "make_adapter_inputs", "oracle",
-           "random_grad", "reference_error", "run_op"]
+           "random_grad", "reference_error", "run_op", "spy_on_backends"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -82,3 +82,19 @@ def run_op(backend, inputs, grad_y=None, single_modality=None, **hyper):
     assert dispatch.select_backend(x.device, x.dtype, backend) == backend
     return grads_of(lambda **kw: mm_adapter(**kw, backend=backend, single_modality=single_modality,
                                             **hyper), inputs, grad_y)
+
+
+def spy_on_backends(monkeypatch, op, names):
+    """A list that receives (backend name, "forward" | "backward") each time one of the named
+    backends of `op` ("mm_adapter" | "kl_div") runs."""
+    calls = []
+    for name in names:
+        module = dispatch.get_backend(name, op=op)
+        for function in ("forward", "backward"):
+            original = getattr(module, function)
+
+            def spy(*args, name=name, function=function, original=original, **kwargs):
+                calls.append((name, function))
+                return original(*args, **kwargs)
+            monkeypatch.setattr(module, function, spy)
+    return calls

@@ -17,7 +17,7 @@ from mlan_kernels import dispatch
 from mlan_kernels.ops.fused_linear_kl import FusedLinearKLFunction, fused_linear_kl
 from mlan_kernels.reference import kl_div_logits_reference
 
-from helpers import HAS_KL_CPU
+from helpers import HAS_KL_CPU, spy_on_backends
 
 fused_linear_kl_module = importlib.import_module("mlan_kernels.ops.fused_linear_kl")
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
@@ -109,19 +109,10 @@ def test_any_leading_shape_and_mask_form_give_the_kl_of_the_logits(backend, redu
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_requested_backend_runs_forward_and_backward(backend, monkeypatch):
-    calls = set()
-    for name in dispatch.names("kl_div"):
-        module = dispatch.get_backend(name, op="kl_div")
-        for function in ("forward", "backward"):
-            original = getattr(module, function)
-
-            def spy(*args, name=name, function=function, original=original, **kwargs):
-                calls.add((name, function))
-                return original(*args, **kwargs)
-            monkeypatch.setattr(module, function, spy)
+    calls = spy_on_backends(monkeypatch, "kl_div", dispatch.names("kl_div"))
     hidden_p, hidden_q, weight = inputs(6, 8)
     fused_linear_kl(hidden_p.requires_grad_(True), hidden_q, weight, chunk_size=2, backend=backend).backward()
-    assert calls == {(backend, "forward"), (backend, "backward")}
+    assert set(calls) == {(backend, "forward"), (backend, "backward")}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

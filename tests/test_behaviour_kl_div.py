@@ -18,7 +18,7 @@ from mlan_kernels import dispatch
 from mlan_kernels.ops.kl_div import KLDivFunction, kl_div_logits, kl_rows, kl_rows_backward, kl_rows_forward
 from mlan_kernels.reference import kl_div_logits_reference, kl_rows_grad_reference
 
-from helpers import HAS_KL_CPU
+from helpers import HAS_KL_CPU, spy_on_backends
 
 BACKENDS = ["chunked", pytest.param("cpu", marks=pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built"))]
 
@@ -209,16 +209,7 @@ def test_a_mask_on_another_device_is_moved_to_the_logits(reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_requested_backend_runs_forward_and_backward(backend, monkeypatch):
-    calls = []
-    for name in dispatch.names("kl_div"):
-        module = dispatch.get_backend(name, op="kl_div")
-        for function in ("forward", "backward"):
-            original = getattr(module, function)
-
-            def spy(*args, name=name, function=function, original=original, **kwargs):
-                calls.append((name, function))
-                return original(*args, **kwargs)
-            monkeypatch.setattr(module, function, spy)
+    calls = spy_on_backends(monkeypatch, "kl_div", dispatch.names("kl_div"))
     p = logits(4, 10).requires_grad_(True)
     kl_div_logits(p, logits(4, 10, seed=1), backend=backend).backward()
     assert calls == [(backend, "forward"), (backend, "backward")]

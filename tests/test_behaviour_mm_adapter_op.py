@@ -16,8 +16,8 @@ import re
 import pytest
 import torch
 
-from helpers import BACKENDS, grads_of, make_adapter_inputs, random_grad
-from mlan_kernels import dispatch, mm_adapter
+from helpers import BACKENDS, grads_of, make_adapter_inputs, random_grad, spy_on_backends
+from mlan_kernels import mm_adapter
 from mlan_kernels.functional import routing_weights
 from mlan_kernels.ops.mm_adapter import new_dropout_seed
 from mlan_kernels.reference import mm_adapter_reference
@@ -87,16 +87,7 @@ def test_the_backward_op_returns_each_gradient_in_its_inputs_dtype(routing):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_the_requested_backend_runs_forward_and_backward(backend, monkeypatch):
-    calls = []
-    for name in ("reference", "cpu"):
-        module = dispatch.get_backend(name)
-        for function in ("forward", "backward"):
-            original = getattr(module, function)
-
-            def spy(*args, name=name, function=function, original=original, **kwargs):
-                calls.append((name, function))
-                return original(*args, **kwargs)
-            monkeypatch.setattr(module, function, spy)
+    calls = spy_on_backends(monkeypatch, "mm_adapter", ("reference", "cpu"))
     inputs = make_adapter_inputs(2, 3, 16, 4, 2, 1, torch.float32, torch.device("cpu"))
     grads_of(lambda **kw: mm_adapter(**kw, backend=backend), inputs)
     assert calls == [(backend, "forward"), (backend, "backward")]
