@@ -8,7 +8,8 @@
   torch.compile), and the requested backend is the one that runs, forward and backward;
 * the dropout seed reaches the op as an int64 tensor on x's device, whatever form it was given
   in; a drawn seed is on x's device and spread over [0, 2³¹ − 1);
-* single_modality must be None, True or False.
+* single_modality must be None, True or False;
+* returned routing weights are fp32, uniform (1/E) for an empty sequence.
 """
 import importlib
 import re
@@ -125,3 +126,19 @@ def test_single_modality_must_be_none_true_or_false():
     inputs = make_adapter_inputs(2, 3, 16, 4, 2, 1, torch.float32, torch.device("cpu"))
     with pytest.raises(TypeError, match="^" + re.escape("single_modality must be None, True or False, got 'yes'") + "$"):
         mm_adapter(**inputs, single_modality="yes")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_returned_routing_weights_are_fp32_and_uniform_without_a_routing_token(backend):
+    """return_routing_weights=True: [B, E] fp32 for 16-bit x and 16-bit given weights (the
+    weights' values, not rounded further); an empty sequence (no routing token) routes
+    uniformly, 1/E per expert, and leaves y = x."""
+    inputs = make_adapter_inputs(2, 3, 16, 4, 3, 1, torch.float16, torch.device("cpu"))
+    given = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], dtype=torch.float16)
+    _, rw = mm_adapter(**{**inputs, "router_weight": None, "router_bias": None}, weights=given,
+                       backend=backend, return_routing_weights=True)
+    assert rw.dtype == torch.float32 and torch.equal(rw, given.float())
+    empty = {**inputs, "x": inputs["x"][:, :0]}
+    y, rw = mm_adapter(**empty, backend=backend, return_routing_weights=True)
+    assert y.shape == (2, 0, 16) and rw.dtype == torch.float32
+    assert torch.equal(rw, torch.full((2, 3), 1 / 3))
