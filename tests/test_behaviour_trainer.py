@@ -9,6 +9,7 @@
   probes run every --probe-every steps from --probe-start, by default the end of warm-up.
 """
 import collections
+import re
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training.balance import FEATURE, LANGUAGE
 from mlan_train.config import build_parser, config_from_args
 from mlan_train.evaluate import answer_mask
-from mlan_train.trainer import MixedTrainer
+from mlan_train.trainer import MixedTrainer, NonFiniteError
 from mlan_kernels.training.scheduler import GROUP_KEY
+
+from test_train_faults import poison_gradients_at
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--clip-dim", "32", "--clip-layers", "4",
         "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--steps", "10",
@@ -292,18 +295,6 @@ def test_the_auxiliary_step_trains_the_lagging_side_it_reports(data, tmp_path):
             assert changed == (index == side), (kappa, index)
 
 
-def poison_the_language_gradients(monkeypatch):
-    """Every step from now on: one language-side gradient element is NaN (the feature side's
-    stay finite) when the trainer clips."""
-    from mlan_train import trainer as trainer_module
-    original = trainer_module.scale_grads_
-
-    def poisoned(groups, *args, **kwargs):
-        next(p for p in groups[1] if p.grad is not None).grad.view(-1)[0] = float("nan")
-        return original(groups, *args, **kwargs)
-    monkeypatch.setattr(trainer_module, "scale_grads_", poisoned)
-
-
 def test_a_skipped_step_keeps_the_weights_logs_the_language_lr_and_advances_the_schedule(
         data, tmp_path, monkeypatch):
     """--nan-policy skip-step, with α > 0 so the two sides' LRs differ: the non-finite step
@@ -320,7 +311,7 @@ def test_a_skipped_step_keeps_the_weights_logs_the_language_lr_and_advances_the_
     assert abs(lrs[FEATURE] / lrs[LANGUAGE] - 1) > 1e-3          # κ̂ ≠ 1: the sides differ
     weights = {name: p.detach().clone() for name, p in trainer.module.named_parameters()
                if p.requires_grad}
-    poison_the_language_gradients(monkeypatch)
+    poison_gradients_at(monkeypatch, 0)              # the next step, a language-side gradient
     _, record = trainer.train_step(batches, counter)
     assert record is None and trainer.history["skipped_steps"] == [3]
     assert trainer.history["lr"][-1] == lrs[LANGUAGE]
@@ -335,11 +326,9 @@ def test_a_skipped_step_keeps_the_weights_logs_the_language_lr_and_advances_the_
 def test_a_non_finite_step_error_names_each_sides_norm(data, tmp_path, monkeypatch):
     """--nan-policy error: the message names the step and the feature and language gradient
     norms, each its own (here only the language side's is NaN)."""
-    import re
-    from mlan_train.trainer import NonFiniteError
     trainer = make_trainer(data, tmp_path, "--max-grad-norm", "0")
     image = next(i for i in range(len(trainer.train_set)) if trainer.train_set[i]["has_image"])
-    poison_the_language_gradients(monkeypatch)
+    poison_gradients_at(monkeypatch, 0)
     with pytest.raises(NonFiniteError) as error:
         trainer.train_step(iter([[image]]), TokenCounter())
     found = re.search(r"step 0: non-finite loss \S+ or gradient norms "

@@ -160,8 +160,9 @@ def fused_linear_kl(hidden_p: Tensor, hidden_q: Tensor, lm_head_weight: Tensor,
     """
     validate_kl_args(hidden_p, hidden_q, mask, reduction, backend, names=("hidden_p", "hidden_q"))
     if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2:
-        raise ValueError(f"lm_head_weight must be a [V, H] tensor, got "
-                         f"{list(lm_head_weight.shape) if isinstance(lm_head_weight, Tensor) else type(lm_head_weight).__name__}")
+        got = (list(lm_head_weight.shape) if isinstance(lm_head_weight, Tensor)
+               else type(lm_head_weight).__name__)
+        raise ValueError(f"lm_head_weight must be a [V, H] tensor, got {got}")
     if hidden_p.shape[-1:] != lm_head_weight.shape[1:]:
         raise ValueError(f"hidden_p must be [..., H] with H = lm_head_weight.shape[1] = "
                          f"{lm_head_weight.shape[1]}, got {list(hidden_p.shape)}")
