@@ -14,6 +14,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -181,7 +182,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("modules", nargs="+", help="e.g. mlan_kernels/integrations/merge.py, or all")
-    parser.add_argument("--tests", nargs="+", help="pytest arguments (default: the module's table entry)")
+    parser.add_argument("--tests", type=shlex.split, metavar="'ARGS'",
+                        help="pytest arguments as one string, e.g. \"tests/test_a.py -k 'not triton'\" "
+                             "(default: the module's table entry)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1,
                         help="mutants tested in parallel (default: the CPU count)")
     parser.add_argument("--only", nargs="+", metavar="PATTERN",
