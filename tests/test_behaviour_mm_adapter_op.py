@@ -38,11 +38,11 @@ def routed_by_sample_0(x, router_weight=None, router_bias=None, weights=None, **
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("routing", ["router", "weights"])
-@pytest.mark.parametrize("length", [4, 1])
-def test_single_modality_true_routes_every_sample_by_sample_0(backend, routing, length):
-    inputs = make_adapter_inputs(3, length, 16, 4, 3, 1, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("batch, length", [(3, 4), (3, 1), (2, 4)])
+def test_single_modality_true_routes_every_sample_by_sample_0(backend, routing, batch, length):
+    inputs = make_adapter_inputs(batch, length, 16, 4, 3, 1, torch.float32, torch.device("cpu"))
     if routing == "weights":
-        inputs["weights"] = torch.softmax(torch.randn(3, 3, generator=torch.Generator().manual_seed(5)), -1)
+        inputs["weights"] = torch.softmax(torch.randn(batch, 3, generator=torch.Generator().manual_seed(5)), -1)
         del inputs["router_weight"], inputs["router_bias"]
     hyper = dict(scale=0.7, temperature=5.0, groups=1)
     grad_y = random_grad(inputs["x"].shape, torch.float32, torch.device("cpu"))
