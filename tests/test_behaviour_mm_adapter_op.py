@@ -9,7 +9,9 @@
 * the dropout seed reaches the op as an int64 tensor on x's device, whatever form it was given
   in; a drawn seed is on x's device and spread over [0, 2³¹ − 1);
 * single_modality must be None, True or False;
-* returned routing weights are fp32, uniform (1/E) for an empty sequence.
+* returned routing weights are fp32, uniform (1/E) for an empty sequence; samples route apart
+  (batch 2, equal tokens with different given weights) unless single_modality=True; the op on
+  an empty input returns what its fake promises.
 """
 import importlib
 import re
@@ -142,3 +144,32 @@ def test_returned_routing_weights_are_fp32_and_uniform_without_a_routing_token(b
     y, rw = mm_adapter(**empty, backend=backend, return_routing_weights=True)
     assert y.shape == (2, 0, 16) and rw.dtype == torch.float32
     assert torch.equal(rw, torch.full((2, 3), 1 / 3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("single_modality", [None, False])
+def test_samples_route_apart_unless_promised_otherwise(backend, single_modality):
+    """single_modality None or False: every sample is mixed by its own routing, also for a
+    batch of 2, and when given weights differ while the routing tokens are equal (the fast path
+    may only be taken when the weights rows agree)."""
+    inputs = make_adapter_inputs(2, 3, 16, 4, 3, 1, torch.float32, torch.device("cpu"), single_modality=True)
+    weights = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    for given in (weights, None):                        # equal routing tokens, then two
+        if given is None:
+            inputs["x"][1, 0] += 1.0
+        y = mm_adapter(**inputs, weights=given, single_modality=single_modality, backend=backend)
+        expected = mm_adapter_reference(**inputs, weights=given)[0]
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0)])
+def test_the_op_on_an_empty_input_returns_what_its_fake_promises(shape):
+    """No tokens: y = x, h [B, L, r] in the compute dtype (the fake's shapes and dtypes)."""
+    inputs = make_adapter_inputs(2, 3, 16, 4, 3, 1, torch.float16, torch.device("cpu"))
+    x = inputs["x"][:shape[0], :shape[1]]
+    args = (x, inputs["down_weight"], inputs["down_bias"], inputs["up_weight"], inputs["up_bias"],
+            inputs["router_weight"], inputs["router_bias"], None, 1.0, 10.0, 0.0, None, 1, None, "reference")
+    y, h, rw, _ = torch.ops.mlan.mm_adapter(*args)
+    assert torch.equal(y, x) and (h.shape, h.dtype) == ((*shape, 4), torch.float32)
+    assert (rw.shape, rw.dtype) == ((shape[0], 3), torch.float32)
+    torch.library.opcheck(torch.ops.mlan.mm_adapter.default, args)
