@@ -110,3 +110,30 @@ def test_groups_must_be_a_sequence_not_an_iterator():
     for groups in (model.parameters(), torch.zeros(3), {"a": []}.values()):
         with pytest.raises(TypeError, match="^groups must be a sequence of parameter sequences$"):
             scale_grads_(groups, [1.0])
+
+
+def test_no_groups_give_an_empty_fp32_norm_vector():
+    """Zero groups (a model with nothing to balance): the op and the oracle both return [0] fp32."""
+    for norms in (scale_grads_([], []), scale_grads_reference([], [])):
+        assert norms.shape == (0,) and norms.dtype == torch.float32
+
+
+def test_norms_are_fp32_under_a_float64_default_dtype():
+    """The norms are fp32 whatever torch's default dtype is (the oracle's accumulator and the
+    op's result alike), and the scaled fp32 grads match."""
+    made = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 2.0])]
+    ours, reference = ([[parameter(grad)] for grad in made] for _ in range(2))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        norms = scale_grads_(ours, [1.0, 0.5], max_norm=2.0)
+        expected = scale_grads_reference(reference, [1.0, 0.5], max_norm=2.0)
+        without_grads = [scale_grads_(groups, [1.0] * len(groups)) for groups in ([], [[nn.Parameter(torch.zeros(2))]])]
+    finally:
+        torch.set_default_dtype(default)
+    assert norms.dtype == expected.dtype == torch.float32
+    assert [(n.dtype, n.tolist()) for n in without_grads] == [(torch.float32, []), (torch.float32, [0.0])]
+    torch.testing.assert_close(expected, torch.tensor([5.0, 3.0]))
+    torch.testing.assert_close(norms, expected)
+    for got, want in zip(ours, reference):
+        torch.testing.assert_close(got[0].grad, want[0].grad)

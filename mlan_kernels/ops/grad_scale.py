@@ -50,7 +50,7 @@ def scale_grads_(groups: Sequence[Sequence[Tensor]], multipliers: Sequence[float
     per_group = _collect(groups)
     grads = [grad for group in per_group for grad in group]
     if not grads:
-        return torch.zeros(len(groups))
+        return torch.zeros(len(groups), dtype=torch.float32)
     name = dispatch.select_backend(grads[0].device, grads[0].dtype, backend, op="grad_scale")
     return dispatch.get_backend(name, op="grad_scale").scale_grads(per_group, multipliers,
                                                                    max_norm, eps)

@@ -28,4 +28,4 @@ def scale_grads_reference(groups: Sequence[Sequence[Tensor]], multipliers: Seque
             if param.grad is not None:
                 param.grad.mul_(multiplier * clip)
         norms.append(norm)
-    return torch.stack(norms) if norms else torch.zeros(0)
+    return torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float32)
