@@ -66,7 +66,7 @@ TESTS = {
     "mlan_kernels/ops/grad_scale.py": _GRAD_SCALE_TESTS,
     # The "reference" backend's cases only (the whole _OP_TESTS take ~2 min a survivor).
     "mlan_kernels/backends/plain_torch.py": [
-        "tests/test_mm_adapter_op.py", "tests/test_op_paths.py",
+        "tests/test_mm_adapter_op.py", "tests/test_op_paths.py", "tests/test_behaviour_mm_adapter_op.py",
         "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router",
         "-k", "reference and not triton"],
     "mlan_kernels/backends/kl_chunked.py": _KL_TESTS + ["-k", "not triton"],

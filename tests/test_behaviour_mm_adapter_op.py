@@ -11,7 +11,8 @@
 * single_modality must be None, True or False;
 * returned routing weights are fp32, uniform (1/E) for an empty sequence; samples route apart
   (batch 2, equal tokens with different given weights) unless single_modality=True; the op on
-  an empty input returns what its fake promises.
+  an empty input returns what its fake promises;
+* the reference backend makes every tensor it needs (the dropout mask) on x's device.
 """
 import importlib
 import re
@@ -173,3 +174,25 @@ def test_the_op_on_an_empty_input_returns_what_its_fake_promises(shape):
     assert torch.equal(y, x) and (h.shape, h.dtype) == ((*shape, 4), torch.float32)
     assert (rw.shape, rw.dtype) == ((shape[0], 3), torch.float32)
     torch.library.opcheck(torch.ops.mlan.mm_adapter.default, args)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_the_reference_backend_makes_its_tensors_on_xs_device(dropout_p):
+    """Forward and backward of the plain-torch backend on meta tensors (standing in for a GPU):
+    a mask made on the CPU would fail the product with a device tensor."""
+    from mlan_kernels.backends import plain_torch
+    batch, length, dim, rank, experts, groups = 2, 3, 8, 4, 2, 2
+    made = make_adapter_inputs(batch, length, dim, rank, experts, groups, torch.float32,
+                               torch.device("cpu"))
+    x, down_w, down_b, up_w, up_b = (made[name].to("meta") for name in
+                                     ("x", "down_weight", "down_bias", "up_weight", "up_bias"))
+    weights = torch.full((batch, experts), 0.5, device="meta")
+    seed = torch.tensor(3, dtype=torch.int64, device="meta")
+    y, h = plain_torch.forward(x, down_w, down_b, up_w, up_b, weights, 0.5, dropout_p, seed,
+                               groups, False)
+    grads = plain_torch.backward(torch.ones_like(x), x, h, weights, down_w, down_b, up_w, up_b,
+                                 0.5, dropout_p, seed, groups)
+    assert (y.shape, h.shape) == ((batch, length, dim), (batch, length, rank))
+    inputs = (x, down_w, down_b, up_w, up_b, weights)
+    assert [(t.device.type, t.shape) for t in (y, h) + tuple(grads)] == (
+        [("meta", y.shape), ("meta", h.shape)] + [("meta", t.shape) for t in inputs])
