@@ -8,6 +8,8 @@
 * Unselected rows are never read: garbage in them (NaN) reaches neither the value nor the
   gradients. Logits with any strides, a single row [V], and a mask on another device work.
 * The requested backend is the one that runs, forward and backward.
+* The oracle (reference/kl.py) defaults to the op's reduction, and its closed-form gradients of
+  16-bit logits are computed and returned in fp32.
 """
 import re
 
@@ -245,3 +247,26 @@ def test_differentiable_rows_are_zero_on_unselected_rows(backend):
     rows = kl_rows(p, q, mask, backend)
     assert rows[~mask].tolist() == [0.0] * 3
     torch.testing.assert_close(rows[mask], kl_div_logits_reference(p[mask], q[mask], None, "none"))
+
+
+def test_the_oracles_default_reduction_is_the_ops():
+    p, q = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(4)).unbind(0)
+    want = kl_div_logits_reference(p, q, None, "batchmean")
+    torch.testing.assert_close(kl_div_logits_reference(p, q), want)
+    torch.testing.assert_close(kl_div_logits(p, q), want)
+
+
+def test_the_closed_form_gradients_of_16_bit_logits_are_computed_in_fp32():
+    """bf16 logits and fp64 row gradients: the closed form (kl_rows_grad_reference) computes and
+    returns in the logits' compute dtype (fp32), equal to autograd of the fp64 KL of the same
+    values within fp32 rounding."""
+    generator = torch.Generator().manual_seed(5)
+    p, q = (torch.randn(4, 50, generator=generator).bfloat16() for _ in range(2))
+    grad = torch.rand(4, generator=generator, dtype=torch.float64)
+    got_p, got_q = kl_rows_grad_reference(p, q, grad)
+    leaves = [t.double().requires_grad_() for t in (p, q)]
+    kl = (torch.softmax(leaves[0], -1) * (torch.log_softmax(leaves[0], -1) - torch.log_softmax(leaves[1], -1))).sum(-1)
+    want_p, want_q = torch.autograd.grad(kl, leaves, grad)
+    assert got_p.dtype == got_q.dtype == torch.float32
+    torch.testing.assert_close(got_p.double(), want_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_q.double(), want_q, rtol=1e-5, atol=1e-6)

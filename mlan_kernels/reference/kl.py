@@ -32,8 +32,7 @@ def kl_rows_reference(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     # Entries with p = 0 contribute 0: zero both logs there *before* the product, so neither
     # the value nor autograd ever forms 0·(−inf − x) = nan.
     support = p > 0
-    zero = torch.zeros((), dtype=dtype)
-    return (p * (torch.where(support, log_p, zero) - torch.where(support, log_q, zero))).sum(-1)
+    return (p * (torch.where(support, log_p, 0.0) - torch.where(support, log_q, 0.0))).sum(-1)
 
 
 def kl_div_logits_reference(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = None,
@@ -49,8 +48,7 @@ def kl_div_logits_reference(logits_p: Tensor, logits_q: Tensor, mask: Optional[T
     flat_mask = None if mask is None else mask.reshape(-1)
     if flat_mask is not None:
         keep = flat_mask[:, None]
-        p2 = torch.where(keep, p2, torch.zeros((), dtype=p2.dtype))
-        q2 = torch.where(keep, q2, torch.zeros((), dtype=q2.dtype))
+        p2, q2 = torch.where(keep, p2, 0.0), torch.where(keep, q2, 0.0)
     out = reduce_rows(kl_rows_reference(p2, q2), flat_mask, reduction)
     return out.reshape(logits_p.shape[:-1]) if reduction == "none" else out
 
@@ -64,7 +62,7 @@ def kl_rows_grad_reference(logits_p: Tensor, logits_q: Tensor, grad_rows: Tensor
     log_p = torch.log_softmax(logits_p.to(dtype), dim=-1)
     log_q = torch.log_softmax(logits_q.to(dtype), dim=-1)
     p, q = log_p.exp(), log_q.exp()
-    diff = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=dtype))
+    diff = torch.where(p > 0, log_p - log_q, 0.0)
     kl = (p * diff).sum(-1, keepdim=True)
     g = grad_rows.to(dtype)[:, None]
     return g * p * (diff - kl), g * (q - p)
