@@ -8,7 +8,7 @@
 * Unselected rows are never read: garbage in them (NaN) reaches neither the value nor the
   gradients. Logits with any strides, a single row [V], and a mask on another device work.
 * The requested backend is the one that runs, forward and backward.
-* The oracle (reference/kl.py) defaults to the op's reduction, and its closed-form gradients of
+* The oracle (reference/kl.py) defaults to the op's reduction and refuses others, and its closed-form gradients of
   16-bit logits are computed and returned in fp32.
 """
 import re
@@ -254,6 +254,8 @@ def test_the_oracles_default_reduction_is_the_ops():
     want = kl_div_logits_reference(p, q, None, "batchmean")
     torch.testing.assert_close(kl_div_logits_reference(p, q), want)
     torch.testing.assert_close(kl_div_logits(p, q), want)
+    with pytest.raises(ValueError, match=r"^reduction must be one of \('batchmean', 'sum', 'none'\), got 'mean'$"):
+        kl_div_logits_reference(p, q, None, "mean")
 
 
 def test_the_closed_form_gradients_of_16_bit_logits_are_computed_in_fp32():

@@ -20,19 +20,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..functional import compute_dtype, reduce_rows  # KL accumulates at >= fp32, like the adapter
+from ..functional import REDUCTIONS, compute_dtype, reduce_rows  # KL accumulates at >= fp32, like the adapter
 
 
 def kl_rows_reference(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """KL(p‖q) per row: logits [T, V] -> [T] in compute_dtype(logits_p.dtype)."""
     dtype = compute_dtype(logits_p.dtype)
-    log_p = torch.log_softmax(logits_p.to(dtype), dim=-1)
-    log_q = torch.log_softmax(logits_q.to(dtype), dim=-1)
+    log_p = torch.log_softmax(logits_p.to(dtype), dim=1)
+    log_q = torch.log_softmax(logits_q.to(dtype), dim=1)
     p = log_p.exp()
-    # Entries with p = 0 contribute 0: zero both logs there *before* the product, so neither
-    # the value nor autograd ever forms 0·(−inf − x) = nan.
-    support = p > 0
-    return (p * (torch.where(support, log_p, 0.0) - torch.where(support, log_q, 0.0))).sum(-1)
+    # Entries with p = 0 contribute 0: their log-ratio is replaced *before* the product, so
+    # neither the value nor autograd ever forms 0·(−inf) = nan (any finite fill would do).
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(1)
 
 
 def kl_div_logits_reference(logits_p: Tensor, logits_q: Tensor, mask: Optional[Tensor] = None,
@@ -43,6 +42,8 @@ def kl_div_logits_reference(logits_p: Tensor, logits_q: Tensor, mask: Optional[T
     Unselected rows are replaced by zeros *before* the softmax, so garbage in them (e.g. all
     −inf) cannot leak nan into the result or the gradients.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     vocab = logits_p.shape[-1]
     p2, q2 = logits_p.reshape(-1, vocab), logits_q.reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
@@ -59,10 +60,10 @@ def kl_rows_grad_reference(logits_p: Tensor, logits_q: Tensor, grad_rows: Tensor
         ∂/∂logits_q[t, v] = g_t · (q_v − p_v)
     logits [T, V], grad_rows [T] -> (grad_p, grad_q) [T, V] in the compute dtype."""
     dtype = compute_dtype(logits_p.dtype)
-    log_p = torch.log_softmax(logits_p.to(dtype), dim=-1)
-    log_q = torch.log_softmax(logits_q.to(dtype), dim=-1)
+    log_p = torch.log_softmax(logits_p.to(dtype), dim=1)
+    log_q = torch.log_softmax(logits_q.to(dtype), dim=1)
     p, q = log_p.exp(), log_q.exp()
     diff = torch.where(p > 0, log_p - log_q, 0.0)
-    kl = (p * diff).sum(-1, keepdim=True)
+    kl = (p * diff).sum(1, keepdim=True)
     g = grad_rows.to(dtype)[:, None]
     return g * p * (diff - kl), g * (q - p)
