@@ -40,9 +40,11 @@ _TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_train_mixed.py"
                   "tests/test_train_faults.py", "tests/test_train_auxiliary.py",
                   "-k", "not ddp and not fsdp2 and not console_scripts"]
 TESTS = {
-    # The oracle's own tests only (for time: _OP_TESTS makes a survivor cost minutes).
+    # The oracle's own tests (for time: _OP_TESTS makes a survivor cost minutes), and the
+    # compiled backend's, the ones that call the backward oracle directly.
     "mlan_kernels/reference/mm_adapter.py": ["tests/test_reference.py",
-                                             "tests/test_behaviour_reference.py"],
+                                             "tests/test_behaviour_reference.py",
+                                             "tests/test_compiled_backend.py"],
     # Without the Triton-interpreted and compile cases (they compare the same oracle calls).
     "mlan_kernels/reference/kl.py": _KL_TESTS + ["-k", "not triton and not torch_compile"],
     "mlan_kernels/reference/grad_scale.py": _GRAD_SCALE_TESTS,
