@@ -6,16 +6,24 @@
 * Every spelling of LaVIN's parameter names (CLIP under `backbone.visual.transformer` or
   `backbone.transformer`, DDP's `module.` prefix) loads every adapter, also with strict=False,
   where a name that fails to match would leave that adapter silently random.
+* Assembling the inputs: sample b's image block is the b-th image sample's tokens (any number
+  of image samples); has_image may be any 0/1 form and defaults to "has an image" when pixel
+  values or image tokens are given; the modality and image tokens reach the LLaMA in its own
+  dtype (a 16-bit LLaMA beside the fp32 neck); pixel values with the wrong row count are
+  refused by name; the neck and the attention mask are made on the device and dtype asked for.
 """
+import re
+
 import pytest
 import torch
 
 from mlan_kernels.checkpoint import adapter_state_dict, load_lavin_adapters
 from mlan_kernels.integrations import adapters
 from mlan_kernels.integrations.clip import clip_encoder_layers
-from mlan_kernels.integrations.lavin import VisualNeck
+from mlan_kernels.integrations.lavin import VisualNeck, lavin_attention_mask
 
 from test_integration_lavin import PIXELS, tiny_lavin
+from test_integration_llama import token_ids
 
 
 @pytest.mark.parametrize("clip_every", [2, 4])
@@ -87,3 +95,96 @@ def test_a_16_bit_tower_feeds_the_fp32_neck_in_fp32(dtype):
     assert out.dtype == torch.float32
     expected = neck.up(torch.nn.functional.silu(neck.down(features.float())))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def image_block(model, inputs, b):
+    """The K image tokens of assembled sample b (ours layout: right after the modality token)."""
+    return inputs["inputs_embeds"][b, 1:1 + model.image_token_count]
+
+
+def test_each_image_sample_gets_its_own_image_tokens():
+    """Four samples, three with images: sample b's block is image_tokens[its image index]."""
+    model = tiny_lavin()
+    count, dim = model.image_token_count, model.llama.config.hidden_size
+    tokens = torch.randn(3, count, dim, generator=torch.Generator().manual_seed(1))
+    has_image = [True, True, False, True]
+    inputs = model.build_inputs(token_ids(batch=4, length=3), has_image=has_image, image_tokens=tokens)
+    for b, image in ((0, 0), (1, 1), (3, 2)):
+        torch.testing.assert_close(image_block(model, inputs, b), tokens[image], rtol=0, atol=0)
+    assert inputs["lengths"].tolist() == [1 + count + 3] * 2 + [1 + 3] + [1 + count + 3]
+
+
+@pytest.mark.parametrize("form", [[1, 0, 1], (1.0, 0.0, 1.0), torch.tensor([1, 0, 1])])
+def test_has_image_in_any_0_1_form_selects_the_same_pixel_rows(form):
+    """One pixel row per sample (the text sample's row ignored): a 0/1 has_image selects rows 0
+    and 2, as the bool mask does (not rows 1 and 0 by integer indexing)."""
+    model = tiny_lavin()
+    ids = token_ids(batch=3, length=4)
+    with torch.no_grad():
+        want = model.build_inputs(ids, PIXELS, torch.tensor([True, False, True]))
+        got = model.build_inputs(ids, PIXELS, form)
+    torch.testing.assert_close(got["inputs_embeds"], want["inputs_embeds"], rtol=0, atol=0)
+
+
+def test_has_image_defaults_to_whether_images_are_given():
+    model = tiny_lavin()
+    count, ids = model.image_token_count, token_ids(batch=2, length=3)
+    tokens = torch.randn(2, count, model.llama.config.hidden_size)
+    with torch.no_grad():
+        lengths = [model.build_inputs(ids, **given)["lengths"].tolist() for given in
+                   (dict(pixel_values=PIXELS[:2]), dict(image_tokens=tokens), {})]
+    assert lengths == [[1 + count + 3] * 2, [1 + count + 3] * 2, [1 + 3] * 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_llama_gets_its_inputs_in_its_dtype(dtype):
+    """The modality embedding and the neck stay fp32; the tokens they make are cast to the
+    LLaMA's dtype before they join its text embeddings."""
+    model = tiny_lavin()
+    model.llama.to(dtype)
+    with torch.no_grad():
+        inputs = model.build_inputs(token_ids(batch=3, length=4), PIXELS, torch.tensor([True, False, True]))
+        want = model.image_tokens(PIXELS[[0, 2]]).to(dtype)
+    assert model.neck.up.weight.dtype == model.modality_embedding.weight.dtype == torch.float32
+    assert inputs["inputs_embeds"].dtype == inputs["attention_mask"].dtype == dtype
+    torch.testing.assert_close(image_block(model, inputs, 2), want[1], rtol=0, atol=0)
+    torch.testing.assert_close(inputs["inputs_embeds"][1, 0], model.modality_embedding.weight[0].to(dtype))
+
+
+@pytest.mark.parametrize("rows, message", [
+    (None, "has_image marks samples with images but pixel_values is None"),
+    (1, "pixel_values must have one row per sample or per image sample (3 or 2), got 1"),
+    (4, "pixel_values must have one row per sample or per image sample (3 or 2), got 4")])
+def test_pixel_values_must_match_the_samples_or_the_image_samples(rows, message):
+    model = tiny_lavin()
+    pixels = None if rows is None else torch.randn(rows, 3, 28, 28)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        model.build_inputs(token_ids(batch=3, length=4), pixels, torch.tensor([True, False, True]))
+
+
+def test_the_neck_is_made_on_the_device_and_dtype_asked_for():
+    neck = VisualNeck(16, 8, 12, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in neck.parameters()} == {("meta", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_attention_mask_is_made_on_the_lengths_device_in_the_dtype_asked_for(dtype):
+    """meta lengths stand in for a GPU: every tensor of the mask must be made there."""
+    mask = lavin_attention_mask(torch.tensor([3, 2], device="meta"), 3, dtype)
+    assert (mask.device.type, mask.dtype, mask.shape) == ("meta", dtype, (2, 1, 3, 3))
+    cpu = lavin_attention_mask(torch.tensor([3, 2]), 3, dtype)
+    assert cpu.dtype == dtype and cpu.min() == torch.finfo(dtype).min
+
+
+@pytest.mark.gpu
+def test_a_gpu_model_takes_has_image_as_a_host_list():
+    """has_image as a Python list with CUDA inputs: the mask, lengths and attention mask are
+    made on the inputs' device, and the result is the CPU one."""
+    model = tiny_lavin()
+    ids = token_ids(batch=3, length=4)
+    with torch.no_grad():
+        want = model.build_inputs(ids, PIXELS, [1, 0, 1])
+        got = model.cuda().build_inputs(ids.cuda(), PIXELS.cuda(), [1, 0, 1])
+    assert got["lengths"].device.type == got["attention_mask"].device.type == "cuda"
+    torch.testing.assert_close(got["inputs_embeds"].cpu(), want["inputs_embeds"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got["lengths"].cpu(), want["lengths"])
