@@ -5,7 +5,11 @@
 * A group none of whose parameters has a gradient yet (a frozen side, an unused branch) has
   norm 0 and leaves the other groups' scaling as it is, wherever it stands.
 * groups must be a sequence of sequences: an iterator (e.g. model.parameters()) is refused.
+* The norms are fp32 (also with no gradient at all, and under a float64 default dtype); the
+  triton backend refuses non-contiguous grads by name, before touching any.
 """
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -118,7 +122,8 @@ def test_no_groups_give_an_empty_fp32_norm_vector():
         assert norms.shape == (0,) and norms.dtype == torch.float32
 
 
-def test_norms_are_fp32_under_a_float64_default_dtype():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norms_are_fp32_under_a_float64_default_dtype(backend):
     """The norms are fp32 whatever torch's default dtype is (the oracle's accumulator and the
     op's result alike), and the scaled fp32 grads match."""
     made = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 2.0])]
@@ -126,7 +131,7 @@ def test_norms_are_fp32_under_a_float64_default_dtype():
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        norms = scale_grads_(ours, [1.0, 0.5], max_norm=2.0)
+        norms = scale_grads_(ours, [1.0, 0.5], max_norm=2.0, backend=backend)
         expected = scale_grads_reference(reference, [1.0, 0.5], max_norm=2.0)
         without_grads = [scale_grads_(groups, [1.0] * len(groups)) for groups in ([], [[nn.Parameter(torch.zeros(2))]])]
     finally:
@@ -137,3 +142,14 @@ def test_norms_are_fp32_under_a_float64_default_dtype():
     torch.testing.assert_close(norms, expected)
     for got, want in zip(ours, reference):
         torch.testing.assert_close(got[0].grad, want[0].grad)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+def test_the_triton_backend_refuses_non_contiguous_grads_by_name():
+    first, param = parameter(torch.full((5,), 2.0)), nn.Parameter(torch.zeros(3, 4))
+    param.grad = torch.ones(4, 3).t()
+    message = ("backend='triton' needs contiguous (torch.float32, torch.float16, torch.bfloat16) "
+               "grads, got torch.float32 (contiguous=False)")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        scale_grads_([[first], [param]], [0.5, 1.0], backend="triton")
+    assert torch.equal(first.grad, torch.full((5,), 2.0))               # no group was scaled
