@@ -103,10 +103,21 @@ def test_16_bit_gradients_beyond_their_range_have_a_finite_norm(backend):
     torch.testing.assert_close(ours[0][0].grad, reference[0][0].grad, rtol=1e-3, atol=1e-6)
 
 
-def test_one_gradient_in_all_groups():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_gradient_in_all_groups(backend):
     lone = parameter(torch.tensor([3.0, 4.0]))
-    norms = scale_grads_([[nn.Parameter(torch.zeros(2))], [lone]], [1.0, 2.0])
+    norms = scale_grads_([[nn.Parameter(torch.zeros(2))], [lone]], [1.0, 2.0], backend=backend)
     assert norms.tolist() == [0.0, 5.0] and lone.grad.tolist() == [6.0, 8.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_gradients_count_as_zero_beside_others(backend):
+    """A zero-element gradient (an fp16 one, bucketed first by the triton backend) adds 0 to its
+    group's norm and leaves the other dtypes' grads to be scaled."""
+    empty, lone = parameter(torch.zeros(0, 4, dtype=torch.float16)), parameter(torch.tensor([3.0, 4.0]))
+    norms = scale_grads_([[empty], [lone]], [1.0, 2.0], backend=backend)
+    assert norms.tolist() == [0.0, 5.0] and lone.grad.tolist() == [6.0, 8.0]
+    assert empty.grad.shape == (0, 4) and empty.grad.dtype == torch.float16
 
 
 def test_groups_must_be_a_sequence_not_an_iterator():

@@ -78,8 +78,8 @@ def scale_grads(per_group, multipliers, max_norm, eps):
         sums.index_add_(0, tables["block_group"], partial)
         launches.append((blocks, args, tables["group"], triton_dtypes[dtype]))
     norms = sums.sqrt()
-    factors = torch.tensor([float(m) for m in multipliers], dtype=torch.float32)
-    factors = factors.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else factors
+    factors = _to_device({"factors": torch.tensor([float(m) for m in multipliers],
+                                                  dtype=torch.float32)}, device)["factors"]
     if max_norm is not None:
         factors = factors * (max_norm / (norms + eps)).clamp(max=1.0)
     for blocks, args, groups, dtype in launches:
