@@ -11,6 +11,8 @@
   values or image tokens are given; the modality and image tokens reach the LLaMA in its own
   dtype (a 16-bit LLaMA beside the fp32 neck); pixel values with the wrong row count are
   refused by name; the neck and the attention mask are made on the device and dtype asked for.
+* The neck, the modality embedding and the prefix ids live on the LLaMA's device, the first two
+  in fp32 also under a 16-bit default dtype; a CLIP-layout tower of an unlisted type assembles.
 """
 import re
 
@@ -188,3 +190,42 @@ def test_a_gpu_model_takes_has_image_as_a_host_list():
     assert got["lengths"].device.type == got["attention_mask"].device.type == "cuda"
     torch.testing.assert_close(got["inputs_embeds"].cpu(), want["inputs_embeds"], rtol=1e-4, atol=1e-5)
     assert torch.equal(got["lengths"].cpu(), want["lengths"])
+
+
+@pytest.mark.parametrize("device", [None, "meta"])
+def test_the_neck_modality_token_and_prefixes_live_beside_the_llama_in_fp32(device):
+    """A bf16 LLaMA and CLIP on meta (standing in for a GPU), built under a bf16 default dtype:
+    the neck and the modality embedding are made fp32 on the LLaMA's device (or the one asked
+    for), the prefix ids there."""
+    from mlan_kernels.integrations.lavin import build_lavin, LavinModel
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    llama, clip = (model.to("meta", torch.bfloat16) for model in (tiny_llama(), tiny_clip()))
+    build = build_lavin if device is None else (
+        lambda llama, clip, **kw: LavinModel(llama, clip, device=device, **kw))
+    if device is not None:
+        from mlan_kernels.integrations import patch_clip_vision, patch_llama
+        patch_llama(llama, compat="lavin")
+        patch_clip_vision(clip, compat="lavin")
+        kwargs = dict(image_prefix_ids=[1, 2], text_prefix_ids=[3])
+    else:
+        kwargs = dict(compat="lavin", image_prefix_ids=[1, 2], text_prefix_ids=[3])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)          # as LaVIN's scripts set a 16-bit default
+    try:
+        model = build(llama, clip, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+    made = list(model.neck.parameters()) + list(model.modality_embedding.parameters())
+    assert {(p.device.type, p.dtype) for p in made} == {("meta", torch.float32)}
+    assert {b.device.type for b in (model.image_prefix_ids, model.text_prefix_ids)} == {"meta"}
+
+
+def test_a_vision_tower_of_an_unlisted_type_with_clips_layout_assembles():
+    """A CLIP-layout tower under another model_type (as LLaVA-style forks name theirs) is read
+    as CLIP: patched, and its CLS summarizes each block for the neck."""
+    from mlan_kernels.integrations.lavin import build_lavin
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    clip = tiny_clip()
+    clip.config.model_type = "my_clip_vision"
+    model = build_lavin(tiny_llama(), clip, neck_hidden=16)
+    assert adapters(model.clip) and model.image_summary == "first"
