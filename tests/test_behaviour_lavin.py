@@ -13,6 +13,8 @@
   refused by name; the neck and the attention mask are made on the device and dtype asked for.
 * The neck, the modality embedding and the prefix ids live on the LLaMA's device, the first two
   in fp32 also under a 16-bit default dtype; a CLIP-layout tower of an unlisted type assembles.
+* build_lavin gives each side its config (object or keywords; clip_config), freezes the base
+  only when asked; an unpatched pair assembles in our layout.
 """
 import re
 
@@ -229,3 +231,46 @@ def test_a_vision_tower_of_an_unlisted_type_with_clips_layout_assembles():
     clip.config.model_type = "my_clip_vision"
     model = build_lavin(tiny_llama(), clip, neck_hidden=16)
     assert adapters(model.clip) and model.image_summary == "first"
+
+
+@pytest.mark.parametrize("form", ["object", "keywords"])
+def test_build_lavin_gives_each_side_the_config_it_was_given(form):
+    """config as an AdapterConfig or as keywords reaches the LLaMA adapters; clip_config reaches
+    the CLIP adapters."""
+    from mlan_kernels.config import AdapterConfig
+    from mlan_kernels.integrations.lavin import build_lavin
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    llama_fields, clip_fields = dict(rank=4, temperature=3.0), dict(rank=2, temperature=7.0)
+    if form == "object":
+        model = build_lavin(tiny_llama(), tiny_clip(), AdapterConfig(**llama_fields),
+                            clip_config=AdapterConfig(**clip_fields))
+    else:
+        model = build_lavin(tiny_llama(), tiny_clip(), clip_config=AdapterConfig(**clip_fields),
+                            **llama_fields)
+    for side, fields in (("llama", llama_fields), ("clip", clip_fields)):
+        configs = {(a.config.rank, a.config.temperature) for a in adapters(getattr(model, side)).values()}
+        assert configs == {(fields["rank"], fields["temperature"])}, side
+
+
+@pytest.mark.parametrize("freeze_base", [True, False])
+def test_freeze_base_false_leaves_every_parameter_trainable(freeze_base):
+    from mlan_kernels.integrations.lavin import build_lavin
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    model = build_lavin(tiny_llama(), tiny_clip(), freeze_base=freeze_base)
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    base = [p for name, p in model.named_parameters() if ".adapter." not in name
+            and not name.startswith(("neck.", "modality_embedding."))]
+    assert trainable == {"llama", "clip", "neck", "modality_embedding"}      # adapters on both sides
+    assert all(p.requires_grad != freeze_base for p in base)
+
+
+def test_an_unpatched_pair_assembles_without_adapters():
+    """LavinModel on a LLaMA and CLIP without adapters (the neck-only baseline): our layout
+    (compat None), and a forward runs."""
+    from mlan_kernels.integrations.lavin import LavinModel
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    model = LavinModel(tiny_llama(), tiny_clip(), neck_hidden=16)
+    assert model.compat is None and not adapters(model)
+    with torch.no_grad():
+        logits = model(token_ids(batch=3, length=4), PIXELS, torch.tensor([True, False, True])).logits
+    assert logits.shape == (3, 1 + model.image_token_count + 4, 97)
