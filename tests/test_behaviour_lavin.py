@@ -266,11 +266,11 @@ def test_freeze_base_false_leaves_every_parameter_trainable(freeze_base):
 
 def test_an_unpatched_pair_assembles_without_adapters():
     """LavinModel on a LLaMA and CLIP without adapters (the neck-only baseline): our layout
-    (compat None), and a forward runs."""
+    (compat None), LaVIN's neck width 128 by default, and a forward runs."""
     from mlan_kernels.integrations.lavin import LavinModel
     from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
-    model = LavinModel(tiny_llama(), tiny_clip(), neck_hidden=16)
-    assert model.compat is None and not adapters(model)
+    model = LavinModel(tiny_llama(), tiny_clip())
+    assert model.compat is None and not adapters(model) and model.neck.down.out_features == 128
     with torch.no_grad():
         logits = model(token_ids(batch=3, length=4), PIXELS, torch.tensor([True, False, True])).logits
     assert logits.shape == (3, 1 + model.image_token_count + 4, 97)
