@@ -8,6 +8,8 @@
 * Unselected rows are never read: garbage in them (NaN) reaches neither the value nor the
   gradients. Logits with any strides, a single row [V], and a mask on another device work.
 * The requested backend is the one that runs, forward and backward.
+* Gradients of 16-bit logits come back 16-bit from every backend (through autograd and from
+  kl_rows_backward itself).
 * The oracle (reference/kl.py) defaults to the op's reduction and refuses others, and its closed-form gradients of
   16-bit logits are computed and returned in fp32.
 """
@@ -20,9 +22,11 @@ from mlan_kernels import dispatch
 from mlan_kernels.ops.kl_div import KLDivFunction, kl_div_logits, kl_rows, kl_rows_backward, kl_rows_forward
 from mlan_kernels.reference import kl_div_logits_reference, kl_rows_grad_reference
 
-from helpers import HAS_KL_CPU, spy_on_backends
+from helpers import HAS_KL_CPU, HAS_TRITON, spy_on_backends
 
 BACKENDS = ["chunked", pytest.param("cpu", marks=pytest.mark.skipif(not HAS_KL_CPU, reason="mlan_kernels._C is not built"))]
+# With the Triton backend under the interpreter (slower: only for the masked-row and dtype tests).
+WITH_TRITON = BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 
 
 def logits(*shape, dtype=torch.float32, seed=0):
@@ -149,7 +153,7 @@ def test_the_backward_op_gives_unselected_rows_no_gradient(backend):
     assert grad_p[mask].abs().amin(-1).gt(0).all() and grad_q[mask].abs().amin(-1).gt(0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_TRITON)
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
 def test_garbage_in_unselected_rows_reaches_neither_the_value_nor_the_gradients(backend, reduction):
     """Padding rows may hold anything (here NaN): with them unselected, the value and both
@@ -272,3 +276,23 @@ def test_the_closed_form_gradients_of_16_bit_logits_are_computed_in_fp32():
     assert got_p.dtype == got_q.dtype == torch.float32
     torch.testing.assert_close(got_p.double(), want_p, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_q.double(), want_q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", WITH_TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradients_of_16_bit_logits_are_16_bit_and_match_fp64(backend, dtype):
+    """Each backend returns the logits' gradients in the logits' dtype (as autograd would),
+    within that dtype's rounding of the fp64 closed form; the KL itself is fp32."""
+    p, q = (logits(3, 40, seed=seed).to(dtype).requires_grad_(True) for seed in (5, 6))
+    out = kl_div_logits(p, q, None, "none", backend)
+    grad = torch.rand(3, generator=torch.Generator().manual_seed(7))
+    grad_p, grad_q = torch.autograd.grad(out, (p, q), grad)
+    want_p, want_q = kl_rows_grad_reference(p.detach().double(), q.detach().double(), grad.double())
+    assert out.dtype == torch.float32 and grad_p.dtype == grad_q.dtype == dtype
+    torch.testing.assert_close(grad_p.double(), want_p, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(grad_q.double(), want_q, rtol=1e-2, atol=1e-3)
+    # the backward function itself (autograd would cast a wrong dtype back, hiding it)
+    kl, lse_p, lse_q = kl_rows_forward(p.detach(), q.detach(), None, backend)
+    direct = kl_rows_backward(grad, p.detach(), q.detach(), None, lse_p, lse_q, kl, backend)
+    assert [g.dtype for g in direct] == [dtype, dtype]
+    torch.testing.assert_close(direct, (grad_p, grad_q), rtol=0, atol=0)
