@@ -144,11 +144,12 @@ def test_norms_are_fp32_under_a_float64_default_dtype(backend):
     try:
         norms = scale_grads_(ours, [1.0, 0.5], max_norm=2.0, backend=backend)
         expected = scale_grads_reference(reference, [1.0, 0.5], max_norm=2.0)
-        without_grads = [scale_grads_(groups, [1.0] * len(groups)) for groups in ([], [[nn.Parameter(torch.zeros(2))]])]
+        without_grads = [scale(groups, [1.0] * len(groups)) for scale in (scale_grads_, scale_grads_reference)
+                         for groups in ([], [[nn.Parameter(torch.zeros(2))]])]
     finally:
         torch.set_default_dtype(default)
     assert norms.dtype == expected.dtype == torch.float32
-    assert [(n.dtype, n.tolist()) for n in without_grads] == [(torch.float32, []), (torch.float32, [0.0])]
+    assert [(n.dtype, n.tolist()) for n in without_grads] == [(torch.float32, []), (torch.float32, [0.0])] * 2
     torch.testing.assert_close(expected, torch.tensor([5.0, 3.0]))
     torch.testing.assert_close(norms, expected)
     for got, want in zip(ours, reference):
