@@ -171,7 +171,7 @@ def select_backend(device: torch.device, dtype: torch.dtype, requested: str = "a
     """Name of the backend of `op` that will run tensors on `device` with `dtype`."""
     spec = _op(op)
     if requested == "auto":
-        requested = os.environ.get(spec.env, "auto") or "auto"
+        requested = os.environ.get(spec.env) or "auto"           # unset or empty: auto
     check_name(requested, op)
     wanted = [requested] if requested != "auto" else dict(spec.preferred).get(device.type, ())
     for name in wanted:

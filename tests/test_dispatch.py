@@ -1,5 +1,6 @@
 """The one backend registry (mlan_kernels.dispatch): entries, env overrides, errors, warn-once."""
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -107,3 +108,62 @@ def test_grad_scale_env_override_reaches_the_op(monkeypatch):
     param.grad = torch.full((3,), 2.0)
     norms = scale_grads_([[param]], [0.5])
     assert calls and torch.allclose(param.grad, torch.ones(3)) and torch.allclose(norms, torch.tensor([12.0]).sqrt())
+
+
+def test_op_policies_are_validated_at_creation():
+    message = ("preferred must be ((device type, (backend, ...)), ...) with a device type in "
+               "('cpu', 'cuda'), got {!r}")
+    for preferred in ((("tpu", ("a",)),), (("cuda", "triton"),), (("xla", "triton"),)):
+        with pytest.raises(ValueError, match="^" + re.escape(message.format(preferred)) + "$"):
+            dispatch.Op("x", "X", "MLAN_X", "a", preferred)
+    assert dispatch.Op("x", "X", "MLAN_X", "a", (("cpu", ("a",)), ("cuda", ()))).preferred[1] == ("cuda", ())
+    assert dispatch.Backend("kl_div", "extra", "mlan_kernels.backends.kl_chunked", ("cpu", "cuda")).devices == ("cpu", "cuda")
+
+
+def test_a_registered_backend_can_be_selected_and_loaded(monkeypatch):
+    monkeypatch.setattr(dispatch, "_BACKENDS", dict(dispatch._BACKENDS))
+    entry = dispatch.register(dispatch.Backend("kl_div", "extra", "mlan_kernels.backends.kl_chunked"))
+    assert dispatch.names("kl_div")[-1] == "extra" and dispatch._BACKENDS[("kl_div", "extra")] is entry
+    assert dispatch.select_backend(CPU, torch.float32, "extra", op="kl_div") == "extra"
+    assert dispatch.get_backend("extra", op="kl_div") is dispatch.get_backend("chunked", op="kl_div")
+
+
+def test_the_default_op_is_the_mm_adapter():
+    from mlan_kernels.backends import plain_torch
+    assert dispatch.names() == dispatch.BACKENDS
+    assert dispatch.get_backend("reference") is plain_torch
+    assert dispatch.unavailable_reason("reference", CPU, torch.float64) is None
+
+
+def test_an_unknown_op_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "op must be one of ('mm_adapter', 'kl_div', 'grad_scale'), got 'softmax'") + "$"):
+        dispatch.select_backend(CPU, torch.float32, op="softmax")
+
+
+def test_auto_takes_the_preferred_backend_of_the_device_and_an_empty_env_means_auto(monkeypatch):
+    for env in ("MLAN_BACKEND", "MLAN_KL_BACKEND", "MLAN_GRAD_SCALE_BACKEND"):
+        monkeypatch.setenv(env, "")
+    assert dispatch.select_backend(CPU, torch.float32) == ("cpu" if HAS_KL_CPU else "reference")
+    assert dispatch.select_backend(CPU, torch.float32, op="kl_div") == ("cpu" if HAS_KL_CPU else "chunked")
+    assert dispatch.select_backend(CPU, torch.float32, op="grad_scale") == "foreach"   # no preferred
+
+
+def test_an_unavailable_preferred_backend_under_auto_warns_and_falls_back(monkeypatch):
+    """float32 under auto: the preferred backend that cannot run is named in one warning
+    (float64 falls back silently: the fallback is its only path)."""
+    monkeypatch.delenv("MLAN_KL_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, *rest, **kw: None if name == "chunked" else "gone")
+    dispatch.reset_warnings()
+    with pytest.warns(RuntimeWarning, match="^" + re.escape(
+            "mlan_kernels: KL backend 'cpu' unavailable: gone; using 'chunked'") + "$"):
+        assert dispatch.select_backend(CPU, torch.float32, op="kl_div") == "chunked"
+
+
+def test_every_policy_names_only_registered_backends(monkeypatch):
+    dispatch._check_policies()                                  # the shipped table
+    for broken in (dispatch.Op("kl_div", "KL", "MLAN_KL_BACKEND", "nope"),
+                   dispatch.Op("kl_div", "KL", "MLAN_KL_BACKEND", "chunked", (("cpu", ("cpu", "nope")),))):
+        monkeypatch.setitem(dispatch.OPS, "kl_div", broken)
+        with pytest.raises(ValueError, match="^" + re.escape("kl_div: backend 'nope' is named but not registered") + "$"):
+            dispatch._check_policies()
