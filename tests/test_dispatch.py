@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import HAS_KL_CPU
+from helpers import HAS_KL_CPU, HAS_TRITON
 from mlan_kernels import dispatch
 
 CPU = torch.device("cpu")
@@ -167,3 +167,42 @@ def test_every_policy_names_only_registered_backends(monkeypatch):
         monkeypatch.setitem(dispatch.OPS, "kl_div", broken)
         with pytest.raises(ValueError, match="^" + re.escape("kl_div: backend 'nope' is named but not registered") + "$"):
             dispatch._check_policies()
+
+
+def test_check_name_defaults_to_the_mm_adapter():
+    dispatch.check_name("reference")
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        dispatch.check_name("chunked")
+
+
+@pytest.mark.parametrize("name, op, dtype, interpret, reason", [
+    ("cuda", "mm_adapter", torch.float32, "1", "the cuda backend needs CUDA tensors"),
+    ("triton", "grad_scale", torch.float32, "0", "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"),
+    ("triton", "kl_div", torch.float64, "1",
+     "triton KL supports (torch.float32, torch.float16, torch.bfloat16), got torch.float64"),
+    pytest.param("triton", "mm_adapter", torch.bfloat16, "1",
+                 "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 correctly",
+                 marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+    pytest.param("triton", "kl_div", torch.float32, "1", None,
+                 marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+def test_unavailable_reasons_say_what_is_missing(monkeypatch, name, op, dtype, interpret, reason):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert dispatch.unavailable_reason(name, CPU, dtype, op=op) == reason
+
+
+def test_a_backends_own_supports_check_is_asked_last(monkeypatch):
+    """A backend module's supports(name, device, dtype) decides what the registry entry cannot."""
+    seen = []
+    chunked = dispatch.get_backend("chunked", op="kl_div")
+    monkeypatch.setattr(chunked, "supports", lambda *args: seen.append(args) or "not today", raising=False)
+    assert dispatch.unavailable_reason("chunked", CPU, torch.float16, op="kl_div") == "not today"
+    assert seen == [("chunked", CPU, torch.float16)]
+
+
+def test_a_backend_that_cannot_be_imported_is_named_with_the_import_error(monkeypatch):
+    monkeypatch.setattr(dispatch, "_load", lambda module: (None, "No module named 'triton'"))
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "mlan_kernels backend 'triton' is not available: No module named 'triton'") + "$"):
+        dispatch.get_backend("triton", op="kl_div")
+    assert dispatch.unavailable_reason("chunked", CPU, torch.float32, op="kl_div") == (
+        "backend 'chunked' could not be imported (No module named 'triton')")
