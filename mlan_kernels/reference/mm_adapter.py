@@ -34,9 +34,8 @@ def mm_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, router_w
     weights = weights.to(compute)
 
     h = xc @ down_weight.to(compute).t() + down_bias.to(compute)          # [B, L, r]
-    if dropout_p > 0.0:
-        keep = dropout_keep_mask(seed, batch * length, h.shape[-1], dropout_p, x.device)
-        h = h * keep.view_as(h) / (1.0 - dropout_p)
+    keep = dropout_keep_mask(seed, batch * length, h.shape[-1], dropout_p, x.device)  # all at p=0
+    h = h * keep.view_as(h) / (1.0 - dropout_p)
 
     dense_up = dense_up_weight(up_weight.to(compute), groups)             # [E, D, r]
     per_expert = torch.einsum("blr,edr->bled", h, dense_up) + up_bias.to(compute)[None, None]
@@ -46,10 +45,10 @@ def mm_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, router_w
 
 
 def mm_adapter_backward_reference(grad_y, x, down_weight, down_bias, up_weight, up_bias,
-                                  routing_weights, scale=1.0, dropout_p=0.0, seed=0, groups=1):
+                                  routing_weights, scale, dropout_p, seed, groups):
     """The backward oracle: gradients of <grad_y, y> by autograd of mm_adapter_reference with the
-    routing weights [B, E] as a leaf (the backends' backward contract: the op adds the router
-    term). Returns (grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias,
+    routing weights [B, E] as a leaf (the backends' backward contract, every argument given:
+    the op adds the router term). Returns (grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias,
     grad_routing_weights), each in its input's dtype."""
     leaves = [tensor.detach().requires_grad_() for tensor in
               (x, down_weight, down_bias, up_weight, up_bias, routing_weights)]
