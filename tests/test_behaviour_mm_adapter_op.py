@@ -12,7 +12,8 @@
 * returned routing weights are fp32, uniform (1/E) for an empty sequence; samples route apart
   (batch 2, equal tokens with different given weights) unless single_modality=True; the op on
   an empty input returns what its fake promises;
-* the reference backend makes every tensor it needs (the dropout mask) on x's device.
+* the reference backend makes every tensor it needs (the dropout mask) on x's device, and each
+  CPU backend returns y, h and every gradient in the contract's dtypes (below the op's casts).
 """
 import importlib
 import re
@@ -196,3 +197,19 @@ def test_the_reference_backend_makes_its_tensors_on_xs_device(dropout_p):
     inputs = (x, down_w, down_b, up_w, up_b, weights)
     assert [(t.device.type, t.shape) for t in (y, h) + tuple(grads)] == (
         [("meta", y.shape), ("meta", h.shape)] + [("meta", t.shape) for t in inputs])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_each_backend_returns_outputs_and_gradients_in_their_inputs_dtypes(backend, dtype):
+    """The backend contract itself (dispatch.py), below the op's casts: y in x's dtype, h in the
+    compute dtype (fp32), each gradient in its input's dtype (fp32 routing weights)."""
+    from mlan_kernels import dispatch
+    module = dispatch.get_backend(backend)
+    inputs = make_adapter_inputs(2, 3, 16, 4, 2, 2, dtype, torch.device("cpu"))
+    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    params = [inputs[name] for name in ("down_weight", "down_bias", "up_weight", "up_bias")]
+    y, h = module.forward(inputs["x"], *params, weights, 0.5, 0.0, None, 2, False)
+    grads = module.backward(torch.ones_like(y), inputs["x"], h, weights, *params, 0.5, 0.0, None, 2)
+    assert (y.dtype, h.dtype) == (dtype, torch.float32)
+    assert [g.dtype for g in grads] == [dtype] * 5 + [torch.float32]
