@@ -63,7 +63,7 @@ def dropout_keep_mask(seed, num_tokens: int, rank: int, p: float, device=None) -
     seed: int or int64 scalar tensor (see philox_uint32)."""
     if p == 0.0:
         return torch.ones(num_tokens, rank, dtype=torch.bool, device=device)
-    counter = torch.arange(num_tokens * rank, dtype=torch.int64, device=device)
+    counter = torch.arange(num_tokens * rank, device=device)                # int64
     bits24 = philox_uint32(seed, counter) >> 8
     return (bits24 >= dropout_threshold(p)).view(num_tokens, rank)
 
@@ -94,7 +94,7 @@ def routing_weights(x0: Tensor, router_weight: Tensor, router_bias: Tensor,
     x0: [B, D] routing tokens -> [B, E] (fp32; fp64 for fp64 x0)."""
     compute = compute_dtype(x0.dtype)
     logits = x0.to(compute) @ router_weight.to(compute).t() + router_bias.to(compute)
-    return torch.softmax(logits / temperature, dim=-1)
+    return torch.softmax(logits / temperature, dim=1)
 
 
 def reduce_rows(rows: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:

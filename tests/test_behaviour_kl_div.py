@@ -8,6 +8,7 @@
 * Unselected rows are never read: garbage in them (NaN) reaches neither the value nor the
   gradients. Logits with any strides, a single row [V], and a mask on another device work.
 * The requested backend is the one that runs, forward and backward.
+* batchmean over one (selected) row is that row's KL.
 * Gradients of 16-bit logits come back 16-bit from every backend (through autograd and from
   kl_rows_backward itself).
 * The oracle (reference/kl.py) defaults to the op's reduction and refuses others, and its closed-form gradients of
@@ -296,3 +297,14 @@ def test_gradients_of_16_bit_logits_are_16_bit_and_match_fp64(backend, dtype):
     direct = kl_rows_backward(grad, p.detach(), q.detach(), None, lse_p, lse_q, kl, backend)
     assert [g.dtype for g in direct] == [dtype, dtype]
     torch.testing.assert_close(direct, (grad_p, grad_q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_batchmean_of_one_row_is_that_rows_kl(backend):
+    """One row, or one selected row of several: batchmean divides by 1 (the count's floor of 1
+    only applies to no rows at all)."""
+    p, q = logits(3, 25, seed=8), logits(3, 25, seed=9)
+    row = kl_div_logits_reference(p[1:2], q[1:2], None, "sum")
+    torch.testing.assert_close(kl_div_logits(p[1:2], q[1:2], None, "batchmean", backend), row)
+    torch.testing.assert_close(kl_div_logits(p, q, torch.tensor([False, True, False]), "batchmean", backend), row)
+    torch.testing.assert_close(kl_div_logits_reference(p, q, torch.tensor([False, True, False])), row)

@@ -1,7 +1,8 @@
 """Behaviour of the oracle (mlan_kernels/reference/), checked against definitions written out
 here independently of it: the router is softmax((W_R x[b, 0] + b_R) / t) computed in fp32 (fp64
 for fp64 inputs), the forward is docs/mm_adapter.md's formula with the grouped up-projection
-applied group by group, and Philox4x32-10 gives the published known answer."""
+applied group by group, and Philox4x32-10 gives the published known answer and keys on all 64
+bits of the seed (against a scalar Python Philox written from Random123's definition)."""
 import pytest
 import torch
 
@@ -104,6 +105,31 @@ def test_philox_gives_the_published_known_answer():
     """Random123's known-answer vector for Philox4x32-10: counter 0, key 0 -> 0x6627e8d5 first."""
     from mlan_kernels.reference import philox_uint32
     assert philox_uint32(0, torch.tensor([0])).tolist() == [0x6627E8D5]
+
+
+def philox_first_word(key: int, counter: int) -> int:
+    """Philox4x32-10 on Python ints, written from Random123's definition (counter (c, 0, 0, 0),
+    64-bit key split low/high): the first output word."""
+    mask = 0xFFFFFFFF
+    c, k = [counter & mask, 0, 0, 0], [key & mask, (key >> 32) & mask]
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & mask, (p0 >> 32) ^ c[3] ^ k[1], p0 & mask]
+        k = [(k[0] + 0x9E3779B9) & mask, (k[1] + 0xBB67AE85) & mask]
+    return c[0]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 0x1234567890ABCDEF, 2**64 - 1])
+def test_philox_keys_with_all_64_seed_bits(seed):
+    """Every bit of the seed is part of the key (the high 32 bits are k1), as in Triton's
+    tl.randint: checked against a scalar Python Philox, also for the largest counters."""
+    from mlan_kernels.reference import philox_uint32
+    counters = [0, 1, 12345, 2**32 - 1]
+    assert philox_first_word(0, 0) == 0x6627E8D5                   # the known answer again
+    want = [philox_first_word(seed, c) for c in counters]
+    key = seed if seed < 2**63 else seed - 2**64                   # as an int64 tensor holds it
+    assert philox_uint32(seed if seed < 2**63 else key, torch.tensor(counters)).tolist() == want
+    assert philox_uint32(torch.tensor(key), torch.tensor(counters)).tolist() == want
 
 
 def test_the_oracles_defaults_are_the_ops_defaults():
