@@ -7,6 +7,9 @@
 * CoMMIT balancing: with --balance-alpha α > 0 the per-side learning rates follow the κ̂ of the
   probes, lr_side = initial_lr · schedule(step) · clip(κ̂^(∓α)); with α = 0 both sides share it;
   probes run every --probe-every steps from --probe-start, by default the end of warm-up.
+
+And what it gets from the evaluation: per-task accuracies keyed by the synthetic task of each
+held-out sample (read from its id), every held-out sample counted once.
 """
 import collections
 import re
@@ -336,3 +339,28 @@ def test_a_non_finite_step_error_names_each_sides_norm(data, tmp_path, monkeypat
     assert found and found.group(2) == "nan", str(error.value)
     feature = float(found.group(1))
     assert 0 < feature < float("inf")        # an image batch trains the feature side too
+
+
+def test_task_of_reads_the_synthetic_task_from_a_sample_id():
+    from mlan_train.trainer import task_of
+    assert task_of("eval-00012-count") == "count" and task_of("train-7-colour") == "colour"
+    for other in ("eval-x-count", "eval-1", "a-1-b-c", "", 17):
+        assert task_of(other) == "all", other
+
+
+def test_evaluation_reports_every_held_out_task_of_each_modality(data, tmp_path):
+    """The report's per-task accuracies are keyed by the synthetic data's tasks (from the
+    sample ids): each modality lists exactly the tasks of its held-out samples, each sample once."""
+    import json
+    import os
+    trainer = make_trainer(data, tmp_path, "--eval-samples", "100")
+    with open(os.path.join(data, "eval.jsonl")) as lines:
+        records = [json.loads(line) for line in lines]
+    expected = collections.defaultdict(collections.Counter)
+    for record in records:
+        expected["image" if record.get("image") else "text"][record["task"]] += 1
+    results = trainer.evaluate()
+    assert {modality: set(entry["by_task"]) for modality, entry in results.items()} == {
+        modality: set(tasks) for modality, tasks in expected.items()}
+    assert {modality: entry["samples"] for modality, entry in results.items()} == {
+        modality: sum(tasks.values()) for modality, tasks in expected.items()}
