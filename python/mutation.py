@@ -50,7 +50,8 @@ TESTS = {
     "mlan_kernels/reference/grad_scale.py": _GRAD_SCALE_TESTS,
     # Without the compile cases (they cannot trace mutmut's trampoline, a ContextVar).
     "mlan_kernels/functional.py": ["tests/test_reference.py", "tests/test_behaviour_reference.py",
-                                   "tests/test_kl_div.py", "-k", "not triton and not torch_compile"],
+                                   "tests/test_kl_div.py", "tests/test_behaviour_kl_div.py",
+                                   "-k", "not triton and not torch_compile"],
     # The registry's own tests only: every op test reaches select_backend, so each mutant would
     # run them all (minutes); test_dispatch.py states the policy (~3 s).
     "mlan_kernels/dispatch.py": ["tests/test_dispatch.py"],
