@@ -3,6 +3,7 @@
 An op's backends are modules with the same functions (the op's contract):
     mm_adapter   forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale,
                          dropout_p, seed, groups, single_modality) -> (y, h)
+                 (routing_weights [B, E] and h in compute_dtype(x.dtype), fp32 or fp64)
                  backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight,
                           up_bias, scale, dropout_p, seed, groups) -> (grad_x, grad_down_weight,
                           grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights)

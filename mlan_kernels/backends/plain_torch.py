@@ -10,7 +10,7 @@ from ..functional import compact_up_weight, compute_dtype, dense_up_weight, drop
 
 def _hidden(xc, down_weight, down_bias, dropout_p, seed):
     """H = dropout(x W_Aᵀ + b_A) [B, L, r] in the compute dtype of xc [B, L, D]."""
-    h = xc @ down_weight.to(xc.dtype).t() + down_bias.to(xc.dtype)
+    h = xc @ down_weight.to(xc.dtype).t() + down_bias                   # the sum promotes b_A
     if dropout_p > 0.0:
         keep = dropout_keep_mask(seed, h.shape[0] * h.shape[1], h.shape[2], dropout_p, xc.device)
         h = h * keep.view_as(h) / (1.0 - dropout_p)
@@ -19,12 +19,13 @@ def _hidden(xc, down_weight, down_bias, dropout_p, seed):
 
 def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scale, dropout_p,
             seed, groups, single_modality):
-    """x: [B, L, D]; routing_weights: [B, E]. Returns y [B, L, D] (x.dtype), h [B, L, r] (fp32/fp64).
+    """x: [B, L, D]; routing_weights: [B, E] in the compute dtype (fp32; fp64 for fp64 x).
+    Returns y [B, L, D] (x.dtype), h [B, L, r] (the compute dtype).
 
     Each sample's experts are mixed before the up-projection (one [D, r] matrix per sample):
     y = x + s (H (Σ_e w_{b,e} M_e)ᵀ + Σ_e w_{b,e} b_U[e])."""
     compute = compute_dtype(x.dtype)
-    xc, w = x.to(compute), routing_weights.to(compute)
+    xc, w = x.to(compute), routing_weights
     h = _hidden(xc, down_weight, down_bias, dropout_p, seed)                  # [B, L, r]
     mixed_up = torch.einsum("be,edr->bdr", w, dense_up_weight(up_weight.to(compute), groups))
     mixed_bias = w @ up_bias.to(compute)                                      # [B, D]
@@ -35,12 +36,12 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, routing_weights, scal
 def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, up_bias, scale,
              dropout_p, seed, groups):
     """Gradients of <grad_y, y>: (grad_x [B, L, D] without the router term, grad_down_weight,
-    grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights [B, E])."""
+    grad_down_bias, grad_up_weight, grad_up_bias, grad_routing_weights [B, E]). h and
+    routing_weights come in the compute dtype (the forward's h, the op's routing weights)."""
     batch, length, dim = x.shape
     rank = down_weight.shape[0]
     compute = compute_dtype(x.dtype)
-    g, xc, w = grad_y.to(compute), x.to(compute), routing_weights.to(compute)
-    hc = h.to(compute)                                                      # post-dropout H
+    g, xc, w, hc = grad_y.to(compute), x.to(compute), routing_weights, h    # hc: post-dropout H
     dense_up = dense_up_weight(up_weight.to(compute), groups)               # [E, D, r]
 
     per_expert = torch.einsum("bld,edr->bler", g, dense_up)                 # P_e = G M_e
@@ -59,4 +60,4 @@ def backward(grad_y, x, h, routing_weights, down_weight, down_bias, up_weight, u
     return (grad_x.to(x.dtype), grad_down_weight.to(down_weight.dtype),
             grad_down_bias.to(down_bias.dtype),
             compact_up_weight(grad_dense, groups).to(up_weight.dtype),
-            grad_up_bias.to(up_bias.dtype), grad_w.to(routing_weights.dtype))
+            grad_up_bias.to(up_bias.dtype), grad_w)
