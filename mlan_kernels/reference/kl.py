@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..functional import REDUCTIONS, compute_dtype, reduce_rows  # KL accumulates at >= fp32, like the adapter
+# KL accumulates at >= fp32, like the adapter
+from ..functional import REDUCTIONS, compute_dtype, reduce_rows
 
 
 def kl_rows_reference(logits_p: Tensor, logits_q: Tensor) -> Tensor:

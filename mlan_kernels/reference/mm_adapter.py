@@ -48,8 +48,8 @@ def mm_adapter_backward_reference(grad_y, x, down_weight, down_bias, up_weight, 
                                   routing_weights, scale, dropout_p, seed, groups):
     """The backward oracle: gradients of <grad_y, y> by autograd of mm_adapter_reference with the
     routing weights [B, E] as a leaf (the backends' backward contract, every argument given:
-    the op adds the router term). Returns (grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias,
-    grad_routing_weights), each in its input's dtype."""
+    the op adds the router term). Returns (grad_x, grad_down_weight, grad_down_bias,
+    grad_up_weight, grad_up_bias, grad_routing_weights), each in its input's dtype."""
     leaves = [tensor.detach().requires_grad_() for tensor in
               (x, down_weight, down_bias, up_weight, up_bias, routing_weights)]
     with torch.enable_grad():
