@@ -9,7 +9,8 @@
   probes run every --probe-every steps from --probe-start, by default the end of warm-up.
 
 And what it gets from the evaluation: per-task accuracies keyed by the synthetic task of each
-held-out sample (read from its id), every held-out sample counted once.
+held-out sample (read from its id), every held-out sample counted once. The run record holds
+the resolved options; truncated answers are accepted up to 1 % of the records.
 """
 import collections
 import re
@@ -364,3 +365,34 @@ def test_evaluation_reports_every_held_out_task_of_each_modality(data, tmp_path)
         modality: set(tasks) for modality, tasks in expected.items()}
     assert {modality: entry["samples"] for modality, entry in results.items()} == {
         modality: sum(tasks.values()) for modality, tasks in expected.items()}
+
+
+def test_the_run_record_holds_the_resolved_options(data, tmp_path):
+    """config_dict (run.json, what a resume compares): the options plus the resolved defaults
+    (max length 64 for the tiny models, train_base True, the device type, one process)."""
+    trainer = make_trainer(data, tmp_path)
+    record = trainer.config_dict()
+    assert {key: record[key] for key in ("max_length", "train_base", "device", "world_size")} == {
+        "max_length": 64, "train_base": True, "device": "cpu", "world_size": 1}
+    assert record["language_share"] == 0.5 and record["batch_size"] == 4
+
+
+class _Truncated:
+    """A dataset stand-in: `size` records, `cut` of them with truncated answers."""
+    def __init__(self, size, cut):
+        self.size, self.answers_truncated = size, cut
+
+    def __len__(self):
+        return self.size
+
+
+def test_truncated_answers_are_accepted_up_to_one_percent_of_the_records(data, tmp_path):
+    trainer = make_trainer(data, tmp_path)
+    trainer._check_truncation("train.jsonl", _Truncated(100, 1))          # exactly 1 %: accepted
+    trainer._check_truncation("train.jsonl", _Truncated(0, 0))            # no records
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "--max-length 64 cuts answer tokens of 2.0% of train.jsonl's records (2 of 100; at "
+            "most 1% accepted): raise --max-length or pass --allow-truncation") + "$"):
+        trainer._check_truncation("train.jsonl", _Truncated(100, 2))
+    with pytest.raises(ValueError, match="cuts answer tokens of 100.0% of eval.jsonl's records"):
+        trainer._check_truncation("eval.jsonl", _Truncated(1, 1))       # one record, cut
