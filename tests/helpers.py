@@ -4,6 +4,7 @@ toolkit may not compute (the oracle package is test-only), and what is built her
 
 (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA and provides the `device` fixture.)
 """
+import contextlib
 import importlib.util
 
 import pytest
@@ -18,10 +19,21 @@ from mlan_kernels.testing import (TEMPERATURE, TOLERANCES, assert_close_to_refer
 
 __all__ = ["BACKENDS", "HAS_KL_CPU", "HAS_TRITON", "TEMPERATURE", "TOLERANCES",
            "assert_close_to_reference", "assert_verbose_allclose", "assert_within_pytorch_error",
-           "compiled_backend_built", "explicit_weights", "grads_of", "make_adapter_inputs", "oracle",
+           "compiled_backend_built", "default_dtype", "explicit_weights", "grads_of", "make_adapter_inputs", "oracle",
            "random_grad", "reference_error", "run_op", "spy_on_backends"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default float dtype set to `dtype` inside the block, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _kl_cpu_kernels_built() -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 from mlan_kernels.ops.grad_scale import scale_grads_
 from mlan_kernels.reference import scale_grads_reference
 
-from helpers import HAS_TRITON
+from helpers import HAS_TRITON, default_dtype
 
 BACKENDS = ["foreach", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 
@@ -139,15 +139,11 @@ def test_norms_are_fp32_under_a_float64_default_dtype(backend):
     op's result alike), and the scaled fp32 grads match."""
     made = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 2.0])]
     ours, reference = ([[parameter(grad)] for grad in made] for _ in range(2))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         norms = scale_grads_(ours, [1.0, 0.5], max_norm=2.0, backend=backend)
         expected = scale_grads_reference(reference, [1.0, 0.5], max_norm=2.0)
         without_grads = [scale(groups, [1.0] * len(groups)) for scale in (scale_grads_, scale_grads_reference)
                          for groups in ([], [[nn.Parameter(torch.zeros(2))]])]
-    finally:
-        torch.set_default_dtype(default)
     assert norms.dtype == expected.dtype == torch.float32
     assert [(n.dtype, n.tolist()) for n in without_grads] == [(torch.float32, []), (torch.float32, [0.0])] * 2
     torch.testing.assert_close(expected, torch.tensor([5.0, 3.0]))

@@ -22,10 +22,13 @@ import pytest
 import torch
 
 from mlan_kernels.checkpoint import adapter_state_dict, load_lavin_adapters
-from mlan_kernels.integrations import adapters
+from mlan_kernels.config import AdapterConfig
+from mlan_kernels.integrations import adapters, patch_clip_vision, patch_llama
 from mlan_kernels.integrations.clip import clip_encoder_layers
-from mlan_kernels.integrations.lavin import VisualNeck, lavin_attention_mask
+from mlan_kernels.integrations.lavin import LavinModel, VisualNeck, build_lavin, lavin_attention_mask
+from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 
+from helpers import default_dtype
 from test_integration_lavin import PIXELS, tiny_lavin
 from test_integration_llama import token_ids
 
@@ -199,24 +202,14 @@ def test_the_neck_modality_token_and_prefixes_live_beside_the_llama_in_fp32(devi
     """A bf16 LLaMA and CLIP on meta (standing in for a GPU), built under a bf16 default dtype:
     the neck and the modality embedding are made fp32 on the LLaMA's device (or the one asked
     for), the prefix ids there."""
-    from mlan_kernels.integrations.lavin import build_lavin, LavinModel
-    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
     llama, clip = (model.to("meta", torch.bfloat16) for model in (tiny_llama(), tiny_clip()))
-    build = build_lavin if device is None else (
-        lambda llama, clip, **kw: LavinModel(llama, clip, device=device, **kw))
-    if device is not None:
-        from mlan_kernels.integrations import patch_clip_vision, patch_llama
+    prefixes = dict(image_prefix_ids=[1, 2], text_prefix_ids=[3])
+    if device is not None:                           # LavinModel on patched models
         patch_llama(llama, compat="lavin")
         patch_clip_vision(clip, compat="lavin")
-        kwargs = dict(image_prefix_ids=[1, 2], text_prefix_ids=[3])
-    else:
-        kwargs = dict(compat="lavin", image_prefix_ids=[1, 2], text_prefix_ids=[3])
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)          # as LaVIN's scripts set a 16-bit default
-    try:
-        model = build(llama, clip, **kwargs)
-    finally:
-        torch.set_default_dtype(default)
+    with default_dtype(torch.bfloat16):              # as LaVIN's scripts set a 16-bit default
+        model = (build_lavin(llama, clip, compat="lavin", **prefixes) if device is None
+                 else LavinModel(llama, clip, device=device, **prefixes))
     made = list(model.neck.parameters()) + list(model.modality_embedding.parameters())
     assert {(p.device.type, p.dtype) for p in made} == {("meta", torch.float32)}
     assert {b.device.type for b in (model.image_prefix_ids, model.text_prefix_ids)} == {"meta"}
@@ -225,8 +218,6 @@ def test_the_neck_modality_token_and_prefixes_live_beside_the_llama_in_fp32(devi
 def test_a_vision_tower_of_an_unlisted_type_with_clips_layout_assembles():
     """A CLIP-layout tower under another model_type (as LLaVA-style forks name theirs) is read
     as CLIP: patched, and its CLS summarizes each block for the neck."""
-    from mlan_kernels.integrations.lavin import build_lavin
-    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
     clip = tiny_clip()
     clip.config.model_type = "my_clip_vision"
     model = build_lavin(tiny_llama(), clip, neck_hidden=16)
@@ -237,9 +228,6 @@ def test_a_vision_tower_of_an_unlisted_type_with_clips_layout_assembles():
 def test_build_lavin_gives_each_side_the_config_it_was_given(form):
     """config as an AdapterConfig or as keywords reaches the LLaMA adapters; clip_config reaches
     the CLIP adapters."""
-    from mlan_kernels.config import AdapterConfig
-    from mlan_kernels.integrations.lavin import build_lavin
-    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
     llama_fields, clip_fields = dict(rank=4, temperature=3.0), dict(rank=2, temperature=7.0)
     if form == "object":
         model = build_lavin(tiny_llama(), tiny_clip(), AdapterConfig(**llama_fields),
@@ -254,8 +242,6 @@ def test_build_lavin_gives_each_side_the_config_it_was_given(form):
 
 @pytest.mark.parametrize("freeze_base", [True, False])
 def test_freeze_base_false_leaves_every_parameter_trainable(freeze_base):
-    from mlan_kernels.integrations.lavin import build_lavin
-    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
     model = build_lavin(tiny_llama(), tiny_clip(), freeze_base=freeze_base)
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     base = [p for name, p in model.named_parameters() if ".adapter." not in name
@@ -267,8 +253,6 @@ def test_freeze_base_false_leaves_every_parameter_trainable(freeze_base):
 def test_an_unpatched_pair_assembles_without_adapters():
     """LavinModel on a LLaMA and CLIP without adapters (the neck-only baseline): our layout
     (compat None), LaVIN's neck width 128 by default, and a forward runs."""
-    from mlan_kernels.integrations.lavin import LavinModel
-    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
     model = LavinModel(tiny_llama(), tiny_clip())
     assert model.compat is None and not adapters(model) and model.neck.down.out_features == 128
     with torch.no_grad():

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from helpers import BACKENDS, grads_of, make_adapter_inputs, random_grad, spy_on_backends
-from mlan_kernels import mm_adapter
+from mlan_kernels import dispatch, mm_adapter
+from mlan_kernels.backends import plain_torch
 from mlan_kernels.functional import routing_weights
 from mlan_kernels.ops.mm_adapter import new_dropout_seed
 from mlan_kernels.reference import mm_adapter_reference
@@ -181,7 +182,6 @@ def test_the_op_on_an_empty_input_returns_what_its_fake_promises(shape):
 def test_the_reference_backend_makes_its_tensors_on_xs_device(dropout_p):
     """Forward and backward of the plain-torch backend on meta tensors (standing in for a GPU):
     a mask made on the CPU would fail the product with a device tensor."""
-    from mlan_kernels.backends import plain_torch
     batch, length, dim, rank, experts, groups = 2, 3, 8, 4, 2, 2
     made = make_adapter_inputs(batch, length, dim, rank, experts, groups, torch.float32,
                                torch.device("cpu"))
@@ -204,7 +204,6 @@ def test_the_reference_backend_makes_its_tensors_on_xs_device(dropout_p):
 def test_each_backend_returns_outputs_and_gradients_in_their_inputs_dtypes(backend, dtype):
     """The backend contract itself (dispatch.py), below the op's casts: y in x's dtype, h in the
     compute dtype (fp32), each gradient in its input's dtype (fp32 routing weights)."""
-    from mlan_kernels import dispatch
     module = dispatch.get_backend(backend)
     inputs = make_adapter_inputs(2, 3, 16, 4, 2, 2, dtype, torch.device("cpu"))
     weights = torch.tensor([[0.25, 0.75], [0.5, 0.5]])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import explicit_weights, make_adapter_inputs
-from mlan_kernels.reference import dropout_keep_mask, mm_adapter_reference, routing_weights
+from mlan_kernels.reference import (dropout_keep_mask, mm_adapter_reference, philox_uint32,
+                                    routing_weights)
 
 
 def _router_by_hand(x0, router_weight, router_bias, temperature):
@@ -103,7 +104,6 @@ def test_forward_computes_in_fp32_and_returns_y_in_the_input_dtype(dtype):
 
 def test_philox_gives_the_published_known_answer():
     """Random123's known-answer vector for Philox4x32-10: counter 0, key 0 -> 0x6627e8d5 first."""
-    from mlan_kernels.reference import philox_uint32
     assert philox_uint32(0, torch.tensor([0])).tolist() == [0x6627E8D5]
 
 
@@ -123,7 +123,6 @@ def philox_first_word(key: int, counter: int) -> int:
 def test_philox_keys_with_all_64_seed_bits(seed):
     """Every bit of the seed is part of the key (the high 32 bits are k1), as in Triton's
     tl.randint: checked against a scalar Python Philox, also for the largest counters."""
-    from mlan_kernels.reference import philox_uint32
     counters = [0, 1, 12345, 2**32 - 1]
     assert philox_first_word(0, 0) == 0x6627E8D5                   # the known answer again
     want = [philox_first_word(seed, c) for c in counters]
@@ -191,7 +190,6 @@ def test_a_unit_whose_random_value_equals_the_threshold_is_kept():
     """keep[n, i] = (philox(seed, n·r + i) >> 8) >= round(p · 2^24) (the definition every backend
     regenerates): with p set so the threshold is exactly unit 0's value, unit 0 is kept and
     exactly the units with smaller values are dropped."""
-    from mlan_kernels.reference import philox_uint32
     seed, tokens, rank = 9, 16, 4
     bits24 = philox_uint32(seed, torch.arange(tokens * rank)) >> 8
     p = bits24[0].item() / 2**24

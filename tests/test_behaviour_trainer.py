@@ -13,6 +13,8 @@ held-out sample (read from its id), every held-out sample counted once. The run 
 the resolved options; truncated answers are accepted up to 1 % of the records.
 """
 import collections
+import json
+import os
 import re
 
 import pytest
@@ -24,7 +26,7 @@ from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training.balance import FEATURE, LANGUAGE
 from mlan_train.config import build_parser, config_from_args
 from mlan_train.evaluate import answer_mask
-from mlan_train.trainer import MixedTrainer, NonFiniteError
+from mlan_train.trainer import MixedTrainer, NonFiniteError, task_of
 from mlan_kernels.training.scheduler import GROUP_KEY
 
 from test_train_faults import poison_gradients_at
@@ -343,7 +345,6 @@ def test_a_non_finite_step_error_names_each_sides_norm(data, tmp_path, monkeypat
 
 
 def test_task_of_reads_the_synthetic_task_from_a_sample_id():
-    from mlan_train.trainer import task_of
     assert task_of("eval-00012-count") == "count" and task_of("train-7-colour") == "colour"
     for other in ("eval-x-count", "eval-1", "a-1-b-c", "", 17):
         assert task_of(other) == "all", other
@@ -352,8 +353,6 @@ def test_task_of_reads_the_synthetic_task_from_a_sample_id():
 def test_evaluation_reports_every_held_out_task_of_each_modality(data, tmp_path):
     """The report's per-task accuracies are keyed by the synthetic data's tasks (from the
     sample ids): each modality lists exactly the tasks of its held-out samples, each sample once."""
-    import json
-    import os
     trainer = make_trainer(data, tmp_path, "--eval-samples", "100")
     with open(os.path.join(data, "eval.jsonl")) as lines:
         records = [json.loads(line) for line in lines]
