@@ -63,6 +63,9 @@ def _all_reduce_mean(values, world_size, device):
 
 class MixedTrainer:
     def __init__(self, config, rank: int = 0, world_size: int = 1):
+        if config.aux_weight > 0 and world_size > 1:
+            raise ValueError("--aux-weight > 0 runs in one process only (its gradient is not "
+                             "all-reduced across ranks)")
         self.config, self.rank, self.world_size = config, rank, world_size
         self.device = resolve_device(config.device)
         self.tokenizer = load_tokenizer(config)
@@ -100,9 +103,6 @@ class MixedTrainer:
                 eps=config.kappa_eps, beta=config.kappa_beta, ema=config.kappa_ema,
                 min_kl=config.kappa_min_kl, skip=config.kappa_skip,
                 reduce_kl=lambda *kls: tuple(_all_reduce_mean(kls, world_size, self.device)))
-        if config.aux_weight > 0 and world_size > 1:
-            raise ValueError("--aux-weight > 0 runs in one process only (its gradient is not "
-                             "all-reduced across ranks)")
         # --aux-weight: {"image"|"text": (batch, logits, answer mask)} of the last probe of that
         # kind; not checkpointed (after a resume the first probe of each kind only fills it)
         self.aux_cache = {}

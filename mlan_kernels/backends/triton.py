@@ -127,18 +127,24 @@ def forward_routed(x, down_weight, down_bias, up_weight, up_bias, router_weight,
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index):
+def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _row_splits(tokens, dim, block_n, block_d, device):
-    """Rows per program of pass B: enough programs to fill the GPU, few partial buffers."""
+def _multiprocessors(device):
+    """The GPU's streaming-multiprocessor count; None under the interpreter."""
     if _interpreted(device):
-        splits = 1
-    else:
-        programs_per_split = triton.cdiv(dim, block_d)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        splits = max(1, triton.cdiv(4 * _multiprocessors(index), programs_per_split))
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _row_splits(tokens, dim, block_n, block_d, multiprocessors):
+    """(splits, rows per split) of pass B, tokens >= 1: enough programs (splits x column blocks)
+    for 4 per multiprocessor, each split a whole number of row blocks, no split empty; one
+    split when `multiprocessors` is None (the interpreter: fewer partial buffers)."""
+    splits = 1
+    if multiprocessors is not None:
+        splits = max(1, triton.cdiv(4 * multiprocessors, triton.cdiv(dim, block_d)))
     rows = triton.cdiv(triton.cdiv(tokens, splits), block_n) * block_n
     return triton.cdiv(tokens, rows), rows
 
@@ -177,7 +183,8 @@ def backward_routed(grad_y, grad_routing_weights, x, h, routing_weights, saved, 
         num_warps=warps)
 
     block_n, block_d, warps = _tiles("cols", dim, x.device)
-    splits, rows_per_split = _row_splits(tokens, dim, block_n, block_d, x.device)
+    splits, rows_per_split = _row_splits(tokens, dim, block_n, block_d,
+                                          _multiprocessors(x.device))
     grad_x = torch.empty_like(x)
     partial_down = torch.empty(splits, r_pad, dim, **f32)
     partial_up = torch.empty(splits, e_pad * r_pad, dim, **f32)

@@ -1,0 +1,47 @@
+"""How the MM-Adapter's Triton backend sizes its launches (mlan_kernels/backends/triton.py), as
+properties a GPU user relies on and a CPU can check:
+
+* pass B's row splits: each split is a whole number of row blocks, together they cover every
+  token and none is empty; on a GPU with S multiprocessors the splits aim at 4·S programs
+  (splits × column blocks), rounded to whole row blocks, so no more than that; under the
+  interpreter there is one split;
+* the multiprocessor count is read from x's own GPU (the current one for a bare "cuda"), and
+  not at all under the interpreter.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from helpers import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+
+
+def test_row_splits_cover_every_token_in_whole_blocks_aiming_at_four_programs_per_sm():
+    from mlan_kernels.backends.triton import _row_splits
+    for case in itertools.product([1, 63, 64, 65, 320, 1000, 32768], [64, 100, 4096], [16, 64],
+                                  [32, 128], [None, 1, 132]):
+        tokens, dim, block_n, block_d, multiprocessors = case
+        splits, rows = _row_splits(*case)
+        assert rows > 0 and rows % block_n == 0, case
+        assert splits * rows >= tokens > (splits - 1) * rows, case     # all covered, none empty
+        aim = 1 if multiprocessors is None else max(
+            1, math.ceil(4 * multiprocessors / math.ceil(dim / block_d)))
+        # the fewest whole row blocks per split with which `aim` splits cover the tokens
+        assert rows * aim >= tokens > (rows - block_n) * aim, case
+        assert splits <= aim, case
+
+
+def test_the_multiprocessor_count_is_read_from_the_tensors_own_gpu(monkeypatch):
+    import mlan_kernels.backends.triton as backend
+    monkeypatch.setattr(backend, "_sm_count", lambda index: {1: 132, 3: 78}[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert backend._multiprocessors(torch.device("cpu")) is None
+    monkeypatch.setattr(backend, "triton_interpreter", lambda: False)          # a real GPU run
+    assert backend._multiprocessors(torch.device("cuda", 3)) == 78
+    assert backend._multiprocessors(torch.device("cuda")) == 132
+    assert backend._multiprocessors(torch.device("cpu")) is None
+    monkeypatch.setattr(backend, "triton_interpreter", lambda: True)
+    assert backend._multiprocessors(torch.device("cuda", 3)) is None
