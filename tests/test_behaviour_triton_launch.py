@@ -5,6 +5,10 @@ properties a GPU user relies on and a CPU can check:
   token and none is empty; on a GPU with S multiprocessors the splits aim at 4·S programs
   (splits × column blocks), rounded to whole row blocks, so no more than that; under the
   interpreter there is one split;
+* the launch configuration a GPU gets (its tuned tiles per kernel, several row splits, 3xTF32
+  for fp32) computes what the oracle does: run here through the interpreter by making the
+  backend believe it is on a GPU with 2 multiprocessors (D not a multiple of any tile, tokens
+  not a multiple of any row block);
 * the multiprocessor count is read from x's own GPU (the current one for a bare "cuda"), and
   not at all under the interpreter.
 """
@@ -14,7 +18,8 @@ import math
 import pytest
 import torch
 
-from helpers import HAS_TRITON
+from helpers import (HAS_TRITON, assert_close_to_reference, make_adapter_inputs, oracle,
+                     random_grad, run_op)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 
@@ -45,3 +50,20 @@ def test_the_multiprocessor_count_is_read_from_the_tensors_own_gpu(monkeypatch):
     assert backend._multiprocessors(torch.device("cpu")) is None
     monkeypatch.setattr(backend, "triton_interpreter", lambda: True)
     assert backend._multiprocessors(torch.device("cuda", 3)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch, dtype, dropout_p):
+    import mlan_kernels.backends.triton as backend
+    monkeypatch.setattr(backend, "_interpreted", lambda device: False)
+    monkeypatch.setattr(backend, "_sm_count", lambda index: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    inputs = make_adapter_inputs(3, 45, 300, 8, 3, 1, dtype, "cpu", param_dtype=torch.float32)
+    grad_y = random_grad((3, 45, 300), dtype, "cpu")
+    hyper = dict(dropout_p=dropout_p, seed=5, groups=1, scale=0.5)
+    y, grads = run_op("triton", inputs, grad_y, **hyper)
+    y_ref, grads_ref = oracle(inputs, grad_y, **hyper)
+    assert_close_to_reference(y, y_ref, dtype, name="y")
+    for name, grad in grads_ref.items():
+        assert_close_to_reference(grads[name], grad, name=name)
