@@ -6,6 +6,7 @@ which test_behaviour_trainer.py covers):
 * --aux-weight > 0 with more than one process is refused before anything is loaded;
 """
 import re
+import types
 
 import pytest
 import torch
@@ -51,3 +52,25 @@ def test_the_progress_bar_counts_on_from_a_resumed_step_to_the_end_with_loss_and
     bar = capsys.readouterr().err
     assert "share 0.5:" in bar and "2/3" in bar and "3/3" in bar and "1/3" not in bar, bar
     assert re.search(r"3/3 .*loss=\d+\.\d{3}, lr=\d\.\d\de-\d\d\]", bar), bar
+
+
+def test_a_steps_time_leaves_out_its_probes_time(data, tmp_path, monkeypatch):
+    """history["step_seconds"] (run.json's throughput) is each step's wall time minus the time
+    its κ probe took; steps without a probe count whole. A fake clock: every step takes 1 s,
+    every probe reports 0.25 s."""
+    import mlan_train.trainer as trainer_module
+    clock = [100.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer = make_trainer(data, tmp_path, "--steps", "4", "--probe-every", "2", "--probe-start",
+                           "0", "--probe-on", "any")
+    real_step = trainer.train_step
+
+    def step_of_one_second(batch_iter, counter):
+        loss, record = real_step(batch_iter, counter)
+        clock[0] += 1.0
+        return loss, None if record is None else dict(record, probe_seconds=0.25)
+    trainer.train_step = step_of_one_second
+    trainer.train()
+    probed = [record["step"] for record in trainer.history["kappa"]]
+    assert probed == [0, 2]
+    assert trainer.history["step_seconds"] == [0.75 if step in probed else 1.0 for step in range(4)]
