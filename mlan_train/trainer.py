@@ -318,7 +318,7 @@ class MixedTrainer:
             if record is not None:
                 self.history["kappa"].append(record)
             self.step += 1
-            if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+            if config.eval_every and self.step % config.eval_every == 0:
                 self._record_eval()
             if config.save_every and self.step % config.save_every == 0:
                 self.save()
