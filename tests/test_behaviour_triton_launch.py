@@ -9,11 +9,14 @@ properties a GPU user relies on and a CPU can check:
   for fp32) computes what the oracle does: run here through the interpreter by making the
   backend believe it is on a GPU with 2 multiprocessors (D not a multiple of any tile, tokens
   not a multiple of any row block);
+* a backward handed slots its own forward did not save (another backend's forward) is refused
+  with the shape it needs and the shape it got, before any launch;
 * the multiprocessor count is read from x's own GPU (the current one for a bare "cuda"), and
   not at all under the interpreter.
 """
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -67,3 +70,19 @@ def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch,
     assert_close_to_reference(y, y_ref, dtype, name="y")
     for name, grad in grads_ref.items():
         assert_close_to_reference(grads[name], grad, name=name)
+
+
+def test_a_backward_refuses_slots_its_own_forward_did_not_save():
+    import mlan_kernels.backends.triton as backend
+    inputs = make_adapter_inputs(2, 5, 40, 4, 2, 1, torch.float16, "cpu", param_dtype=torch.float32)
+    parameters = [inputs[name] for name in ("down_weight", "down_bias", "up_weight", "up_bias",
+                                            "router_weight")]
+    x = inputs["x"]
+    y, h, routing_weights, saved = backend.forward_routed(
+        x, *parameters, inputs["router_bias"], None, 1.0, 10.0, 0.0, None, 1, False, False)
+    other = saved[:, :-1]
+    message = (f"the triton MM-Adapter backward needs the slots its own forward saved (shape "
+               f"{tuple(saved.shape)}), got {list(other.shape)}: did the forward run another backend?")
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        backend.backward_routed(torch.ones_like(y), None, x, h, routing_weights, other, *parameters,
+                                None, 1.0, 10.0, 0.0, None, 1, False)
