@@ -74,7 +74,7 @@ def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch,
 
 def test_a_backward_refuses_slots_its_own_forward_did_not_save():
     import mlan_kernels.backends.triton as backend
-    inputs = make_adapter_inputs(2, 5, 40, 4, 2, 1, torch.float16, "cpu", param_dtype=torch.float32)
+    inputs = make_adapter_inputs(2, 5, 40, 4, 2, 1, torch.float32, "cpu")
     parameters = [inputs[name] for name in ("down_weight", "down_bias", "up_weight", "up_bias",
                                             "router_weight")]
     x = inputs["x"]
