@@ -25,7 +25,8 @@ from mlan_kernels.help_format import DefaultsHelpFormatter
 ROOT = Path(__file__).resolve().parent.parent
 
 # Tests that exercise each module. Subprocess-based tests (DDP, FSDP) are left out: they
-# import the unmutated package in a fresh interpreter, so they cost time and kill nothing.
+# import the unmutated package in a fresh interpreter, so they cost time and kill nothing (the
+# trainer's multi-rank code is reached in-process by tests/test_behaviour_trainer_ranks.py).
 _OP_TESTS = ["tests/test_reference.py", "tests/test_mm_adapter_op.py", "tests/test_op_paths.py",
              "tests/test_module.py", "tests/test_behaviour_mm_adapter_op.py",
              "tests/test_behaviour_routing.py::test_a_loss_on_returned_routing_weights_reaches_the_router"]
@@ -36,7 +37,8 @@ _GRAD_SCALE_TESTS = ["tests/test_grad_scale.py", "tests/test_behaviour_grad_scal
 _INTEGRATION_TESTS = ["tests/test_integration_llama.py", "tests/test_integration_lavin.py",
                       "tests/test_behaviour_merge.py", "tests/test_behaviour_lavin.py",
                       "tests/test_behaviour_routing.py", "tests/test_hf_compat.py"]
-_TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_train_mixed.py",
+_TRAINER_TESTS = ["tests/test_behaviour_trainer.py", "tests/test_behaviour_trainer_run.py",
+                  "tests/test_behaviour_trainer_ranks.py", "tests/test_train_mixed.py",
                   "tests/test_train_faults.py", "tests/test_train_auxiliary.py",
                   "-k", "not ddp and not fsdp2 and not console_scripts"]
 TESTS = {

@@ -43,9 +43,9 @@ def data(tmp_path_factory):
     return str(directory)
 
 
-def make_trainer(data, out, *options):
+def make_trainer(data, out, *options, rank=0, world_size=1):
     return MixedTrainer(config_from_args(build_parser().parse_args(
-        ["--data", data, "--out", str(out), *TINY, *options])))
+        ["--data", data, "--out", str(out), *TINY, *options])), rank, world_size)
 
 
 def grads_at_optimizer_step(trainer):

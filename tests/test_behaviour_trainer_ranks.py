@@ -1,0 +1,83 @@
+"""What a `mlan-train` user gets from several processes (MixedTrainer with world_size 2), with
+the ranks as threads of this interpreter (tests/threaded_ranks.py; test_train_mixed.py runs the
+same through torchrun and gloo):
+
+* two ranks end with the same weights; rank 0 returns the run summary, the others None;
+* the summary's token counts are the sum of every rank's own, its loss curve the rank mean,
+  and its weight difference the largest between ranks over trainable parameters only;
+* the evaluation shards the held-out samples across ranks and merges the counts: every rank
+  records the single-process evaluation of the same weights;
+* whether the final evaluation is missing is rank 0's decision, on every rank.
+"""
+import types
+
+import pytest
+import torch
+
+from mlan_train.trainer import MixedTrainer
+from threaded_ranks import run_ranks
+
+from test_behaviour_trainer import data, make_trainer  # noqa: F401 (data is a fixture)
+
+
+def rank_state(rank, world_size, history, module=None):
+    """A MixedTrainer of `world_size` ranks holding only what the end-of-run collectives read."""
+    trainer = MixedTrainer.__new__(MixedTrainer)
+    trainer.rank, trainer.world_size, trainer.device = rank, world_size, torch.device("cpu")
+    trainer.history, trainer.module, trainer.step = history, module, 5
+    return trainer
+
+
+def test_the_run_end_sums_tokens_averages_losses_and_finds_the_largest_trainable_difference():
+    def rank_main(rank):
+        module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.fill_(1.0)
+            module[0].weight[1, 0] += (0.0, -0.5, 0.25)[rank]   # trainable: 0.5, 0.25 off
+            module[1].bias += 9.0 * rank                          # frozen: not counted
+        module[1].bias.requires_grad_(False)
+        history = {"tokens": {"text_tokens": 10 * (rank + 1), "image_tokens": 3 + rank},
+                   "loss": [1.0 + rank, 2.0 * rank]}
+        return rank_state(rank, 3, history, module)._across_ranks()
+    totals = run_ranks(3, rank_main)
+    assert totals[0] == totals[1] == totals[2] == {
+        "tokens": {"text_tokens": 60, "image_tokens": 12}, "loss": [2.0, 2.0],
+        "rank_weight_max_diff": 0.5}
+
+
+@pytest.mark.parametrize("rank0_evaluated", [True, False])
+def test_whether_the_final_evaluation_is_missing_is_rank_zeros_decision(rank0_evaluated):
+    def rank_main(rank):
+        evaluated = rank0_evaluated == (rank == 0)                # rank 1 holds the opposite
+        return rank_state(rank, 2, {"eval": [{"step": 5}] if evaluated else []})._final_eval_missing()
+    assert run_ranks(2, rank_main) == [not rank0_evaluated] * 2
+
+
+def test_two_ranks_train_in_sync_and_report_the_sum_of_their_work(data, tmp_path):
+    options = ("--steps", "4", "--eval-every", "2", "--probe-every", "0")
+    trainers = [None, None]
+
+    def rank_main(rank):
+        trainers[rank] = make_trainer(data, tmp_path, *options, rank=rank, world_size=2)
+        return trainers[rank].train()
+    summary, other = run_ranks(2, rank_main)
+    assert other is None and summary["config"]["world_size"] == 2
+    for first, second in zip(*(t.module.parameters() for t in trainers)):
+        assert torch.equal(first, second)
+    assert summary["rank_weight_max_diff"] == 0.0
+    own = [t.counter.as_dict() for t in trainers]
+    assert summary["tokens"] == {key: own[0][key] + own[1][key] for key in own[0]}
+    losses = [t.history["loss"] for t in trainers]
+    assert summary["loss"] == pytest.approx([(a + b) / 2 for a, b in zip(*losses)], abs=1e-6)
+    assert trainers[0].history["eval"] == trainers[1].history["eval"]
+    assert [record["step"] for record in summary["eval"]] == [2, 4]
+
+    single = make_trainer(data, tmp_path / "single", *options)
+    single.module.load_state_dict(trainers[0].module.state_dict())
+    expected = single.evaluate()
+    for modality in ("text", "image"):
+        got = summary["final_eval"][modality]
+        assert got["samples"] == expected[modality]["samples"] > 0
+        assert got["by_task"] == expected[modality]["by_task"]
+        assert got["loss"] == pytest.approx(expected[modality]["loss"], rel=1e-5)
