@@ -55,7 +55,7 @@ def test_whether_the_final_evaluation_is_missing_is_rank_zeros_decision(rank0_ev
 
 
 def test_two_ranks_train_in_sync_and_report_the_sum_of_their_work(data, tmp_path):
-    options = ("--steps", "4", "--eval-every", "2", "--probe-every", "0")
+    options = ("--steps", "4", "--eval-every", "2", "--probe-every", "0", "--grad-accum", "2")
     trainers = [None, None]
 
     def rank_main(rank):
