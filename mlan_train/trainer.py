@@ -360,7 +360,7 @@ class MixedTrainer:
         self.history["eval"].append({"step": self.step, **self.evaluate()})
 
     def save(self, directory=None):
-        if getattr(self, "counter", None) is not None:
+        if self.counter is not None:
             self.history["tokens"] = self.counter.as_dict()
         save_checkpoint(directory or os.path.join(self.config.out, "checkpoint"), self,
                         self.rank, self.world_size)

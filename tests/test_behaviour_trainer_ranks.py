@@ -2,18 +2,23 @@
 the ranks as threads of this interpreter (tests/threaded_ranks.py; test_train_mixed.py runs the
 same through torchrun and gloo):
 
-* two ranks end with the same weights; rank 0 returns the run summary, the others None;
+* each rank trains its own share of every global batch (the MLAN sampler of its rank);
+* two ranks end with the same weights; rank 0 returns the run summary, the others None; the
+  checkpoint holds every rank's state;
 * the summary's token counts are the sum of every rank's own, its loss curve the rank mean,
   and its weight difference the largest between ranks over trainable parameters only;
 * the evaluation shards the held-out samples across ranks and merges the counts: every rank
   records the single-process evaluation of the same weights;
 * whether the final evaluation is missing is rank 0's decision, on every rank.
 """
-import types
+import copy
+import os
 
 import pytest
 import torch
 
+from mlan_kernels.data.dataset import split_by_modality
+from mlan_kernels.data.sampler import MixtureSampler, ModalityLengthBatchSampler
 from mlan_train.trainer import MixedTrainer
 from threaded_ranks import run_ranks
 
@@ -56,12 +61,20 @@ def test_whether_the_final_evaluation_is_missing_is_rank_zeros_decision(rank0_ev
 
 def test_two_ranks_train_in_sync_and_report_the_sum_of_their_work(data, tmp_path):
     options = ("--steps", "4", "--eval-every", "2", "--probe-every", "0", "--grad-accum", "2")
-    trainers = [None, None]
+    trainers, first_epoch = [None, None], [None, None]
 
     def rank_main(rank):
         trainers[rank] = make_trainer(data, tmp_path, *options, rank=rank, world_size=2)
+        first_epoch[rank] = list(copy.deepcopy(trainers[rank].batches))
         return trainers[rank].train()
     summary, other = run_ranks(2, rank_main)
+    text, image = split_by_modality(trainers[0].train_set)
+    for rank, trainer in enumerate(trainers):
+        mixture = MixtureSampler(text, image, 0.5, seed=0)
+        assert first_epoch[rank] == list(ModalityLengthBatchSampler(
+            mixture, trainer.train_set.lengths, trainer.train_set.has_image, 4, world_size=2,
+            rank=rank, seed=0))
+    assert {"rank0.pt", "rank1.pt"} <= set(os.listdir(tmp_path / "checkpoint"))
     assert other is None and summary["config"]["world_size"] == 2
     for first, second in zip(*(t.module.parameters() for t in trainers)):
         assert torch.equal(first, second)

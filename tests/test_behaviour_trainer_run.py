@@ -4,13 +4,21 @@ which test_behaviour_trainer.py covers):
 * --device auto picks CUDA when torch sees a GPU and the CPU otherwise; any other name is used as
   given;
 * --aux-weight > 0 with more than one process is refused before anything is loaded;
+* training runs under bf16 autocast on a GPU and as written on the CPU;
+* the batches are those of the MLAN samplers with the run's --language-share,
+  --samples-per-epoch, --batch-size and --seed;
+* train() with no arguments runs every step, evaluates and saves; the progress bar counts on
+  from a resumed step and shows the loss and learning rate; a step's time leaves out its probe.
 """
 import re
 import types
+import warnings
 
 import pytest
 import torch
 
+from mlan_kernels.data.dataset import split_by_modality
+from mlan_kernels.data.sampler import MixtureSampler, ModalityLengthBatchSampler
 from mlan_train.config import build_parser, config_from_args
 from mlan_train.state import STATE_NAME
 from mlan_train.trainer import MixedTrainer, resolve_device
@@ -32,6 +40,28 @@ def test_aux_weight_with_several_processes_is_refused_before_loading(tmp_path):
          "--aux-weight", "0.1"]))
     with pytest.raises(ValueError, match=r"^--aux-weight > 0 runs in one process only"):
         MixedTrainer(config, rank=1, world_size=2)
+
+
+def test_training_autocasts_to_bf16_on_a_gpu_only(data, tmp_path):
+    trainer = make_trainer(data, tmp_path)
+    assert not isinstance(trainer.autocast(), torch.autocast)
+    trainer.device = torch.device("cuda")                     # what a GPU run gets (not entered)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # "CUDA is not available" here
+        context = trainer.autocast()
+    assert isinstance(context, torch.autocast)
+    assert (context.device, context.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+def test_the_batches_are_the_mlan_samplers_with_the_runs_options(data, tmp_path):
+    trainer = make_trainer(data, tmp_path, "--language-share", "0.25", "--samples-per-epoch",
+                           "40", "--batch-size", "2", "--seed", "7")
+    text, image = split_by_modality(trainer.train_set)
+    expected = ModalityLengthBatchSampler(
+        MixtureSampler(text, image, 0.25, num_samples=40, seed=7), trainer.train_set.lengths,
+        trainer.train_set.has_image, 2, seed=7)
+    assert list(trainer.batches) == list(expected)
+    assert sum(map(len, expected)) == 40
 
 
 def test_train_without_arguments_runs_every_step_then_evaluates_and_saves(data, tmp_path):
