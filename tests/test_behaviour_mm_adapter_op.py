@@ -1,6 +1,7 @@
 """mm_adapter (ops/mm_adapter.py) as a user relies on it, beyond matching the oracle per sample:
 
-* single_modality=True routes every sample by sample 0 also when the samples differ: y and every
+* single_modality=True routes every sample by sample 0 also when the samples differ (every
+  backend, Triton interpreted): y and every
   gradient are those of the oracle fed sample 0's routing (the router and x[0, 0], or
   weights[0], receive the whole batch's routing gradient), also for one-token sequences;
 * the keyword defaults are the documented ones (scale 1, temperature 10, no dropout, 1 group);
@@ -30,6 +31,7 @@ from mlan_kernels.reference import mm_adapter_reference
 
 op_module = importlib.import_module("mlan_kernels.ops.mm_adapter")
 CPU_BACKENDS = [b for b in BACKENDS if (b.values[0] if hasattr(b, "values") else b) in ("reference", "cpu")]
+TRITON = [b for b in BACKENDS if (b.values[0] if hasattr(b, "values") else b) == "triton"]   # interpreted
 
 
 def routed_by_sample_0(x, router_weight=None, router_bias=None, weights=None, **rest):
@@ -41,7 +43,7 @@ def routed_by_sample_0(x, router_weight=None, router_bias=None, weights=None, **
     return mm_adapter_reference(x, weights=weights[:1].expand(batch, -1), **rest)[0]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON)
 @pytest.mark.parametrize("routing", ["router", "weights"])
 @pytest.mark.parametrize("batch, length", [(3, 4), (3, 1), (2, 4)])
 def test_single_modality_true_routes_every_sample_by_sample_0(backend, routing, batch, length):
