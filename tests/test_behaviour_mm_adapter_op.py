@@ -1,9 +1,9 @@
 """mm_adapter (ops/mm_adapter.py) as a user relies on it, beyond matching the oracle per sample:
 
 * single_modality=True routes every sample by sample 0 also when the samples differ (every
-  backend, Triton interpreted): y and every
-  gradient are those of the oracle fed sample 0's routing (the router and x[0, 0], or
-  weights[0], receive the whole batch's routing gradient), also for one-token sequences;
+  backend, Triton interpreted): y and every gradient are those of the oracle fed sample 0's
+  routing (the router and x[0, 0], or weights[0], receive the whole batch's routing
+  gradient), also for one-token sequences;
 * the keyword defaults are the documented ones (scale 1, temperature 10, no dropout, 1 group);
 * the backward op returns each gradient in its input's dtype (what its fake promises
   torch.compile), and the requested backend is the one that runs, forward and backward;
