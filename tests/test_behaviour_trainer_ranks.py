@@ -9,7 +9,8 @@ same through torchrun and gloo):
   and its weight difference the largest between ranks over trainable parameters only;
 * the evaluation shards the held-out samples across ranks and merges the counts: every rank
   records the single-process evaluation of the same weights;
-* whether the final evaluation is missing is rank 0's decision, on every rank.
+* whether the final evaluation is missing is rank 0's decision, on every rank;
+* a resumed run gives every rank its own state back (its loss history, from its own file).
 """
 import copy
 import os
@@ -94,3 +95,23 @@ def test_two_ranks_train_in_sync_and_report_the_sum_of_their_work(data, tmp_path
         assert got["samples"] == expected[modality]["samples"] > 0
         assert got["by_task"] == expected[modality]["by_task"]
         assert got["loss"] == pytest.approx(expected[modality]["loss"], rel=1e-5)
+
+
+def test_a_resumed_two_rank_run_gives_each_rank_its_own_state_back(data, tmp_path):
+    options = ("--steps", "3", "--probe-every", "0")
+    first = [None, None]
+
+    def run_two_steps(rank):
+        first[rank] = make_trainer(data, tmp_path, *options, rank=rank, world_size=2)
+        first[rank].train(stop_after=2)
+
+    def resume(rank):
+        trainer = make_trainer(data, tmp_path, *options, "--resume", str(tmp_path / "checkpoint"),
+                               rank=rank, world_size=2)
+        trainer.train()
+        return trainer
+    run_ranks(2, run_two_steps)
+    assert first[0].history["loss"] != first[1].history["loss"]    # each rank its own batches
+    resumed = run_ranks(2, resume)
+    for before, after in zip(first, resumed):
+        assert after.history["loss"][:2] == before.history["loss"] and len(after.history["loss"]) == 3
