@@ -2,7 +2,8 @@
 
 * An auxiliary loss on the routing weights that `mm_adapter(..., return_routing_weights=True)`
   returns trains the router: its gradients equal autograd through the plain softmax router
-  (reference.py, fp64), alone or together with a loss on the output.
+  (reference.py, fp64), alone or together with a loss on the output; on the reference, the
+  default and the Triton (interpreted) backends.
 * KV-cache decoding of a patched LLaMA routes every new token by the prompt's routing token: a
   decode step through the decoder layers' routing pre-hook gives the logits of recomputing the
   whole sequence without a cache.
@@ -15,7 +16,7 @@ from mlan_kernels.integrations.tiny import tiny_llama
 from mlan_kernels.ops.mm_adapter import mm_adapter
 from mlan_kernels.reference import mm_adapter_reference
 
-from helpers import make_adapter_inputs, random_grad
+from helpers import HAS_TRITON, make_adapter_inputs, random_grad
 from test_integration_llama import randomize_adapters, token_ids
 
 HYPER = dict(scale=0.7, temperature=10.0, groups=2)
@@ -41,7 +42,8 @@ def reference(**kw):
     return y, weights
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "auto", pytest.param(
+    "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])   # interpreted
 @pytest.mark.parametrize("output_weight", [0.0, 1.0])
 @pytest.mark.parametrize("given_weights", [False, True])
 def test_a_loss_on_returned_routing_weights_reaches_the_router(backend, output_weight,
