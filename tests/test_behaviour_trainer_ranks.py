@@ -5,8 +5,9 @@ same through torchrun and gloo):
 * each rank trains its own share of every global batch (the MLAN sampler of its rank);
 * two ranks end with the same weights; rank 0 returns the run summary, the others None; the
   checkpoint holds every rank's state;
-* the summary's token counts are the sum of every rank's own, its loss curve the rank mean,
-  and its weight difference the largest between ranks over trainable parameters only;
+* the summary's token counts are the sum of every rank's own (exact beyond 2^24 tokens), its
+  loss curve the rank mean, and its weight difference the largest between ranks over
+  trainable parameters only;
 * the evaluation shards the held-out samples across ranks and merges the counts: every rank
   records the single-process evaluation of the same weights;
 * whether the final evaluation is missing is rank 0's decision, on every rank;
@@ -43,12 +44,12 @@ def test_the_run_end_sums_tokens_averages_losses_and_finds_the_largest_trainable
             module[0].weight[1, 0] += (0.0, -0.5, 0.25)[rank]   # trainable: 0.5, 0.25 off
             module[1].bias += 9.0 * rank                          # frozen: not counted
         module[1].bias.requires_grad_(False)
-        history = {"tokens": {"text_tokens": 10 * (rank + 1), "image_tokens": 3 + rank},
+        history = {"tokens": {"text_tokens": 10 * (rank + 1), "image_tokens": 2 ** 24 + 1},
                    "loss": [1.0 + rank, 2.0 * rank]}
         return rank_state(rank, 3, history, module)._across_ranks()
     totals = run_ranks(3, rank_main)
     assert totals[0] == totals[1] == totals[2] == {
-        "tokens": {"text_tokens": 60, "image_tokens": 12}, "loss": [2.0, 2.0],
+        "tokens": {"text_tokens": 60, "image_tokens": 3 * 2 ** 24 + 3}, "loss": [2.0, 2.0],
         "rank_weight_max_diff": 0.5}
 
 

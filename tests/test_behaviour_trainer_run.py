@@ -69,6 +69,7 @@ def test_train_without_arguments_runs_every_step_then_evaluates_and_saves(data, 
     summary = trainer.train()
     assert trainer.step == 3 and len(summary["loss"]) == 3 and len(summary["lr"]) == 3
     assert [record["step"] for record in summary["eval"]] == [3]
+    assert summary["rank_weight_max_diff"] == 0.0                 # one process: nothing to differ
     state = torch.load(tmp_path / "checkpoint" / STATE_NAME, weights_only=True)
     assert state["step"] == 3
 
