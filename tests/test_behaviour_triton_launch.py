@@ -8,7 +8,9 @@ properties a GPU user relies on and a CPU can check:
 * the launch configuration a GPU gets (its tuned tiles per kernel, several row splits, 3xTF32
   for fp32) computes what the oracle does: run here through the interpreter by making the
   backend believe it is on a GPU with 2 multiprocessors (D not a multiple of any tile, tokens
-  not a multiple of any row block);
+  not a multiple of any row block), for fp32 and for fp16 activations with fp32 parameters
+  (whose gradients must meet the fp32 tolerance: the hi+lo split of the weights), at rank 8
+  and 16 (32 rank slots: the bias needs one past the rank);
 * a backward handed slots its own forward did not save (another backend's forward) is refused
   with the shape it needs and the shape it got, before any launch;
 * the multiprocessor count is read from x's own GPU (the current one for a bare "cuda"), and
@@ -55,14 +57,16 @@ def test_the_multiprocessor_count_is_read_from_the_tensors_own_gpu(monkeypatch):
     assert backend._multiprocessors(torch.device("cuda", 3)) is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch, dtype, dropout_p):
+@pytest.mark.parametrize("dtype, rank, dropout_p", [
+    (torch.float32, 8, 0.0), (torch.float16, 8, 0.25), (torch.float32, 16, 0.25),
+    (torch.float16, 16, 0.0)])                     # rank 16: 32 slots (15 would fit in 16)
+def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch, dtype, rank,
+                                                                     dropout_p):
     import mlan_kernels.backends.triton as backend
     monkeypatch.setattr(backend, "_interpreted", lambda device: False)
     monkeypatch.setattr(backend, "_sm_count", lambda index: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    inputs = make_adapter_inputs(3, 45, 300, 8, 3, 1, dtype, "cpu", param_dtype=torch.float32)
+    inputs = make_adapter_inputs(3, 45, 300, rank, 3, 1, dtype, "cpu", param_dtype=torch.float32)
     grad_y = random_grad((3, 45, 300), dtype, "cpu")
     hyper = dict(dropout_p=dropout_p, seed=5, groups=1, scale=0.5)
     y, grads = run_op("triton", inputs, grad_y, **hyper)
