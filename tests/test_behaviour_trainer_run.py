@@ -5,19 +5,26 @@ which test_behaviour_trainer.py covers):
   given;
 * --aux-weight > 0 with more than one process is refused before anything is loaded;
 * training runs under bf16 autocast on a GPU and as written on the CPU;
+* each data file's load report (what load_records skipped, and why; what --max-length cut) is
+  printed once when there is something to report, and kept for run.json; --max-image-pixels
+  reaches the loader (0 = no limit);
 * the batches are those of the MLAN samplers with the run's --language-share,
   --samples-per-epoch, --batch-size and --seed;
 * train() with no arguments runs every step, evaluates and saves; the progress bar counts on
   from a resumed step and shows the loss and learning rate; a step's time leaves out its probe.
 """
+import json
+import os
 import re
+import shutil
 import types
 import warnings
 
 import pytest
 import torch
 
-from mlan_kernels.data.dataset import split_by_modality
+from mlan_kernels.data.dataset import InstructionDataset, split_by_modality
+from mlan_kernels.data.records import load_records
 from mlan_kernels.data.sampler import MixtureSampler, ModalityLengthBatchSampler
 from mlan_train.config import build_parser, config_from_args
 from mlan_train.state import STATE_NAME
@@ -51,6 +58,41 @@ def test_training_autocasts_to_bf16_on_a_gpu_only(data, tmp_path):
         context = trainer.autocast()
     assert isinstance(context, torch.autocast)
     assert (context.device, context.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:.*skipping")
+def test_each_files_load_report_is_printed_when_there_is_news_and_kept(data, tmp_path, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    with open(copy / "train.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("{not json\n" + json.dumps({"id": "x", "conversations": []}) + "\n")
+    capsys.readouterr()
+    trainer = make_trainer(str(copy), tmp_path / "out", "--max-length", "16", "--allow-truncation")
+    printed = capsys.readouterr().out.splitlines()
+    expected = {name: load_records(copy / name)[1] for name in ("train.jsonl", "eval.jsonl")}
+    reasons = {"not_json": 1, "empty_conversation": 1}
+    assert expected["train.jsonl"].reasons == reasons and not expected["eval.jsonl"].skipped
+    for name, report in expected.items():
+        dataset = trainer.train_set if name == "train.jsonl" else trainer.eval_set
+        assert trainer.load_reports[name] == {
+            "loaded": report.loaded, "skipped": report.skipped, "reasons": report.reasons,
+            "truncated": dataset.truncated, "answers_truncated": dataset.answers_truncated}
+        truncated = (f"{name}: {dataset.truncated} of {len(dataset)} samples truncated to "
+                     f"--max-length 16 tokens")
+        assert printed.count(truncated) == (1 if dataset.truncated else 0), printed
+    assert trainer.train_set.truncated > 0
+    assert printed.count(f"train.jsonl: skipped 2 bad records {reasons}") == 1, printed
+    assert not any("eval.jsonl: skipped" in line for line in printed), printed
+
+
+@pytest.mark.filterwarnings("ignore:.*skipping")
+@pytest.mark.parametrize("limit, skipped", [(16, True), (0, False)])
+def test_max_image_pixels_reaches_the_loader(data, tmp_path, limit, skipped):
+    trainer = make_trainer(data, tmp_path, "--max-image-pixels", str(limit), "--language-share", "1")
+    images = sum(map(bool, InstructionDataset(load_records(
+        os.path.join(data, "train.jsonl"))[0], trainer.tokenizer).has_image))
+    report = trainer.load_reports["train.jsonl"]
+    assert report["skipped"] == (images if skipped else 0) and images > 0, report
 
 
 def test_the_batches_are_the_mlan_samplers_with_the_runs_options(data, tmp_path):
