@@ -3,7 +3,7 @@ the ranks as threads of this interpreter (tests/threaded_ranks.py; test_train_mi
 same through torchrun and gloo):
 
 * each rank trains its own share of every global batch (the MLAN sampler of its rank);
-* two ranks end with the same weights; rank 0 returns the run summary, the others None; the
+* two ranks probe the same κ̂ (from rank-mean KLs) and end with the same weights; rank 0 returns the run summary, the others None; the
   checkpoint holds every rank's state;
 * the summary's token counts are the sum of every rank's own (exact beyond 2^24 tokens), its
   loss curve the rank mean, and its weight difference the largest between ranks over
@@ -63,7 +63,8 @@ def test_whether_the_final_evaluation_is_missing_is_rank_zeros_decision(rank0_ev
 
 
 def test_two_ranks_train_in_sync_and_report_the_sum_of_their_work(data, tmp_path):
-    options = ("--steps", "4", "--eval-every", "2", "--probe-every", "0", "--grad-accum", "2")
+    options = ("--steps", "4", "--eval-every", "2", "--grad-accum", "2", "--probe-every", "2",
+               "--probe-start", "0", "--probe-on", "any", "--balance-alpha", "0.5")
     trainers, first_epoch = [None, None], [None, None]
 
     def rank_main(rank):
@@ -87,6 +88,10 @@ def test_two_ranks_train_in_sync_and_report_the_sum_of_their_work(data, tmp_path
     losses = [t.history["loss"] for t in trainers]
     assert summary["loss"] == pytest.approx([(a + b) / 2 for a, b in zip(*losses)], abs=1e-6)
     assert trainers[0].history["eval"] == trainers[1].history["eval"]
+    shared = ("step", "kl_feat", "kl_lang", "kappa", "kappa_ema", "m_feat", "m_lang")
+    probes = [[{key: record[key] for key in shared} for record in t.history["kappa"]]
+              for t in trainers]
+    assert len(probes[0]) == 2 and probes[0] == probes[1]          # κ̂ from the rank-mean KLs
     assert [record["step"] for record in summary["eval"]] == [2, 4]
 
     single = make_trainer(data, tmp_path / "single", *options)

@@ -4,6 +4,8 @@ which test_behaviour_trainer.py covers):
 * --device auto picks CUDA when torch sees a GPU and the CPU otherwise; any other name is used as
   given;
 * --aux-weight > 0 with more than one process is refused before anything is loaded;
+* the optimizer is AdamW with β = (0.9, 0.95); the schedule and the κ monitor take the run's
+  --min-lr-ratio, --probe-every and --kappa-* options (probes in eval mode);
 * training runs under bf16 autocast on a GPU and as written on the CPU;
 * each data file's load report (what load_records skipped, and why; what --max-length cut) is
   printed once when there is something to report, and kept for run.json; --max-image-pixels
@@ -45,8 +47,21 @@ def test_aux_weight_with_several_processes_is_refused_before_loading(tmp_path):
     config = config_from_args(build_parser().parse_args(
         ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *TINY,
          "--aux-weight", "0.1"]))
-    with pytest.raises(ValueError, match=r"^--aux-weight > 0 runs in one process only"):
+    message = ("--aux-weight > 0 runs in one process only (its gradient is not all-reduced "
+               "across ranks)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         MixedTrainer(config, rank=1, world_size=2)
+
+
+def test_the_optimizer_schedule_and_kappa_monitor_take_the_runs_options(data, tmp_path):
+    trainer = make_trainer(data, tmp_path, "--min-lr-ratio", "0.25", "--probe-every", "3",
+                           "--kappa-eps", "1e-6", "--kappa-beta", "0.8", "--kappa-ema", "linear",
+                           "--kappa-min-kl", "1e-5", "--kappa-skip", "both")
+    assert {group["betas"] for group in trainer.optimizer.param_groups} == {(0.9, 0.95)}
+    assert trainer.scheduler.base_schedule.min_ratio == 0.25
+    monitor = trainer.monitor
+    assert (monitor.probe_every, monitor.beta, monitor.eps, monitor.probe_mode, monitor.ema,
+            monitor.min_kl, monitor.skip) == (3, 0.8, 1e-6, "eval", "linear", 1e-5, "both")
 
 
 def test_training_autocasts_to_bf16_on_a_gpu_only(data, tmp_path):
