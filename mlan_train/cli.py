@@ -10,6 +10,7 @@ shares OUT/results.json + OUT/shares.png; prints a results table.
 """
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -194,6 +195,13 @@ def run(config) -> int:
                 plot_shares(rows, chance, os.path.join(config.out, "shares.png"))
         print(f"results in {config.out}")
     if world_size > 1:
+        # DDP holds the process group: release it (and its gloo threads) before the teardown,
+        # with every rank past its last collective; a rank whose DDP model outlived
+        # destroy_process_group has aborted at exit ("terminate called without an active
+        # exception"), mostly on a loaded machine
+        del trainer
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

@@ -12,6 +12,7 @@ safetensors checkpoints expect full (non-DTensor) parameters. With FSDP2, clip w
 torch.nn.utils.clip_grad_norm_ (DTensor-aware) and save with torch.distributed.checkpoint.
 """
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
         if rank == 0:
             modality = "image" if batch["has_image"].any() else "text"
             print(f"step {step} ({modality}) loss {losses[-1]:.4f}", flush=True)
+    del model, optimizer                # they hold the process group: release it first, then
+    gc.collect()                        # tear down with every rank past its last collective
+    dist.barrier()
     dist.destroy_process_group()
     half = len(losses) // 2
     improved = sum(losses[half:]) / (len(losses) - half) < sum(losses[:half]) / half
