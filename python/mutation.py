@@ -86,7 +86,8 @@ TESTS = {
     # The Triton-interpreted cases only (the other backends never reach this module); the
     # compile cases cannot trace mutmut's trampoline.
     "mlan_kernels/backends/triton.py": _OP_TESTS + [
-        "tests/test_launch_budget.py", "tests/test_behaviour_triton_launch.py", "-k", "triton and not torch_compile and not compiled_graph"],
+        "tests/test_launch_budget.py", "tests/test_behaviour_triton_launch.py",
+        "tests/test_dispatch.py", "-k", "triton and not torch_compile and not compiled_graph"],
     # The compile test is left out for time (~10 s a survivor; eager equality is tested apart).
     "mlan_kernels/integrations/patching.py": _INTEGRATION_TESTS + [
         "tests/test_behaviour_patching.py", "tests/test_lavin_compat.py",
