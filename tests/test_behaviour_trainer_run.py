@@ -54,14 +54,15 @@ def test_aux_weight_with_several_processes_is_refused_before_loading(tmp_path):
 
 
 def test_the_optimizer_schedule_and_kappa_monitor_take_the_runs_options(data, tmp_path):
+    """Each κ option differs from BalanceMonitor's own default, so a dropped one shows."""
     trainer = make_trainer(data, tmp_path, "--min-lr-ratio", "0.25", "--probe-every", "3",
-                           "--kappa-eps", "1e-6", "--kappa-beta", "0.8", "--kappa-ema", "linear",
-                           "--kappa-min-kl", "1e-5", "--kappa-skip", "both")
+                           "--kappa-eps", "1e-6", "--kappa-beta", "0.8", "--kappa-ema", "log",
+                           "--kappa-min-kl", "1e-5", "--kappa-skip", "either")
     assert {group["betas"] for group in trainer.optimizer.param_groups} == {(0.9, 0.95)}
     assert trainer.scheduler.base_schedule.min_ratio == 0.25
     monitor = trainer.monitor
     assert (monitor.probe_every, monitor.beta, monitor.eps, monitor.probe_mode, monitor.ema,
-            monitor.min_kl, monitor.skip) == (3, 0.8, 1e-6, "eval", "linear", 1e-5, "both")
+            monitor.min_kl, monitor.skip) == (3, 0.8, 1e-6, "eval", "log", 1e-5, "either")
 
 
 def test_training_autocasts_to_bf16_on_a_gpu_only(data, tmp_path):
