@@ -14,6 +14,7 @@ same through torchrun and gloo):
 * a resumed run gives every rank its own state back (its loss history, from its own file).
 """
 import copy
+import time
 import os
 
 import pytest
@@ -122,3 +123,34 @@ def test_a_resumed_two_rank_run_gives_each_rank_its_own_state_back(data, tmp_pat
     resumed = run_ranks(2, resume)
     for before, after in zip(first, resumed):
         assert after.history["loss"][:2] == before.history["loss"] and len(after.history["loss"]) == 3
+
+
+@pytest.mark.parametrize("late", ["rank 0 prepares", "rank 1 writes"])
+def test_a_checkpoint_holds_every_ranks_state_whichever_rank_is_late(data, tmp_path, monkeypatch,
+                                                                     late):
+    """save waits for every rank: for rank 0 to make the staging directory before the others
+    write into it, and for every rank's file before rank 0 swaps the checkpoint in. One rank is
+    made late at one of those points (0.5 s)."""
+    import mlan_train.state as state
+    recover, save = state.recover, torch.save
+
+    def late_recover(directory):
+        if late == "rank 0 prepares":
+            time.sleep(0.5)
+        recover(directory)
+
+    def late_save(obj, path, *args, **kwargs):
+        if late == "rank 1 writes" and str(path).endswith("rank1.pt"):
+            time.sleep(0.5)
+        save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(state, "recover", late_recover)
+    monkeypatch.setattr(torch, "save", late_save)
+
+    def rank_main(rank):
+        trainer = make_trainer(data, tmp_path, "--probe-every", "0", rank=rank, world_size=2)
+        trainer.history["loss"] = [float(rank)]
+        trainer.save()
+    run_ranks(2, rank_main)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / "checkpoint" / f"rank{rank}.pt", weights_only=False)
+        assert saved["history"]["loss"] == [float(rank)]

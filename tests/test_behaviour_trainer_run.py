@@ -111,6 +111,17 @@ def test_max_image_pixels_reaches_the_loader(data, tmp_path, limit, skipped):
     assert report["skipped"] == (images if skipped else 0) and images > 0, report
 
 
+def test_image_size_reaches_every_image_and_the_vision_tower(data, tmp_path):
+    trainer = make_trainer(data, tmp_path, "--image-size", "12", "--steps", "2",
+                           "--probe-every", "0")
+    for dataset in (trainer.train_set, trainer.eval_set):
+        shapes = {tuple(dataset[i]["pixel_values"].shape) for i in range(len(dataset))
+                  if dataset[i]["has_image"]}
+        assert shapes == {(3, 12, 12)}, shapes
+    trainer.train(stop_after=1)                   # the tiny CLIP takes 12-pixel images
+    assert len(trainer.history["loss"]) == 1
+
+
 def test_the_batches_are_the_mlan_samplers_with_the_runs_options(data, tmp_path):
     trainer = make_trainer(data, tmp_path, "--language-share", "0.25", "--samples-per-epoch",
                            "40", "--batch-size", "2", "--seed", "7")
