@@ -20,3 +20,9 @@ def reset_warnings() -> None:
 def triton_interpreter() -> bool:
     """Whether Triton runs its kernels in the interpreter (TRITON_INTERPRET=1: CPU tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreted(device) -> bool:
+    """Whether Triton kernels on tensors of `device` run in the interpreter (the Triton backends
+    then pick small launch sizes): anything but a CUDA device, or TRITON_INTERPRET=1."""
+    return device.type != "cuda" or triton_interpreter()

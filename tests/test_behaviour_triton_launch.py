@@ -49,11 +49,11 @@ def test_the_multiprocessor_count_is_read_from_the_tensors_own_gpu(monkeypatch):
     monkeypatch.setattr(backend, "_sm_count", lambda index: {1: 132, 3: 78}[index])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert backend._multiprocessors(torch.device("cpu")) is None
-    monkeypatch.setattr(backend, "triton_interpreter", lambda: False)          # a real GPU run
+    monkeypatch.setattr("mlan_kernels.utils.triton_interpreter", lambda: False)  # a GPU run
     assert backend._multiprocessors(torch.device("cuda", 3)) == 78
     assert backend._multiprocessors(torch.device("cuda")) == 132
     assert backend._multiprocessors(torch.device("cpu")) is None
-    monkeypatch.setattr(backend, "triton_interpreter", lambda: True)
+    monkeypatch.setattr("mlan_kernels.utils.triton_interpreter", lambda: True)
     assert backend._multiprocessors(torch.device("cuda", 3)) is None
 
 
@@ -63,7 +63,7 @@ def test_the_multiprocessor_count_is_read_from_the_tensors_own_gpu(monkeypatch):
 def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch, dtype, rank,
                                                                      dropout_p):
     import mlan_kernels.backends.triton as backend
-    monkeypatch.setattr(backend, "_interpreted", lambda device: False)
+    monkeypatch.setattr(backend, "interpreted", lambda device: False)
     monkeypatch.setattr(backend, "_sm_count", lambda index: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     inputs = make_adapter_inputs(3, 45, 300, rank, 3, 1, dtype, "cpu", param_dtype=torch.float32)

@@ -10,7 +10,7 @@ import torch
 import triton.language as tl
 
 from ..triton.grad_scale_kernels import scale_kernel, sum_squares_kernel
-from ..utils import triton_interpreter
+from ..utils import interpreted
 
 
 @functools.lru_cache(maxsize=16)
@@ -36,9 +36,10 @@ def _address_table(device: torch.device, addresses: tuple):
 
 
 def _to_device(tables, device):
+    """The host-built `tables` on `device`; to a GPU from pinned memory, without a sync."""
     if device.type == "cuda":
         return {key: value.pin_memory().to(device, non_blocking=True) for key, value in tables.items()}
-    return tables
+    return {key: value.to(device) for key, value in tables.items()}
 
 
 def _block_table(grads, owners, block):
@@ -54,8 +55,7 @@ def scale_grads(per_group, multipliers, max_norm, eps):
     """Scale each group's grads (per_group: G lists of grad tensors) in place; norms [G] fp32."""
     triton_dtypes = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     device = next(grad for group in per_group for grad in group).device
-    interpreted = device.type != "cuda" or triton_interpreter()
-    block, warps = (64, 1) if interpreted else (2048, 4)
+    block, warps = (64, 1) if interpreted(device) else (2048, 4)
     buckets = {}
     for index, group in enumerate(per_group):
         for grad in group:

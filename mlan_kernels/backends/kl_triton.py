@@ -4,12 +4,12 @@ import torch
 import triton
 
 from ..triton.kl_kernels import kl_backward_kernel, kl_forward_kernel
-from ..utils import triton_interpreter
+from ..utils import interpreted
 
 
 def _triton_block(vocab: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps): small chunks in the interpreter (tests), wide ones on GPU."""
-    if device.type != "cuda" or triton_interpreter():
+    if interpreted(device):
         return min(128, triton.next_power_of_2(vocab)), 1
     return min(4096, triton.next_power_of_2(vocab)), 8
 

@@ -19,20 +19,17 @@ from ..functional import dropout_threshold
 from ..triton.mm_adapter_kernels import (mm_adapter_bwd_cols_kernel, mm_adapter_bwd_rows_kernel,
                                          mm_adapter_fwd_kernel)
 from ..triton.mm_adapter_weight_kernels import mm_adapter_bwd_finalize_kernel, mm_adapter_prep_kernel
-from ..utils import triton_interpreter
+from ..utils import interpreted
+
 
 def supports(name, device, dtype):
     """None when tensors of this device/dtype can run here, else the reason (the registry
     checked the dtypes and devices). The interpreter (TRITON_INTERPRET=1) runs the kernels in
     numpy, which has no bfloat16: its bf16 dots return garbage, so bf16 is refused there (the
     dispatcher falls back with one warning)."""
-    if dtype == torch.bfloat16 and _interpreted(device):
+    if dtype == torch.bfloat16 and interpreted(device):
         return "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 correctly"
     return None
-
-
-def _interpreted(device) -> bool:
-    return device.type != "cuda" or triton_interpreter()
 
 
 def _layout(rank, experts):
@@ -47,7 +44,7 @@ GPU_TILES = {"fwd": (32, 128, 4), "rows": (64, 128, 4), "cols": (16, 256, 4)}
 def _tiles(kind, dim, device):
     """Tile sizes of kernel `kind` ("fwd" | "rows" | "cols"); small fixed tiles in the interpreter."""
     cap = max(16, triton.next_power_of_2(dim))
-    if _interpreted(device):
+    if interpreted(device):
         return 16, min(64, cap), 4
     block_n, block_d, warps = GPU_TILES[kind]
     return block_n, min(block_d, cap), warps
@@ -57,7 +54,7 @@ def _precision(dtype, device):
     """fp32 activations keep fp32 accuracy (3xTF32 on GPU); 16-bit ones use their tensor cores."""
     if dtype != torch.float32:
         return "tf32"
-    return "ieee" if _interpreted(device) else "tf32x3"
+    return "ieee" if interpreted(device) else "tf32x3"
 
 
 def _split(dtype):
@@ -133,7 +130,7 @@ def _sm_count(device_index):
 
 def _multiprocessors(device):
     """The GPU's streaming-multiprocessor count; None under the interpreter."""
-    if _interpreted(device):
+    if interpreted(device):
         return None
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
