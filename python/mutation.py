@@ -78,15 +78,19 @@ TESTS = {
         "-k", "reference and not triton"],
     "mlan_kernels/backends/kl_chunked.py": _KL_TESTS + ["-k", "not triton"],
     "mlan_kernels/backends/kl_compiled.py": _KL_TESTS + ["-k", "not triton and not torch_compile"],
-    "mlan_kernels/backends/kl_triton.py": _KL_TESTS + ["-k", "triton and not torch_compile"],
+    "mlan_kernels/backends/kl_triton.py": _KL_TESTS + [
+        "tests/test_behaviour_triton_launch_rules.py::test_the_kl_launches_legal_gpu_kernels_on_its_inputs_device",
+        "-k", "triton and not torch_compile"],
     "mlan_kernels/backends/grad_scale_foreach.py": _GRAD_SCALE_TESTS,
-    "mlan_kernels/backends/grad_scale_triton.py": _GRAD_SCALE_TESTS,
+    "mlan_kernels/backends/grad_scale_triton.py": _GRAD_SCALE_TESTS + [
+        "tests/test_behaviour_triton_launch_rules.py::test_grad_scaling_launches_legal_gpu_kernels_on_its_grads_device"],
     # test_compiled_backend.py only (~13 s): with _OP_TESTS (~2 min) each survivor costs that.
     "mlan_kernels/backends/compiled.py": ["tests/test_compiled_backend.py"],
     # The Triton-interpreted cases only (the other backends never reach this module); the
     # compile cases cannot trace mutmut's trampoline.
     "mlan_kernels/backends/triton.py": _OP_TESTS + [
         "tests/test_launch_budget.py", "tests/test_behaviour_triton_launch.py",
+        "tests/test_behaviour_triton_launch_rules.py::test_the_mm_adapter_launches_legal_gpu_kernels_on_its_inputs_device",
         "tests/test_dispatch.py", "-k", "triton and not torch_compile and not compiled_graph"],
     # The compile test is left out for time (~10 s a survivor; eager equality is tested apart).
     "mlan_kernels/integrations/patching.py": _INTEGRATION_TESTS + [

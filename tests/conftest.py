@@ -40,3 +40,21 @@ def reset_backend_warnings():
 def seed_torch():
     """Every test starts from torch.manual_seed(0) (CPU and CUDA generators)."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def checked_triton_launches(monkeypatch):
+    """Under the interpreter, every launch of the three Triton backends is checked for the
+    rules a GPU enforces and for reads and writes outside its tensors (bounds checking):
+    tests/triton_launches.py."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from mlan_kernels.backends import grad_scale_triton, kl_triton, triton as mm_adapter_triton
+    except ImportError:                                     # no triton: nothing launches
+        return
+    from triton_launches import address_table_extents, check_launches, install_address_checks
+    install_address_checks(monkeypatch)
+    check_launches(monkeypatch, mm_adapter_triton)
+    check_launches(monkeypatch, kl_triton)
+    check_launches(monkeypatch, grad_scale_triton, indirect=address_table_extents)
