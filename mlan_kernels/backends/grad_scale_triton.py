@@ -37,9 +37,9 @@ def _address_table(device: torch.device, addresses: tuple):
 
 def _to_device(tables, device):
     """The host-built `tables` on `device`; to a GPU from pinned memory, without a sync."""
-    if device.type == "cuda":
-        return {key: value.pin_memory().to(device, non_blocking=True) for key, value in tables.items()}
-    return {key: value.to(device) for key, value in tables.items()}
+    pinned = device.type == "cuda"
+    return {key: (value.pin_memory() if pinned else value).to(device, non_blocking=pinned)
+            for key, value in tables.items()}
 
 
 def _block_table(grads, owners, block):
@@ -55,7 +55,7 @@ def scale_grads(per_group, multipliers, max_norm, eps):
     """Scale each group's grads (per_group: G lists of grad tensors) in place; norms [G] fp32."""
     triton_dtypes = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     device = next(grad for group in per_group for grad in group).device
-    block, warps = (64, 1) if interpreted(device) else (2048, 4)
+    block = 64 if interpreted(device) else 2048     # elements a program sums (4 warps on a GPU)
     buckets = {}
     for index, group in enumerate(per_group):
         for grad in group:
@@ -74,7 +74,7 @@ def scale_grads(per_group, multipliers, max_norm, eps):
             continue
         args = (tables["address"], tables["numel"], tables["block_tensor"], tables["block_start"])
         partial = torch.empty(blocks, dtype=torch.float32, device=device)
-        sum_squares_kernel[(blocks,)](*args, partial, DTYPE=triton_dtypes[dtype], BLOCK=block, num_warps=warps)
+        sum_squares_kernel[(blocks,)](*args, partial, DTYPE=triton_dtypes[dtype], BLOCK=block)
         sums.index_add_(0, tables["block_group"], partial)
         launches.append((blocks, args, tables["group"], triton_dtypes[dtype]))
     norms = sums.sqrt()
@@ -83,5 +83,5 @@ def scale_grads(per_group, multipliers, max_norm, eps):
     if max_norm is not None:
         factors = factors * (max_norm / (norms + eps)).clamp(max=1.0)
     for blocks, args, groups, dtype in launches:
-        scale_kernel[(blocks,)](*args, groups, factors, DTYPE=dtype, BLOCK=block, num_warps=warps)
+        scale_kernel[(blocks,)](*args, groups, factors, DTYPE=dtype, BLOCK=block)
     return norms
