@@ -87,17 +87,19 @@ def _check_addresses(ptrs, mask, access):
 
 def install_address_checks(monkeypatch):
     """Make the interpreter's loads and stores check their addresses during a CheckedKernel
-    launch (until `monkeypatch` undoes it)."""
+    launch (until `monkeypatch` undoes it). Every tl.load and tl.store of Triton 3.x's interpreter,
+    masked or not, goes through these two builder methods (atomic read-modify-writes do not;
+    no kernel here uses them)."""
     from triton.runtime.interpreter import InterpreterBuilder
     load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
 
-    def checked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    def checked_load(self, ptrs, mask, *rest):
         _check_addresses(ptrs, mask, "read")
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *rest)
 
-    def checked_store(self, ptrs, value, mask, cache_policy):
+    def checked_store(self, ptrs, value, mask, *rest):
         _check_addresses(ptrs, mask, "write")
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *rest)
     monkeypatch.setattr(InterpreterBuilder, "create_masked_load", checked_load)
     monkeypatch.setattr(InterpreterBuilder, "create_masked_store", checked_store)
 
