@@ -9,8 +9,11 @@ the meta device, which have a device but no memory, so the launches are checked 
   size is capped: vocabularies past 4096, more than 1024 rows per route, 2048-element blocks;
 * fp32 activations keep fp32 accuracy on a GPU: their dots run 3xTF32, never plain TF32; 16-bit
   ones use their tensor cores at full speed (TF32 is ignored for 16-bit inputs);
+* pass B of the MM-Adapter's backward gives the GPU at least 4 programs per multiprocessor
+  (several row splits) when there are tokens enough;
 * each backend launches the kernels its contract names, in order, and returns its results on
-  the inputs' device with the documented shapes and dtypes.
+  the inputs' device with the documented shapes and dtypes (the MM-Adapter's fp32 ones also
+  under a float64 default dtype).
 
 The interpreted tests check the numbers, and (tests/conftest.py) every address each launch
 reads or writes; the last test checks that checker: it stops the first access outside the
@@ -40,6 +43,14 @@ def on_a_gpu(monkeypatch):
     return lambda backend: check_launches(monkeypatch, backend)
 
 
+@pytest.fixture
+def float64_default():
+    """torch's default dtype float64 during the test: the fp32 buffers must not follow it."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 def on_meta(inputs):
     return {name: value.to(META) for name, value in inputs.items()}
 
@@ -47,32 +58,35 @@ def on_meta(inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("routing", ["router", "weights", "by_first", "single_modality"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_the_mm_adapter_launches_legal_gpu_kernels_on_its_inputs_device(on_a_gpu, dtype, routing,
-                                                                       dropout_p):
+def test_the_mm_adapter_launches_legal_gpu_kernels_on_its_inputs_device(on_a_gpu, float64_default,
+                                                                       dtype, routing, dropout_p):
     from mlan_kernels.backends import triton as backend
     launches = on_a_gpu(backend)
     batch, length, dim, rank, experts = 2, 1500, 4100, 16, 3       # 1500 > 1024 rows per route
     inputs = on_meta(make_adapter_inputs(batch, 2, dim, rank, experts, 1, dtype, "cpu"))
     x = torch.empty(batch, length, dim, dtype=dtype, device=META)
-    weights = torch.empty(batch, experts, device=META) if routing == "weights" else None
+    f32 = dict(dtype=torch.float32, device=META)
+    weights = torch.empty(batch, experts, **f32) if routing == "weights" else None
     seed = torch.tensor(7)                                          # the caller's host seed
     hyper = dict(scale=0.5, temperature=2.0, dropout_p=dropout_p, seed=seed, groups=1)
     y, h, routing_weights, saved = backend.forward_routed(
         x, inputs["down_weight"], inputs["down_bias"], inputs["up_weight"], inputs["up_bias"],
         inputs["router_weight"], inputs["router_bias"], weights,
         single_modality=routing == "single_modality", by_first=routing == "by_first", **hyper)
-    grad_rw = torch.empty(batch, experts, device=META) if routing == "router" else None
+    grad_rw = torch.empty(batch, experts, **f32) if routing == "router" else None
     grad_x, *grads, routing_grads = backend.backward_routed(
         torch.empty_like(x), grad_rw, x, h, routing_weights, saved, inputs["down_weight"],
         inputs["down_bias"], inputs["up_weight"], inputs["up_bias"], inputs["router_weight"],
         weights, by_first=routing == "by_first", **hyper)
 
-    assert [name for name, _, _ in launches] == [
+    assert [launch.name for launch in launches] == [
         "mm_adapter_prep_kernel", "mm_adapter_fwd_kernel", "mm_adapter_bwd_rows_kernel",
         "mm_adapter_bwd_cols_kernel", "mm_adapter_bwd_finalize_kernel"]
-    for name, _, kwargs in launches:
-        if "PRECISION" in kwargs and dtype == torch.float32:
-            assert kwargs["PRECISION"].lower() in ("tf32x3", "ieee"), (name, kwargs["PRECISION"])
+    for launch in launches:
+        if "PRECISION" in launch.kwargs and dtype == torch.float32:
+            assert launch.kwargs["PRECISION"].lower() in ("tf32x3", "ieee"), launch.name
+    splits, column_blocks = launches[3].grid                       # pass B: 3000 tokens
+    assert splits > 1 and splits * column_blocks >= 4 * 132
     assert y.shape == x.shape and y.dtype == dtype and grad_x.shape == x.shape
     assert h.shape == (batch, length, rank) and h.dtype == torch.float32
     assert routing_weights.shape == (batch, experts) and routing_weights.dtype == torch.float32
@@ -95,7 +109,7 @@ def test_the_kl_launches_legal_gpu_kernels_on_its_inputs_device(on_a_gpu, vocab,
     kl, lse_p, lse_q = backend.forward(logits_p, logits_q, mask)
     grad_p, grad_q = backend.backward(torch.empty(6, device=META), logits_p, logits_q, mask, lse_p,
                                       lse_q, kl, inplace=inplace)
-    assert [name for name, _, _ in launches] == ["kl_forward_kernel", "kl_backward_kernel"]
+    assert [launch.name for launch in launches] == ["kl_forward_kernel", "kl_backward_kernel"]
     for result in (kl, lse_p, lse_q):
         assert result.shape == (6,) and result.dtype == torch.float32 and result.device == META
     for result in (grad_p, grad_q):
@@ -110,7 +124,7 @@ def test_grad_scaling_launches_legal_gpu_kernels_on_its_grads_device(on_a_gpu, m
     groups = [[torch.empty(5000, device=META), torch.empty(3, 7, dtype=torch.float16, device=META)],
               [torch.empty(4097, dtype=torch.float16, device=META)]]
     norms = backend.scale_grads(groups, [1.0, 0.5], max_norm, 1e-6)
-    names = [name for name, _, _ in launches]
+    names = [launch.name for launch in launches]
     assert sorted(names) == ["scale_kernel"] * 2 + ["sum_squares_kernel"] * 2   # one per dtype
     assert names[:2] == ["sum_squares_kernel"] * 2                   # every norm before scaling
     assert norms.shape == (2,) and norms.dtype == torch.float32 and norms.device == META

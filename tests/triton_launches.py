@@ -17,13 +17,16 @@ at each `kernel[grid](*args, **kwargs)`:
   access that lands inside another argument's storage passes.)
 
 Tensors on the meta device (a pretend GPU: tensors with a device but no memory) are checked and
-recorded but not run. Every launch is recorded in the returned list ((kernel name, args,
-kwargs)). tests/conftest.py checks every interpreted launch of the three Triton backends.
+recorded but not run. Every launch is recorded in the returned list as a `Launch` (kernel
+name, grid, args, kwargs). tests/conftest.py checks every interpreted launch of the three Triton backends.
 """
+import collections
 import threading
 
 import numpy as np
 import torch
+
+Launch = collections.namedtuple("Launch", "name grid args kwargs")
 
 PRECISIONS = ("tf32", "tf32x3", "ieee", "bf16x3", "bf16x6")   # Triton 3.x's CUDA backend
 _extents = threading.local()     # the running launch's (name, starts, ends), sorted by start
@@ -37,7 +40,7 @@ class CheckedKernel:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append((self.name, args, kwargs))
+            self.launches.append(Launch(self.name, grid, args, kwargs))
             tensors = [value for value in (*args, *kwargs.values())
                        if isinstance(value, torch.Tensor)]
             check_launch_rules(self.name, tensors, kwargs)
