@@ -50,11 +50,10 @@ def _tiles(kind, dim, device):
     return block_n, min(block_d, cap), warps
 
 
-def _precision(dtype, device):
-    """fp32 activations keep fp32 accuracy (3xTF32 on GPU); 16-bit ones use their tensor cores."""
-    if dtype != torch.float32:
-        return "tf32"
-    return "ieee" if interpreted(device) else "tf32x3"
+def _precision(dtype):
+    """fp32 activations keep fp32 accuracy (3xTF32 on a GPU; the interpreter computes every dot
+    in fp32 whatever it is told); 16-bit ones use their tensor cores."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _split(dtype):
@@ -118,7 +117,7 @@ def forward_routed(x, down_weight, down_bias, up_weight, up_bias, router_weight,
         x, y, h, down_hi, down_lo, down_bias.contiguous(), up, routing_weights, tokens, dim,
         length, seed, threshold, drop_scale, scale, R=rank, E=experts, R_PAD=r_pad, E_PAD=e_pad,
         BLOCK_N=block_n, BLOCK_D=block_d, DROPOUT=dropout, SINGLE_MODALITY=single_modality,
-        UP_SLOTS=up.shape[0], SPLIT=split, PRECISION=_precision(x.dtype, x.device),
+        UP_SLOTS=up.shape[0], SPLIT=split, PRECISION=_precision(x.dtype),
         num_warps=warps)
     return y, h, routing_weights, saved
 
@@ -168,7 +167,7 @@ def backward_routed(grad_y, grad_routing_weights, x, h, routing_weights, saved, 
     block_n, block_d, warps = _tiles("rows", dim, x.device)
     seed, threshold, drop_scale, dropout = _dropout_args(dropout_p, seed, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
-    precision = _precision(x.dtype, x.device)
+    precision = _precision(x.dtype)
     h = h.contiguous()
 
     grad_hidden = torch.empty(tokens, rank, **f32)
