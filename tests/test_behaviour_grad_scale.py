@@ -7,6 +7,8 @@
 * groups must be a sequence of sequences: an iterator (e.g. model.parameters()) is refused.
 * The norms are fp32 (also with no gradient at all, and under a float64 default dtype); the
   triton backend refuses non-contiguous grads by name, before touching any.
+* Without clipping every backend scales each grad bit for bit as torch's `mul_` does, under
+  any default dtype.
 """
 import re
 
@@ -150,6 +152,24 @@ def test_norms_are_fp32_under_a_float64_default_dtype(backend):
     torch.testing.assert_close(norms, expected)
     for got, want in zip(ours, reference):
         torch.testing.assert_close(got[0].grad, want[0].grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_without_clipping_every_grad_is_exactly_torchs_product_with_its_multiplier(backend, dtype):
+    """Without max_norm a grad becomes exactly `grad.mul_(multiplier)` as torch computes it (the
+    product with the fp32 multiplier, rounded to the grad's dtype), bit for bit, whatever
+    torch's default dtype is: choosing a backend changes no bit of an unclipped run."""
+    generator = torch.Generator().manual_seed(3)
+    made = [torch.randn(300, generator=generator).to(dtype),
+            torch.randn(7, 5, generator=generator).to(dtype)]
+    multipliers = [0.1, 1 / 3]                           # not exact in fp32
+    for default in (torch.float32, torch.float64):
+        groups = [[parameter(grad)] for grad in made]
+        with default_dtype(default):
+            scale_grads_(groups, multipliers, backend=backend)
+        for (param,), grad, multiplier in zip(groups, made, multipliers):
+            assert torch.equal(param.grad, grad.clone().mul_(multiplier)), (default, dtype)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="no triton")

@@ -20,9 +20,11 @@ def scale_grads(per_group, multipliers, max_norm, eps):
             continue
         norm = torch.linalg.vector_norm(torch.stack(norms[start:start + len(group)]))
         start += len(group)
-        if max_norm is None:
-            torch._foreach_mul_(group, float(multiplier))
-        else:
-            torch._foreach_mul_(group, (max_norm / (norm + eps)).clamp(max=1.0) * float(multiplier))
+        # a 0-d tensor, not a Python float: foreach then multiplies 16-bit grads in fp32, as
+        # mul_ does (with a float it rounds the multiplier to the grads' dtype first)
+        factor = norm.new_full((), float(multiplier))
+        if max_norm is not None:
+            factor = factor * (max_norm / (norm + eps)).clamp(max=1.0)
+        torch._foreach_mul_(group, factor)
         group_norms.append(norm)
     return torch.stack(group_norms).float()
