@@ -3,8 +3,9 @@ the ranks as threads of this interpreter (tests/threaded_ranks.py; test_train_mi
 same through torchrun and gloo):
 
 * each rank trains its own share of every global batch (the MLAN sampler of its rank);
-* two ranks probe the same κ̂ (from rank-mean KLs) and end with the same weights; rank 0 returns the run summary, the others None; the
-  checkpoint holds every rank's state;
+* two ranks probe the same κ̂ (from rank-mean KLs) and end with the same weights; rank 0
+  returns the run summary, the others None; the checkpoint holds every rank's state, also when
+  one rank reaches `save` late;
 * the summary's token counts are the sum of every rank's own (exact beyond 2^24 tokens), its
   loss curve the rank mean, and its weight difference the largest between ranks over
   trainable parameters only;
@@ -14,8 +15,8 @@ same through torchrun and gloo):
 * a resumed run gives every rank its own state back (its loss history, from its own file).
 """
 import copy
-import time
 import os
+import time
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ which test_behaviour_trainer.py covers):
 * training runs under bf16 autocast on a GPU and as written on the CPU;
 * each data file's load report (what load_records skipped, and why; what --max-length cut) is
   printed once when there is something to report, and kept for run.json; --max-image-pixels
-  reaches the loader (0 = no limit);
+  reaches the loader (0 = no limit); --image-size reaches every image and the vision tower;
 * the batches are those of the MLAN samplers with the run's --language-share,
   --samples-per-epoch, --batch-size and --seed;
 * train() with no arguments runs every step, evaluates and saves; the progress bar counts on

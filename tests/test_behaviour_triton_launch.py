@@ -25,6 +25,7 @@ import torch
 
 from helpers import (HAS_TRITON, assert_close_to_reference, make_adapter_inputs, oracle,
                      random_grad, run_op)
+from triton_launches import pretend_gpu
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 
@@ -62,10 +63,7 @@ def test_the_multiprocessor_count_is_read_from_the_tensors_own_gpu(monkeypatch):
     (torch.float16, 16, 0.0)])                     # rank 16: 32 slots (15 would fit in 16)
 def test_the_gpu_launch_configuration_computes_what_the_oracle_does(monkeypatch, dtype, rank,
                                                                      dropout_p):
-    import mlan_kernels.backends.triton as backend
-    monkeypatch.setattr(backend, "interpreted", lambda device: False)
-    monkeypatch.setattr(backend, "_sm_count", lambda index: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pretend_gpu(monkeypatch, 2)
     inputs = make_adapter_inputs(3, 45, 300, rank, 3, 1, dtype, "cpu", param_dtype=torch.float32)
     grad_y = random_grad((3, 45, 300), dtype, "cpu")
     hyper = dict(dropout_p=dropout_p, seed=5, groups=1, scale=0.5)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from helpers import HAS_TRITON, make_adapter_inputs
-from triton_launches import CheckedKernel, check_launch_rules, check_launches
+from triton_launches import CheckedKernel, check_launch_rules, check_launches, pretend_gpu
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 META = torch.device("meta")
@@ -35,11 +35,7 @@ META = torch.device("meta")
 def on_a_gpu(monkeypatch):
     """Make the Triton backends believe they run on a GPU with 132 multiprocessors; returns a
     function that checks a backend's launches and returns the list they are recorded in."""
-    from mlan_kernels.backends import grad_scale_triton, kl_triton, triton as mm_adapter_triton
-    for backend in (mm_adapter_triton, kl_triton, grad_scale_triton):
-        monkeypatch.setattr(backend, "interpreted", lambda device: False)
-    monkeypatch.setattr(mm_adapter_triton, "_sm_count", lambda index: 132)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pretend_gpu(monkeypatch, 132)
     return lambda backend: check_launches(monkeypatch, backend)
 
 

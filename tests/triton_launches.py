@@ -127,3 +127,13 @@ def check_launches(monkeypatch, backend, indirect=None) -> list:
         monkeypatch.setattr(backend, name, CheckedKernel(getattr(backend, name), name, launches,
                                                          indirect))
     return launches
+
+
+def pretend_gpu(monkeypatch, multiprocessors):
+    """Make the three Triton backends believe they run on a GPU with `multiprocessors` SMs: they
+    pick its launch configuration (the interpreter still runs CPU tensors)."""
+    from mlan_kernels.backends import grad_scale_triton, kl_triton, triton as mm_adapter_triton
+    for backend in (mm_adapter_triton, kl_triton, grad_scale_triton):
+        monkeypatch.setattr(backend, "interpreted", lambda device: False)
+    monkeypatch.setattr(mm_adapter_triton, "_sm_count", lambda index: multiprocessors)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
