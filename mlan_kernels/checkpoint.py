@@ -19,7 +19,8 @@ from .integrations.clip import patch_clip_vision
 from .integrations.lavin import LavinModel
 from .integrations.llama import patch_llama
 from .integrations.merge import is_merged
-from .integrations.patching import adapters, patch_state, unpatch
+from .integrations.families import unpatch
+from .integrations.patching import adapters, patch_state
 from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
 from .modules import MMAdapter
 from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file

@@ -11,13 +11,18 @@ ordinary child module, so `model.to()`, dtype casts, `state_dict`, gradient chec
 `torch.compile` and PEFT wrapping see it like any other layer, other instances of the class are
 untouched, and `unpatch` puts the very same norm object back (base outputs bit-identical).
 
-Routing token: position 0 of the adapter input (`MMAdapter` routes row b by x[b, 0]). During
+Routing token: each sample's first real token. A forward pre-hook on the module that owns the
+decoder layers reads its 2-D `attention_mask` and records, per sample, the position of the first
+unmasked token (RoutingContext.token_index), so a left-padded sample routes exactly as it does
+alone; without padding that is position 0 (`MMAdapter` routes row b by x[b, 0]). In a
+vision-language model the language side's router reads a modality signal instead (see
+modality.py). During
 KV-cache decoding the input is only the new token, so the routing weights are computed at
 prefill and cached on the `AdaptedNorm`: a forward pre-hook on each decoder layer finds the
 layer's KV cache among its call arguments by type (whatever the release calls the keyword, see
 hf_compat.find_cache) and sets `phase` on its AdaptedNorms:
-    "full"    no cache (training, recompute)      -> router on x[:, 0]
-    "prefill" cache present but empty             -> router on x[:, 0], weights cached
+    "full"    no cache (training, recompute)      -> router on the routing token
+    "prefill" cache present but empty             -> router on the routing token, weights cached
     "decode"  cache already holds this layer's KV -> the cached [B, E] weights
 """
 import contextlib
@@ -29,6 +34,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..modules import MMAdapter
 from .hf_compat import cached_length, find_cache
+from .routing import RoutingContext, install_padding_hook
 
 STATE_ATTRIBUTE = "_mlan_patch_state"
 
@@ -67,6 +73,7 @@ class AdaptedNorm(nn.Module):
         self.record_routing = False
         self.cached_routing_weights = None      # [B, E] fp32, set at prefill / when recording
         self.single_modality = None             # passed to the op; see set_single_modality
+        self.routing_context = None             # RoutingContext shared by the component (routing.py)
 
     def forward(self, hidden_states):
         normed = self.norm(hidden_states)
@@ -84,6 +91,10 @@ class AdaptedNorm(nn.Module):
                     f"for batch {normed.shape[0]}); decode the batch that was prefilled")
         elif self.site.routing == "mean" and normed.shape[1] > 0:   # differentiable [B, E]
             weights = self.adapter.routing_weights(normed.mean(1, keepdim=True))
+        elif self.routing_context is not None:
+            token = self.routing_context.routing_token(self.norm, normed)
+            if token is not None:
+                weights = self.adapter.routing_weights(token)
         if self.phase == "prefill" or self.record_routing:
             with torch.no_grad():
                 self.cached_routing_weights = (self.adapter.routing_weights(normed).detach()
@@ -152,7 +163,7 @@ def _routing_phase_hook(layer, args, kwargs):
             child.phase = phase
 
 
-def _patch_records(model):
+def patch_records(model):
     """{component: (module holding the record, record)} for every patched component in model."""
     records = {}
     for module in model.modules():
@@ -166,14 +177,14 @@ def patch_state(model, component=None):
 
     A record holds "config" (AdapterConfig), "info" (model_class, hidden_size, num_layers),
     "layers", "sites", the routing hooks and the requires_grad flags before patching."""
-    records = {name: record for name, (_, record) in _patch_records(model).items()}
+    records = {name: record for name, (_, record) in patch_records(model).items()}
     if component is not None:
         return records.get(component)
     return records or None
 
 
 def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_base: bool,
-                 cache_aware: bool, info: dict):
+                 cache_aware: bool, info: dict, requires_grad=None):
     """Wrap `site.norm_attribute` of every layer in `layers` with an AdaptedNorm.
 
     layers: the transformer blocks in order (index i -> key f"{component}.layers.{i}.{site}").
@@ -181,7 +192,9 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
     config.compat == "lavin": the adapters round their routing weights through fp16, and a
     "clip" component's adapters route sequence-first (LaVIN's CLIP runs [L, N, D]).
     Idempotent: a component patched with the same config is left as is; a different config
-    raises ValueError (call `unpatch` first).
+    raises ValueError (call `unpatch` first). Each adapter's width is its norm's (info's
+    hidden_size for a norm without a weight). requires_grad: {id(parameter): flag} to restore at
+    unpatch (default: `model`'s flags now).
     """
     existing = patch_state(model, component)
     if existing is not None:
@@ -191,26 +204,45 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
                          f"call unpatch(model) before patching with {config}")
     if not layers:
         raise ValueError(f"found no {component} layers to patch in {type(model).__name__}")
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    hooks = []
+    if requires_grad is None:
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    hooks, context = [], RoutingContext()
+    info = {**info, "hidden_size": _norm_width(getattr(layers[0], sites[0].norm_attribute), info["hidden_size"])}
     for index, layer in enumerate(layers):
         for site in sites:
             norm = getattr(layer, site.norm_attribute)
             reference = next(iter(norm.parameters()), None)
             factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-            dim = info["hidden_size"]
-            adapter = MMAdapter(dim, config, **factory)
+            adapter = MMAdapter(info["hidden_size"], config, **factory)
             key = f"{component}.layers.{index}.{site.name}"
             adapted = AdaptedNorm(norm, adapter, key, site).train(layer.training)  # model.eval() kept
             adapted.sequence_first = config.compat == "lavin" and component == "clip"  # LaVIN's [L, N, D]
+            adapted.routing_context = context
             setattr(layer, site.norm_attribute, adapted)
         if cache_aware:
             hooks.append(layer.register_forward_pre_hook(_routing_phase_hook, with_kwargs=True))
+    if cache_aware:
+        hooks.append(install_padding_hook(layers_owner(model, layers[0]), context))
     model.__dict__.setdefault(STATE_ATTRIBUTE, {})[component] = {
         "config": config, "layers": list(layers), "sites": tuple(sites), "hooks": hooks,
-        "requires_grad": requires_grad, "info": dict(info)}
+        "requires_grad": requires_grad, "info": dict(info), "context": context}
     if freeze_base:
         freeze_all_but_adapters(model)
+    return model
+
+
+def _norm_width(norm, default):
+    weight = getattr(norm, "weight", None)
+    return weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else default
+
+
+def layers_owner(model, layer):
+    """The module of `model` whose forward runs `layer` from a list of layers (e.g. LlamaModel,
+    which holds `layers`); `model` itself when none holds it in a ModuleList."""
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, nn.ModuleList) and any(item is layer for item in child):
+                return module
     return model
 
 
@@ -241,7 +273,7 @@ def freeze_all_but_adapters(model: nn.Module, extra=()):
         module.requires_grad_(True)
 
 
-def _swap_in_norms(record) -> list:
+def swap_in_norms(record) -> list:
     """Put each wrapped norm of a patch record back in its layer -> [(layer, attribute, AdaptedNorm)]."""
     swapped = []
     for layer in record["layers"]:
@@ -267,33 +299,12 @@ def unpatched(model: nn.Module):
     if any(module.__dict__.get("_mlan_merged") for module in model.modules()):
         raise RuntimeError("unpatched(model): adapters are merged into the projections; "
                            "call unmerge_adapters(model) first")
-    swapped = [entry for _, record in _patch_records(model).values() for entry in _swap_in_norms(record)]
+    swapped = [entry for _, record in patch_records(model).values() for entry in swap_in_norms(record)]
     try:
         yield model
     finally:
         for layer, attribute, adapted in swapped:
             setattr(layer, attribute, adapted)
-
-
-def unpatch(model: nn.Module, component=None):
-    """Remove adapters (all components, or one), restoring the original norm modules,
-    merged projection weights (see merge.unmerge_adapters) and requires_grad flags."""
-    from .merge import unmerge_adapters   # merge imports this module
-
-    unmerge_adapters(model)
-    for name, (holder, record) in _patch_records(model).items():
-        if component is not None and name != component:
-            continue
-        for hook in record["hooks"]:
-            hook.remove()
-        _swap_in_norms(record)
-        for parameter in model.parameters():
-            if id(parameter) in record["requires_grad"]:
-                parameter.requires_grad_(record["requires_grad"][id(parameter)])
-        holder.__dict__[STATE_ATTRIBUTE].pop(name)
-        if not holder.__dict__[STATE_ATTRIBUTE]:
-            del holder.__dict__[STATE_ATTRIBUTE]
-    return model
 
 
 class record_routing_weights:
