@@ -34,7 +34,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..modules import MMAdapter
 from .hf_compat import cached_length, find_cache
-from .routing import RoutingContext, install_padding_hook
+from .routing import RoutingContext, install_image_bounds_hook, install_padding_hook, packed_image_routing
 
 STATE_ATTRIBUTE = "_mlan_patch_state"
 
@@ -77,6 +77,8 @@ class AdaptedNorm(nn.Module):
 
     def forward(self, hidden_states):
         normed = self.norm(hidden_states)
+        if normed.dim() == 2 and self.site.routing == "image_mean":
+            return self._forward_packed(normed)
         if normed.dim() != 3:
             raise ValueError(f"{self.key}: adapter input must be [B, L, D], got {list(normed.shape)}")
         if self.sequence_first:
@@ -102,6 +104,14 @@ class AdaptedNorm(nn.Module):
         out = self.adapter(normed, weights=weights, backend=self.backend,
                            single_modality=self.single_modality)
         return out.transpose(0, 1) if self.sequence_first else out
+
+    def _forward_packed(self, normed):
+        """normed [S, D]: every image's patches in one sequence (Qwen2-VL's vision tower)."""
+        tokens, weights = packed_image_routing(self.adapter, normed, self.routing_context.image_bounds)
+        if self.record_routing:
+            self.cached_routing_weights = weights.detach()
+        return self.adapter(tokens, weights=weights, backend=self.backend,
+                            single_modality=self.single_modality)[:, 0]
 
     def extra_repr(self):
         return f"key={self.key!r}, backend={self.backend!r}"
@@ -221,6 +231,8 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
             setattr(layer, site.norm_attribute, adapted)
         if cache_aware:
             hooks.append(layer.register_forward_pre_hook(_routing_phase_hook, with_kwargs=True))
+        if any(site.routing == "image_mean" for site in sites):
+            hooks.append(install_image_bounds_hook(layer, context))
     if cache_aware:
         hooks.append(install_padding_hook(layers_owner(model, layers[0]), context))
     model.__dict__.setdefault(STATE_ATTRIBUTE, {})[component] = {

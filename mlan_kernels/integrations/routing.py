@@ -39,10 +39,12 @@ class RoutingContext:
     modality: [B] long, 0 text / 1 image (set only when `embedding` exists).
     embedding: nn.Embedding(2, D) of the modality signal, or None (token routing).
     has_image: [B] bool set by routing_modality(), which wins over what the inputs say.
+    image_bounds: [n + 1] start offsets of each image in a packed [S, D] vision sequence.
     """
 
     def __init__(self, embedding=None):
         self.embedding = embedding
+        self.image_bounds = None        # [n + 1] cu_seqlens of a packed vision tower (Qwen2-VL)
         self.token_index = None
         self.modality = None
         self.has_image = None
@@ -108,6 +110,32 @@ def install_padding_hook(owner: nn.Module, context: RoutingContext):
                                                    _sequence_length(arguments))
 
     return owner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def install_image_bounds_hook(block: nn.Module, context: RoutingContext):
+    """Pre-hook on a vision block that packs all images into one sequence [S, D] (Qwen2-VL's,
+    called with `cu_seqlens`): records where each image starts in context.image_bounds."""
+    signature = inspect.signature(block.forward)
+
+    def hook(module, args, kwargs):
+        context.image_bounds = _bound_arguments(signature, args, kwargs).get("cu_seqlens")
+
+    return block.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def packed_image_routing(adapter, normed, bounds):
+    """Routing of a packed vision sequence normed [S, D] whose image i spans
+    bounds[i]:bounds[i+1]: image i routes by the mean of its patches -> ([S, 1, D] view of
+    normed, [S, E] weights: each patch carries its image's), so the op routes per image."""
+    if not isinstance(bounds, torch.Tensor) or bounds.dim() != 1 or int(bounds[-1]) != normed.shape[0]:
+        raise RuntimeError(f"packed vision routing needs the cu_seqlens of the {normed.shape[0]} patches "
+                           f"(the vision block's own argument), got {bounds!r}")
+    lengths = bounds.diff().to(normed.device)
+    image_of = torch.repeat_interleave(torch.arange(lengths.shape[0], device=normed.device), lengths)
+    sums = torch.zeros(lengths.shape[0], normed.shape[1], device=normed.device, dtype=torch.float32)
+    means = sums.index_add(0, image_of, normed.float()) / lengths.clamp(min=1)[:, None]
+    weights = adapter.routing_weights(means[:, None].to(normed.dtype))
+    return normed[:, None], weights[image_of]
 
 
 def image_token_ids(config) -> tuple:
