@@ -14,20 +14,21 @@ import os
 
 import torch
 
-from .checkpoint_validation import check_against_model, read_adapter_config, read_adapter_tensors
-from .integrations.clip import patch_clip_vision
-from .integrations.lavin import LavinModel
-from .integrations.llama import patch_llama
-from .integrations.merge import is_merged
+from .checkpoint_validation import (check_against_model, read_adapter_config, read_adapter_tensors,
+                                    read_modules_to_save)
+from .integrations.families import patch as patch_model
 from .integrations.families import unpatch
+from .integrations.lavin import LavinModel
+from .integrations.merge import is_merged
 from .integrations.patching import adapters, patch_state
+from .integrations.vlm import (clear_modules_to_save, modality_embedding, modules_to_save,
+                               resolve_modules_to_save, set_modules_to_save, vision_language_config)
 from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
 from .modules import MMAdapter
 from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-PATCHERS = {"llama": patch_llama, "clip": patch_clip_vision}
 
 
 def _lavin_module(model):
@@ -35,11 +36,17 @@ def _lavin_module(model):
 
 
 def trainable_modules(model):
-    """{name prefix: module} of everything an adapter checkpoint holds."""
+    """{name prefix: module} of everything an adapter checkpoint holds: the adapters, a
+    LavinModel's neck and modality embedding, a vision-language model's modality embedding
+    ("llama.modality_embedding") and the modules_to_save ("modules_to_save.<name>")."""
     modules = dict(adapters(model))
     lavin = _lavin_module(model)
     if lavin is not None:
         modules.update(neck=lavin.neck, modality_embedding=lavin.modality_embedding)
+    embedding = modality_embedding(model)
+    if embedding is not None:
+        modules["llama.modality_embedding"] = embedding
+    modules.update({f"modules_to_save.{name}": module for name, module in modules_to_save(model).items()})
     return modules
 
 
@@ -60,6 +67,9 @@ def adapter_config(model):
     lavin = _lavin_module(model)
     if lavin is not None:
         config["lavin"] = {"neck_hidden": lavin.neck.down.out_features, "clip_every": lavin.clip_every}
+    extras = modules_to_save(model)
+    if extras:
+        config["modules_to_save"] = sorted(extras)
     return config
 
 
@@ -116,18 +126,26 @@ def load_adapters(model, directory, patch=True):
             raise ValueError(f"{config_path}: {name}: checkpoint adapters {config} do not match "
                              f"the model's {current['config']}")
         _check_hidden_size(config_path, name, record, current)
+    extras_missing = not modules_to_save(model)
     patched = []
     try:
         with torch.random.fork_rng():           # fresh adapters are overwritten: keep the RNG
             for name, config in to_patch.items():
-                PATCHERS[name](_component_root(model, name), config)
+                routing = components[name]["modality_routing"] or None
+                if vision_language_config(model) is not None and not routing:
+                    routing = False
+                patch_model(_component_root(model, name), config, component=name, modality_routing=routing)
                 patched.append(name)
                 _check_hidden_size(config_path, name, components[name], patch_state(model, name))
+        if extras_missing:
+            set_modules_to_save(model, resolve_modules_to_save(model, read_modules_to_save(config_path)))
         targets = adapter_state_dict(model)
         check_against_model(weights_path, tensors, targets)
     except BaseException:
         for name in reversed(patched):
             unpatch(model, name)
+        if extras_missing:
+            clear_modules_to_save(model)
         raise
     with torch.no_grad():
         for name, tensor in tensors.items():

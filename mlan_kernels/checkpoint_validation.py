@@ -48,12 +48,24 @@ def read_adapter_config(path) -> dict:
         hidden_size = record["hidden_size"]
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"{where}['hidden_size']: expected a positive int, got {hidden_size!r}")
+        modality_routing = record.get("modality_routing", False)
+        if not isinstance(modality_routing, bool):
+            raise ValueError(f"{where}['modality_routing']: expected true or false, got {modality_routing!r}")
         try:
             config = AdapterConfig.from_dict(record)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
-        components[name] = {"config": config, "hidden_size": hidden_size}
+        components[name] = {"config": config, "hidden_size": hidden_size, "modality_routing": modality_routing}
     return components
+
+
+def read_modules_to_save(path) -> list:
+    """The "modules_to_save" names of a valid adapter_config.json at `path` ([] when absent)."""
+    with open(path, encoding="utf-8") as handle:
+        names = json.load(handle).get("modules_to_save", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"{path}: 'modules_to_save' must be a list of module names, got {names!r:.80}")
+    return names
 
 
 def read_adapter_tensors(path) -> dict:

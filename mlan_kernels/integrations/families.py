@@ -117,18 +117,19 @@ def family_of(model, component=None) -> Family:
     With a component, a type outside the table whose blocks have that component's default
     layout (LLaMA's or CLIP's attributes, e.g. LLaVA's "llava_llama") gets that layout."""
     kind = model_type(model)
-    family = MODEL_TYPES.get(kind) or PART_TYPES.get(kind)
+    table = {**MODEL_TYPES, **PART_TYPES}
+    family = table.get(kind)
     if family is None and component is not None and blocks(model, DEFAULTS[component]):
         family = DEFAULTS[component]
     if family is None:
         raise ValueError(
-            f"model_type {kind!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}. "
+            f"model_type {kind!r} is not supported; supported: {', '.join(sorted(table))}. "
             f"To add one, add a Family row (block attributes + Site per placement) to "
             f"mlan_kernels/integrations/families.py MODEL_TYPES")
     if component is not None and family.component != component:
         side = {"llama": "a language model", "clip": "a vision tower"}[component]
         raise ValueError(f"model_type {kind!r} is not {side}; supported: "
-                         f"{', '.join(sorted(k for k, f in MODEL_TYPES.items() if f.component == component))}")
+                         f"{', '.join(sorted(k for k, f in table.items() if f.component == component))}")
     return family
 
 
@@ -159,6 +160,8 @@ def patch(model, config: AdapterConfig = None, freeze_base=True, component=None,
     if modality_routing not in (None, True, False):
         raise ValueError(f"modality_routing must be True, False or None, got {modality_routing!r}")
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    for _, record in patch_records(model).values():     # flags from before any patching win
+        requires_grad.update(record["requires_grad"])
     extras = resolve_modules_to_save(model, modules_to_save or ())
     parts = vision_language_parts(model)
     if parts is None:

@@ -57,19 +57,23 @@ def _fold(linear: nn.Linear, adapter, weights):
     return new_weight, new_bias
 
 
-def merge_adapters(model: nn.Module, weights):
-    """Fold every (unmerged) adapter of `model` into its consumer linears.
+def merge_adapters(model: nn.Module, weights, component=None):
+    """Fold every (unmerged) adapter of `model` (of one `component`, "llama" | "clip", if
+    given) into its consumer linears.
 
     weights: routing weights — a tensor [E] (or [1, E]) used for every adapter, or a dict
     {adapter key: [E] or [B, E] with equal rows}, e.g. `record_routing_weights(...).weights`
     or LavinModel.modality_routing_weights("image"). A consumer without a bias gets one.
     All or nothing: a missing key, a vector of the wrong length or a consumer that is not
-    nn.Linear raises before any weight changes.
+    nn.Linear raises before any weight changes. A whole vision-language model merges its language
+    side for one modality: merge_adapters(model, modality_routing_weights(model, "image"),
+    component="llama") (its vision adapters route by image content and stay).
     """
     plans = []        # every adapter's weights and consumers are checked before any change
     for module in list(model.modules()):
         for child_name, adapted in list(module.named_children()):
-            if not isinstance(adapted, AdaptedNorm):
+            if not isinstance(adapted, AdaptedNorm) or (
+                    component is not None and adapted.key.split(".")[0] != component):
                 continue
             vector = _weights_for(adapted.key, weights)
             experts = adapted.adapter.router.weight.shape[0]
