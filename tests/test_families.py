@@ -109,6 +109,29 @@ def test_cached_generation_equals_recomputation(model_type):
         torch.testing.assert_close(step_cached, step_full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("model_type", [t for t in FAMILIES if not is_vision(t)])
+def test_a_padded_sample_is_routed_and_answered_as_alone(model_type, padding_side):
+    """The router reads each sample's first real token (from attention_mask), not a pad token."""
+    model = randomize_adapters(patch(build(model_type), placement="block"))
+    short, long = [1, 10, 11, 12], [1, 5, 6, 7, 8, 9]
+    pad = [0] * (len(long) - len(short))
+    ids = torch.tensor([long, pad + short if padding_side == "left" else short + pad])
+    mask = (torch.arange(len(long)) >= len(pad)).long() if padding_side == "left" else \
+        (torch.arange(len(long)) < len(short)).long()
+    mask = torch.stack([torch.ones(len(long), dtype=torch.long), mask])
+    with torch.no_grad():
+        together = model(ids, attention_mask=mask, use_cache=False).logits[1][mask[1].bool()]
+        alone = model(torch.tensor([short]), use_cache=False).logits[0]
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    if padding_side == "left":                 # how HF batches generation
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for beams in (1, 2):
+            batch = model.generate(ids, attention_mask=mask, num_beams=beams, **kwargs)[1, len(long):]
+            single = model.generate(torch.tensor([short]), num_beams=beams, **kwargs)[0, len(short):]
+            assert torch.equal(batch[:len(single)], single), beams
+
+
 @pytest.mark.parametrize("placement", ["attn", "block"])
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_merge_keeps_outputs_and_unmerge_is_bit_exact(model_type, placement):
