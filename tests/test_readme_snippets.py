@@ -6,6 +6,7 @@ describes:
 - llama-7b-hf/: a tiny random LlamaForCausalLM (integrations/tiny.py) saved with
   save_pretrained, with the synthetic task's tokenizer as a PreTrainedTokenizerFast;
 - clip-vit-large-patch14/: a tiny random CLIPVisionModel (28 px images), save_pretrained;
+- llava-1.5-7b-hf/: a tiny random LlavaForConditionalGeneration (image token 127), save_pretrained;
 - data/synthetic/: make_synthetic with 400 train and 40 held-out records.
 A bash line must be one of our commands: a console script of pyproject.toml, `python
 python/<program>.py ...` (resolved against the repository) or `python -m mlan_kernels...`.
@@ -85,7 +86,7 @@ def _exit_status(call):
 def fixture_directory(tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerFast
     from mlan_kernels.data import make_synthetic
-    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
+    from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama, tiny_vision_language_model
     monkeypatch.chdir(tmp_path)
     make_synthetic("data/synthetic", train_size=400, eval_size=40)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file="data/synthetic/tokenizer.json",
@@ -94,6 +95,7 @@ def fixture_directory(tmp_path, monkeypatch):
     tiny_llama(vocab_size=len(tokenizer)).save_pretrained("llama-7b-hf")
     tokenizer.save_pretrained("llama-7b-hf")
     tiny_clip().save_pretrained("clip-vit-large-patch14")
+    tiny_vision_language_model("llava").save_pretrained("llava-1.5-7b-hf")
     state = torch.get_rng_state(), torch.get_num_threads()
     yield tmp_path
     torch.set_rng_state(state[0])

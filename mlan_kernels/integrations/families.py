@@ -228,7 +228,7 @@ def unpatch(model: nn.Module, component=None):
     return model
 
 
-ROUTING_NAMES = {"first": "first real token", "mean": "mean of patches", "image_mean": "mean of each image's patches"}
+ROUTING_NAMES = {"first": "position 0 (CLS)", "mean": "mean of patches", "image_mean": "mean of each image's patches"}
 
 
 def support_table() -> str:
@@ -245,8 +245,9 @@ def support_table() -> str:
         cells = [f"`{site.norm_attribute}` → {', '.join(c.split('.')[-1] for c in site.consumers)}"
                  for site in (family.sites["attn"], family.sites["mlp"])]
         generate = "yes (prefill routing)" if family.cache_aware else "n/a"
-        rows.append(f"| `{kind}` | {side} | {cells[0]} | {cells[1]} | {generate} | one block "
-                    f"(aot_eager) | {ROUTING_NAMES[family.sites['attn'].routing]} |")
+        routing = "first real token" if family.cache_aware else ROUTING_NAMES[family.sites["attn"].routing]
+        compiled = "not tested" if kind in PART_TYPES else "one block (aot_eager)"
+        rows.append(f"| `{kind}` | {side} | {cells[0]} | {cells[1]} | {generate} | {compiled} | {routing} |")
     rows += ["", "| vision-language model_type | language side (default) | vision side (default) "
              "| language routing |", "|---|---|---|---|"]
     for kind, (language, vision) in sorted(VISION_LANGUAGE_TYPES.items()):
