@@ -211,6 +211,8 @@ def patch_layers(model, layers, sites, component, config: AdapterConfig, freeze_
         "requires_grad": requires_grad, "info": dict(info)}
     if freeze_base:
         freeze_all_but_adapters(model)
+    from .export import install_save_guard        # export imports this module
+    install_save_guard(model)                     # save_pretrained raises while adapters are in
     return model
 
 
@@ -293,6 +295,9 @@ def unpatch(model: nn.Module, component=None):
         holder.__dict__[STATE_ATTRIBUTE].pop(name)
         if not holder.__dict__[STATE_ATTRIBUTE]:
             del holder.__dict__[STATE_ATTRIBUTE]
+    if not _patch_records(model):
+        from .export import remove_save_guard
+        remove_save_guard(model)
     return model
 
 
