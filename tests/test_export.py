@@ -3,6 +3,7 @@ process where mlan_kernels cannot be imported (tests/export_reader.py), with the
 outputs (fp32, 1e-5); the model is left as it was; a failing save leaves nothing behind;
 families that cannot declare the merged biases are refused; save_pretrained on a patched model
 raises instead of writing an incomplete checkpoint."""
+import copy
 import json
 import os
 import subprocess
@@ -222,6 +223,7 @@ def test_a_decoder_routes_by_its_bos_token(tmp_path):
     (lambda m, t: mk.export_merged(m, t, "text", bos_token_id="<s>"), "bos_token_id must be an int"),
     (lambda m, t: routing_weights_for(tiny_clip_patched(), "image"), "pixel_values is required"),
     (lambda m, t: mk.export_merged(mk.unpatch(m), t, "text"), "has no MM-Adapters"),
+    (lambda m, t: mk.export_merged(m, t, "audio"), "modality must be 'text' or 'image', got 'audio'"),
 ])
 def test_bad_calls_are_one_line_errors(tmp_path, call, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -259,12 +261,18 @@ def test_save_pretrained_on_a_patched_model_raises_and_works_once_unpatched(tmp_
     mk.merge_adapters(model, torch.tensor([0.5, 0.5]))
     with pytest.raises(RuntimeError, match="export_merged"):
         model.save_pretrained(tmp_path / "merged")                 # biases the config lacks
+    mk.unmerge_adapters(model)
+    copied = copy.deepcopy(model)                                  # the copy's guard guards the copy
+    with pytest.raises(RuntimeError, match="export_merged"):
+        copied.save_pretrained(tmp_path / "copied")
+    with mk.unpatched(copied):
+        copied.save_pretrained(tmp_path / "copied")
     mk.unpatch(model)
     assert "save_pretrained" not in vars(model)
     model.save_pretrained(tmp_path / "unpatched")
     ids = ids_from_bos(model)
     with torch.no_grad():
-        for name in ("base", "unpatched"):
+        for name in ("base", "unpatched", "copied"):
             reloaded = LlamaForCausalLM.from_pretrained(tmp_path / name, attn_implementation="eager")
             assert torch.equal(reloaded(ids).logits, model(ids).logits)
 

@@ -221,6 +221,8 @@ def export_merged(model, out_dir, modality="text", weights=None, *, bos_token_id
     out_dir); an existing out_dir is refused unless overwrite=True. The model is left as it was
     (weights bit-exact, modes, routing caches).
     """
+    if modality not in ("text", "image"):
+        raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
     if is_merged(model):
         raise ValueError("model has merged adapters; call unmerge_adapters(model) before export_merged")
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -271,20 +273,24 @@ def _move_into_place(scratch, out_dir):
 
 # save_pretrained on a patched model: the guard patch_layers installs.
 
-GUARD_ATTRIBUTE = "save_pretrained"
+class SaveGuard:
+    """Stands in for save_pretrained on one patched transformers model (an instance attribute,
+    picklable and deep-copyable): the class's own save_pretrained when no adapter is in the
+    module tree (inside `unpatched`, after `unpatch`), else RuntimeError (stock transformers
+    would drop the adapted norms' weights, or the merged biases, silently)."""
 
+    def __init__(self, module):
+        self.module = module
 
-def _guarded_save_pretrained(module, *args, **kwargs):
-    """save_pretrained of a patched model: the class's own when no adapter is in the module
-    tree (inside `unpatched`, after `unpatch`), else RuntimeError (stock transformers would
-    drop the adapted norms' weights, or the merged biases, silently)."""
-    if any(isinstance(child, AdaptedNorm) for child in module.modules()) or is_merged(module):
-        raise RuntimeError(
-            f"{type(module).__name__}.save_pretrained would write a checkpoint transformers loads "
-            f"incompletely (MM-Adapters in the module tree); use mk.export_merged(model, dir, modality) "
-            f"for a merged model, mk.save_adapters(model, dir) for the adapters, or "
-            f"`with mk.unpatched(model): model.save_pretrained(dir)` for the base")
-    return type(module).save_pretrained(module, *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if any(isinstance(child, AdaptedNorm) for child in module.modules()) or is_merged(module):
+            raise RuntimeError(
+                f"{type(module).__name__}.save_pretrained would write a checkpoint transformers loads "
+                f"incompletely (MM-Adapters in the module tree); use mk.export_merged(model, dir, modality) "
+                f"for a merged model, mk.save_adapters(model, dir) for the adapters, or "
+                f"`with mk.unpatched(model): model.save_pretrained(dir)` for the base")
+        return type(module).save_pretrained(module, *args, **kwargs)
 
 
 def install_save_guard(model):
@@ -293,12 +299,11 @@ def install_save_guard(model):
     for module in model.modules():
         if hasattr(type(module), "save_pretrained") and hasattr(module, "config") \
                 and not hasattr(module, "peft_config"):
-            module.__dict__[GUARD_ATTRIBUTE] = _guarded_save_pretrained.__get__(module)
+            module.__dict__["save_pretrained"] = SaveGuard(module)
 
 
 def remove_save_guard(model):
     """Undo install_save_guard."""
     for module in model.modules():
-        bound = module.__dict__.get(GUARD_ATTRIBUTE)
-        if getattr(bound, "__func__", None) is _guarded_save_pretrained:
-            del module.__dict__[GUARD_ATTRIBUTE]
+        if isinstance(module.__dict__.get("save_pretrained"), SaveGuard):
+            del module.__dict__["save_pretrained"]
