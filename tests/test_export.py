@@ -69,8 +69,10 @@ def export_decoder(kind, placement, directory):
     with mk.unpatched(model):
         base = model(ids).logits
     before = snapshot(model)
-    mk.export_merged(model, directory / "model", "text")
+    record = mk.export_merged(model, directory / "model", "text")
     assert_unchanged(model, before)
+    assert record == json.loads((directory / "model" / "mlan_export.json").read_text())
+    assert record["routing"] == f"BOS token {model.config.bos_token_id}"
     return {"input_ids": ids, "expected": expected}, (expected - base).abs().max().item(), "causal_lm", "model"
 
 
@@ -93,7 +95,10 @@ def export_lavin(modality, directory):
     pixels = torch.randn(1, 3, PIXELS, PIXELS, generator=torch.Generator().manual_seed(3))
     has_image = torch.tensor([modality == "image"])
     expected = lavin(ids, pixels, has_image).logits[:, 1:]     # the modality token is not served
-    mk.export_merged(lavin, directory / "model", modality, pixel_values=pixels)
+    record = mk.export_merged(lavin, directory / "model", modality, pixel_values=pixels)
+    assert record["routing"] == {"text": "modality token",
+                                 "image": "modality token; vision tower: 1 calibration image(s)"}[modality]
+    assert sorted(record["parts"]) == (["clip", "llama"] if modality == "image" else ["llama"])
     with mk.unpatched(lavin):
         base = lavin(ids, pixels, has_image).logits[:, 1:]
     tensors = {"input_ids": ids, "expected": expected} | ({"pixel_values": pixels} if modality == "image" else {})

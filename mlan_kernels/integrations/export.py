@@ -163,10 +163,10 @@ def _plain_model(model, config_updates):
     state = model.state_dict()
     with torch.device("meta"):
         plain = type(model)(config)
-    dtype = next(iter(state.values())).dtype
     for name, parameter in plain.state_dict().items():
-        if name not in state and name.endswith(".bias"):
-            state[name] = torch.zeros(parameter.shape, dtype=dtype, device=model.device)
+        weight = state.get(name[:-len("bias")] + "weight")
+        if name not in state and name.endswith(".bias") and weight is not None:
+            state[name] = torch.zeros(parameter.shape, dtype=weight.dtype, device=weight.device)
     plain.load_state_dict(state, strict=True, assign=True)
     plain.tie_weights()
     return plain.eval()
@@ -233,7 +233,7 @@ def export_merged(model, out_dir, modality="text", weights=None, *, bos_token_id
         else {".": model}
     for part in parts.values():
         _check_exportable(part)
-    source = "explicit" if weights is not None else "routing_weights_for"
+    source = "explicit" if weights is not None else _routing_source(model, lavin, modality, bos_token_id, pixel_values)
     if weights is None:
         weights = routing_weights_for(model, modality, bos_token_id=bos_token_id, pixel_values=pixel_values)
     parent = os.path.dirname(out_dir)
@@ -251,6 +251,16 @@ def export_merged(model, out_dir, modality="text", weights=None, *, bos_token_id
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return record
+
+
+def _routing_source(model, lavin, modality, bos_token_id, pixel_values) -> str:
+    """How routing_weights_for derives the weights, in words (for mlan_export.json)."""
+    images = f"{0 if pixel_values is None else len(pixel_values)} calibration image(s)"
+    if lavin:
+        return "modality token" + (f"; vision tower: {images}" if modality == "image" else "")
+    if family_of(model).component == "clip":
+        return images
+    return f"BOS token {model.config.bos_token_id if bos_token_id is None else bos_token_id}"
 
 
 def _move_into_place(scratch, out_dir):
