@@ -5,7 +5,7 @@ tests/test_export.py). Usage: python export_reader.py CASES.json RESULTS.json
 CASES.json: [{"name", "kind": "causal_lm" | "vision" | "lavin_image", "dir", "tensors"}]; the
 tensors file holds the inputs and the expected outputs the parent process computed with the
 adapted model. RESULTS.json: {"mlan_kernels_importable": bool, name: {"max_error", "loading",
-"config"}}.
+"config", "same_generation" (greedy generate equal to the parent's, where it gave one)}}.
 """
 import importlib.abc
 import json
@@ -64,16 +64,21 @@ def _lavin_image(directory, tensors):
 @torch.no_grad()
 def run(case):
     tensors = load_file(case["tensors"])
+    same_generation = None
     if case["kind"] == "lavin_image":
         output, loading, config = _lavin_image(case["dir"], tensors)
     elif case["kind"] == "causal_lm":
         model, loading = _load(AutoModelForCausalLM, case["dir"])
         output, config = model(tensors["input_ids"]).logits, _config(case["dir"])
+        if "generated" in tensors:
+            generated = model.generate(tensors["input_ids"], max_new_tokens=6, do_sample=False)
+            same_generation = torch.equal(generated, tensors["generated"])
     else:
         model, loading = _load(AutoModel, case["dir"])
         output, config = model(pixel_values=tensors["pixel_values"]).last_hidden_state, _config(case["dir"])
     error = (output - tensors["expected"]).abs().max().item()
-    return {"max_error": error, "loading": loading, "config": config}
+    result = {"max_error": error, "loading": loading, "config": config}
+    return result | ({"same_generation": same_generation} if "generated" in tensors else {})
 
 
 def main(cases_path, results_path):
