@@ -291,3 +291,21 @@ def test_the_llama_of_a_lavin_model_is_guarded_too(tmp_path):
     for part in (lavin.llama, lavin.clip):
         with pytest.raises(RuntimeError, match="save_adapters"):
             part.save_pretrained(tmp_path / "part")
+
+
+@torch.no_grad()
+def test_a_lavin_compat_text_export_serves_lavins_layout_and_its_image_side_is_refused(tmp_path):
+    """compat="lavin": [modality | BOS | "Image: N/A" | text[1:]]; served as input_ids without the
+    modality token. Its CLIP routes each token position apart: no merged tower holds that."""
+    from transformers import LlamaForCausalLM
+    lavin = randomized(mk.build_lavin(tiny_llama(attention_bias=False), tiny_clip(), compat="lavin",
+                                      image_prefix_ids=[7, 8], text_prefix_ids=[7, 8, 9]))
+    ids = torch.tensor([[1, 5, 17, 9, 23]])
+    expected = lavin(ids, has_image=torch.tensor([False])).logits[:, 1:]   # truncated to 5, as LaVIN
+    mk.export_merged(lavin, tmp_path / "text", "text")
+    served = LlamaForCausalLM.from_pretrained(tmp_path / "text" / "llama", attn_implementation="eager")
+    logits = served(torch.tensor([[1, 7, 8, 9, 5, 17, 9, 23]])).logits
+    torch.testing.assert_close(logits[:, :expected.shape[1]], expected, rtol=0, atol=TOLERANCE)
+    with pytest.raises(ValueError, match="route every token position"):
+        mk.export_merged(lavin, tmp_path / "image", "image", pixel_values=torch.randn(1, 3, PIXELS, PIXELS))
+    assert sorted(os.listdir(tmp_path)) == ["text"]

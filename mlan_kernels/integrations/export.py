@@ -195,16 +195,17 @@ def _write_neck(lavin, directory, modality):
     save_file(tensors, os.path.join(directory, NECK_FILE),
               metadata={"clip_every": str(lavin.clip_every), "image_summary": lavin.image_summary})
     with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write(LAVIN_README.format(clip_every=lavin.clip_every, neck=NECK_FILE))
+        summary = {"first": "CLS hidden state", "mean": "mean patch hidden state"}[lavin.image_summary]
+        handle.write(LAVIN_README.format(clip_every=lavin.clip_every, neck=NECK_FILE, summary=summary))
 
 
 LAVIN_README = """# LaVIN export, image modality
 
 llama/ and clip/ are stock transformers checkpoints (adapters merged). The image tokens come from
 two small parts that are not transformers modules, in {neck}:
-  neck.down.weight/bias, neck.up.weight/bias   image_tokens = up(silu(down(cls)))
+  neck.down.weight/bias, neck.up.weight/bias   image_tokens = up(silu(down(summary)))
   modality_token                               not needed: its only effect, the routing, is merged
-cls = CLIP's CLS hidden state after every {clip_every}-th block (hidden_states[{clip_every}], ...).
+summary = the vision tower's {summary} after every {clip_every}-th block (hidden_states[{clip_every}], ...).
 Feed the decoder inputs_embeds = [image tokens | embedded text] (default position ids).
 """
 
