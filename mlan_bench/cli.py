@@ -6,7 +6,10 @@
 Each op row: median and IQR of --iters timed calls after --warmup, GB/s from the op's minimum
 traffic (mlan_bench/traffic.py), % of the y.copy_(x) bandwidth measured on the same case, speed-up
 over the eager reference, peak extra memory, bytes saved for backward, and a check of the
-output against the reference. Writes <out-dir>/<machine>-<dtype>-<date>.json (+ .csv and PNGs
+output against the reference. A row measured with fewer than 10 calls, or whose IQR exceeds 25 %
+of its median, gets a WARNING in the table (and in the JSON/CSV `warning` field) and one stderr
+line per case: compare such timings only after a rerun with more --iters on a quiet machine.
+Writes <out-dir>/<machine>-<dtype>-<date>.json (+ .csv and PNGs
 next to it) unless --json/--csv/--plot say otherwise; <machine> is cpu-<threads>core on CPU
 and the GPU's name on CUDA (e.g. cpu-2core-fp32-2026-11-23.json, h100-bf16-2026-11-23.json).
 """
@@ -139,6 +142,7 @@ def run_e2e(device, dtype, preset, iters, warmup) -> list:
     rows = report.e2e_rows(run_e2e_step(device.type, dtype, preset=preset, iters=iters, warmup=warmup))
     for row in rows:
         row.setdefault("dtype", str(dtype).replace("torch.", ""))
+        row.setdefault("iters", iters)
     return rows
 
 
@@ -188,7 +192,11 @@ def main(argv=None) -> int:
         preset = args.e2e_preset or ("paper" if device.type == "cuda" else "small")
         rows += run_e2e(device, dtype, preset, args.iters, warmup)
     env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for row in rows:
+        row["warning"] = None if "error" in row else (report.trust_warning(row) or None)
     print(report.format_table(rows))
+    for line in report.case_warnings(rows):                 # one line per case, after the table
+        print(f"mlan-bench: {line}", file=sys.stderr)
     command = "mlan-bench " + " ".join(sys.argv[1:] if argv is None else argv)
     for path in write_outputs(args, env, rows, command):
         print(f"wrote {path}")

@@ -74,7 +74,7 @@ def render(path, ops=None, phases=None, label=None) -> str:
     data = load_json(path)
     if data.get("kind") == "balance-study":
         return render_study(data, label or path)
-    titles = [title for title, _ in KEYS] + [title for title, *_ in COLUMNS] + ["check"]
+    titles = list(KEYS) + [title for title, *_ in COLUMNS] + ["check"]
     lines = [header(data["environment"], label or path), "", "| " + " | ".join(titles) + " |",
              "|" + "---|" * len(titles)]
     for row in map(normalize, data["rows"]):
@@ -82,7 +82,7 @@ def render(path, ops=None, phases=None, label=None) -> str:
             continue
         measured = ([f"error: {row['error']}"] + [""] * len(COLUMNS) if "error" in row
                     else cells(row, missing="") + [check_text(row)])
-        lines.append("| " + " | ".join([str(row[key]) for key, _ in KEYS] + measured) + " |")
+        lines.append("| " + " | ".join([str(row[key]) for key in KEYS] + measured) + " |")
     return "\n".join(lines)
 
 

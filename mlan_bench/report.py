@@ -83,7 +83,11 @@ def write_csv(path, rows):
 COLUMNS = (("median ms", "median_ms", 3, 1.0), ("IQR ms", "iqr_ms", 3, 1.0), ("GB/s", "gb_per_s", 1, 1.0),
            ("% copy", "pct_copy", 1, 1.0), ("x eager", "speedup_vs_eager", 2, 1.0),
            ("peak MiB", "peak_memory_bytes", 1, 2.0**20), ("saved MiB", "saved_bytes", 2, 2.0**20))
-KEYS = (("op", 16), ("phase", 8), ("shape", 30), ("impl", 9))
+KEYS = ("op", "phase", "shape", "impl")     # the row's identity, printed whole
+
+# A timing is flagged untrustworthy when its spread is wide or its sample small.
+NOISY_IQR_RATIO = 0.25   # IQR / median above this: calls varied too much to compare medians
+TRUSTED_ITERS = 10       # fewer timed calls than this: quartiles from too few samples
 
 
 def cells(row, missing="-") -> list:
@@ -96,17 +100,44 @@ def check_text(row) -> str:
     return {True: "ok", False: "FAIL", None: ""}[row.get("ok")]
 
 
+def trust_warning(row) -> str:
+    """Why the row's timing should not be trusted, "" when nothing is wrong: fewer than
+    TRUSTED_ITERS timed calls, or an IQR above NOISY_IQR_RATIO of the median."""
+    reasons = []
+    iters, median, iqr = row.get("iters"), row.get("median_ms"), row.get("iqr_ms")
+    if iters is not None and iters < TRUSTED_ITERS:
+        reasons.append(f"{iters} iters < {TRUSTED_ITERS}")
+    if median and iqr is not None and iqr / median > NOISY_IQR_RATIO:
+        reasons.append(f"IQR {iqr / median:.0%} of median > {NOISY_IQR_RATIO:.0%}")
+    return ", ".join(reasons)
+
+
+def case_warnings(rows) -> list:
+    """One line per case (op and shape) with untrustworthy timings: which rows and why."""
+    flagged = {}
+    for row in rows:
+        reason = "error" not in row and trust_warning(row)
+        if reason:
+            flagged.setdefault((row["op"], row["shape"]), []).append(f"{row['impl']} {row['phase']} ({reason})")
+    return [f"WARNING {op} {shape}: timings not to be trusted: {'; '.join(items)}"
+            for (op, shape), items in flagged.items()]
+
+
 def format_table(rows) -> str:
-    """Fixed-width text table of the rows (one line each; errors shown as such)."""
-    header = "".join(f"{title:<{width}}" for title, width in KEYS) + \
-        "".join(f"{title:>11}" for title, *_ in COLUMNS) + "  check"
+    """Fixed-width text table of the rows (one line each; errors shown as such), identity
+    columns as wide as their longest entry, a warning column where a timing is not to be trusted."""
+    widths = [max([len(key)] + [len(str(row[key])) for row in rows]) + 2 for key in KEYS]
+    header = "".join(f"{key:<{width}}" for key, width in zip(KEYS, widths)) + \
+        "".join(f"{title:>11}" for title, *_ in COLUMNS) + "  check  warning"
     lines = [header, "-" * len(header)]
     for row in rows:
-        start = "".join(f"{str(row[key])[:width - 1]:<{width}}" for key, width in KEYS)
+        start = "".join(f"{str(row[key]):<{width}}" for key, width in zip(KEYS, widths))
         if "error" in row:
             lines.append(start + f"  error: {row['error'][:80]}")
             continue
-        lines.append(start + "".join(f"{cell:>11}" for cell in cells(row)) + f"  {check_text(row)}")
+        warning = trust_warning(row)
+        lines.append((start + "".join(f"{cell:>11}" for cell in cells(row)) + f"  {check_text(row):<5}"
+                      + (f"  WARNING {warning}" if warning else "")).rstrip())
     return "\n".join(lines)
 
 

@@ -119,7 +119,12 @@ def test_cli_tiny_grid_writes_json_csv_and_plots(tmp_path, capsys):
     assert (tmp_path / "cpu.csv").exists()
     assert {path.name for path in (tmp_path / "png").iterdir()} == {
         "cpu-mm_adapter.png", "cpu-kl_div.png", "cpu-speedup.png"}
-    assert "mm_adapter" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "mm_adapter" in captured.out
+    warned = [line for line in captured.err.splitlines() if line.startswith("mlan-bench: WARNING")]
+    cases = {(row["op"], row["shape"]) for row in data["rows"]}
+    assert len(warned) == len(cases) and all("2 iters < 10" in line for line in warned)   # --iters 2
+    assert all(row["warning"].startswith("2 iters < 10") for row in data["rows"])
 
 
 def test_cli_e2e_step_rows(tmp_path, monkeypatch, capsys):
@@ -184,3 +189,37 @@ def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys, options, expecte
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("mlan-bench: error: ") and expected.format(**paths) in lines[0]
+
+
+@pytest.mark.parametrize("iters, median, iqr, expected", [
+    (20, 1.0, 0.25, ""),                                          # at the threshold: trusted
+    (10, 1.0, 0.26, "IQR 26% of median > 25%"),
+    (9, 1.0, 0.1, "9 iters < 10"),
+    (3, 1.8, 5.8 - 1.8, "3 iters < 10, IQR 222% of median > 25%"),
+    (None, 2.0, 0.1, ""),                                         # rows without a count: spread only
+])
+def test_trust_warning_names_too_few_iterations_and_a_wide_spread(iters, median, iqr, expected):
+    row = dict(median_ms=median, iqr_ms=iqr) | ({} if iters is None else {"iters": iters})
+    assert report.trust_warning(row) == expected
+
+
+def test_case_warnings_are_one_line_per_case():
+    rows = [dict(op="kl_div", shape="N=8 V=32", impl=impl, phase=phase, median_ms=1.0, iqr_ms=iqr, iters=20)
+            for impl, phase, iqr in (("chunked", "fwd", 0.5), ("chunked", "bwd", 0.9), ("unfused", "fwd", 0.1))]
+    rows.append(dict(op="kl_div", shape="N=16 V=32", impl="chunked", phase="fwd", median_ms=1.0, iqr_ms=0.1,
+                     iters=20))
+    rows.append(dict(op="kl_div", shape="N=32 V=32", impl="chunked", phase="fwd", error="RuntimeError: x"))
+    assert report.case_warnings(rows) == [
+        "WARNING kl_div N=8 V=32: timings not to be trusted: chunked fwd (IQR 50% of median > 25%); "
+        "chunked bwd (IQR 90% of median > 25%)"]
+
+
+def test_the_text_table_never_cuts_a_name():
+    long_impl, long_shape = "triton_split_k_with_a_very_long_name", "N=16384 D=4096 g=2 single, routed per sample"
+    rows = _rows()[:2] + [dict(_rows()[1], impl=long_impl, shape=long_shape, iqr_ms=1.0, iters=3)]
+    lines = report.format_table(rows).splitlines()
+    assert long_impl in lines[4] and long_shape in lines[4]
+    assert lines[4].endswith("ok     WARNING 3 iters < 10, IQR 80% of median > 25%")
+    assert "WARNING" not in lines[3]                               # iters absent, IQR 16%
+    median_end = len(lines[0].split("median ms")[0]) + len("median ms")
+    assert all(line[median_end - 5:median_end] == "1.250" for line in lines[3:])   # columns aligned

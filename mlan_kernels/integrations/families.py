@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from .merge import unmerge_adapters
+from .save_guard import install_save_guard, remove_save_guard
 from .patching import STATE_ATTRIBUTE, Site, freeze_all_but_adapters, model_config, patch_layers, patch_records, swap_in_norms
 from .vlm import (attach_modality_routing, clear_modules_to_save, detach_modality_routing, modality_embedding,
                   resolve_modules_to_save, set_modules_to_save, vision_language_config, vision_language_parts)
@@ -190,6 +191,7 @@ def patch(model, config: AdapterConfig = None, freeze_base=True, component=None,
     set_modules_to_save(model, extras)
     if freeze_base:
         freeze_all_but_adapters(model, extra=[*extras.values(), *filter(None, [modality_embedding(model)])])
+    install_save_guard(model)         # save_pretrained raises while adapters are in
     return model
 
 
@@ -225,6 +227,7 @@ def unpatch(model: nn.Module, component=None):
             del holder.__dict__[STATE_ATTRIBUTE]
     if not patch_records(model):
         clear_modules_to_save(model)
+        remove_save_guard(model)
     return model
 
 
