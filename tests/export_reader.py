@@ -73,6 +73,14 @@ def run(case):
         if "generated" in tensors:
             generated = model.generate(tensors["input_ids"], max_new_tokens=6, do_sample=False)
             same_generation = torch.equal(generated, tensors["generated"])
+    elif case["kind"] == "vision_language":
+        from transformers import AutoModelForImageTextToText
+        model, loading = _load(AutoModelForImageTextToText, case["dir"])
+        inputs = {key: tensors[key] for key in ("input_ids", "attention_mask", "pixel_values") if key in tensors}
+        output = model(**inputs).logits[tensors["attention_mask"].bool()]
+        with open(os.path.join(case["dir"], "config.json")) as handle:
+            text_config = json.load(handle)["text_config"]
+        config = {key: text_config.get(key) for key in ("model_type", "attention_bias", "mlp_bias")}
     else:
         model, loading = _load(AutoModel, case["dir"])
         output, config = model(pixel_values=tensors["pixel_values"]).last_hidden_state, _config(case["dir"])

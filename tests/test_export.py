@@ -108,7 +108,30 @@ def export_lavin(modality, directory):
     return tensors, (expected - base).abs().max().item(), kind, served
 
 
+def export_vision_language(modality, directory):
+    """A whole LLaVA (both sides patched, modality routing) merged for one modality; the served
+    batch holds one sample of that modality (an image sample with its placeholders and pixels)."""
+    from mlan_kernels.integrations.tiny import tiny_image, tiny_vision_language_inputs, tiny_vision_language_model
+    llava = tiny_vision_language_model("llava")
+    base_inputs = None
+    mk.patch(llava, placement="attn")
+    randomized(llava)
+    image = tiny_image("llava", torch.Generator().manual_seed(5))
+    sample = ([5, 6, 7], image if modality == "image" else None)
+    inputs = tiny_vision_language_inputs("llava", [sample])
+    with torch.no_grad():
+        expected = llava(**inputs).logits[inputs["attention_mask"].bool()]
+        with mk.unpatched(llava):
+            base_inputs = llava(**inputs).logits[inputs["attention_mask"].bool()]
+    record = mk.export_merged(llava, directory / "model", modality, pixel_values=image[None])
+    assert record["routing"] == "modality embedding; vision tower: 1 calibration image(s)"
+    tensors = {**inputs, "expected": expected}
+    return tensors, (expected - base_inputs).abs().max().item(), "vision_language", "model"
+
+
 CASES = {
+    "llava-text": lambda d: export_vision_language("text", d),
+    "llava-image": lambda d: export_vision_language("image", d),
     "llama-attn": lambda d: export_decoder("llama", "attn", d),
     "llama-block": lambda d: export_decoder("llama", "block", d),
     "qwen2-attn": lambda d: export_decoder("qwen2", "attn", d),
@@ -121,11 +144,11 @@ CASES = {
     "lavin-text": lambda d: export_lavin("text", d),
     "lavin-image": lambda d: export_lavin("image", d),
 }
-SERVED_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+SERVED_CLASSES = {"llava": "LlavaForConditionalGeneration", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                   "clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "lavin-text": "LlamaForCausalLM",
                   "lavin-image": "LlamaForCausalLM + CLIPVisionModel"}
-EXPECTED_CONFIG = {"llama-attn": (True, False), "llama-block": (True, True), "qwen3-attn": (True, None),
+EXPECTED_CONFIG = {"llava-text": (True, False), "llava-image": (True, False), "llama-attn": (True, False), "llama-block": (True, True), "qwen3-attn": (True, None),
                    "gemma-attn": (True, None), "lavin-text": (True, True), "lavin-image": (True, True)}
 
 
@@ -166,7 +189,7 @@ def test_stock_transformers_reads_the_export_with_the_adapted_outputs(read_back,
     assert result["loading"]["class"] == SERVED_CLASSES.get(name, SERVED_CLASSES.get(name.split("-")[0]))
     assert adapter_effect[name] > 100 * TOLERANCE                      # the adapters change the outputs
     assert result["max_error"] <= TOLERANCE, result
-    decoder_case = not name.startswith(("clip", "siglip", "lavin"))
+    decoder_case = not name.startswith(("clip", "siglip", "lavin", "llava"))
     assert result.get("same_generation") is (True if decoder_case else None)   # greedy generate, KV cache
     if name in EXPECTED_CONFIG:
         assert (result["config"]["attention_bias"], result["config"]["mlp_bias"]) == EXPECTED_CONFIG[name]

@@ -41,10 +41,13 @@ import torch
 from .families import family_of
 from .merge import is_merged, merge_adapters, unmerge_adapters
 from .patching import AdaptedNorm, adapted_norms, patch_state, record_routing_weights
+from .vlm import (MODALITY_ATTRIBUTE, modality_embedding, modality_routing_weights, vision_language_config,
+                  vision_language_parts)
 
 # model_type -> {site name: the config switch that gives the consumers a bias, or ALWAYS when
 # they have one anyway}; a site not listed cannot hold the merged bias.
 ALWAYS = None
+_UNSET = object()
 BIAS_SWITCHES = {
     "llama": {"attn": "attention_bias", "mlp": "mlp_bias"},
     "qwen2": {"attn": ALWAYS},
@@ -114,6 +117,8 @@ def routing_weights_for(model, modality, *, bos_token_id=None, pixel_values=None
             if modality == "image":
                 weights.update(_vision_routing_weights(model.clip, pixel_values))
             return weights
+        if vision_language_config(model) is not None:
+            return _vision_language_routing_weights(model, modality, pixel_values)
         component = family_of(model).component
         if component == "clip":
             _check_modality(modality, ("image",), f"a vision tower ({type(model).__name__})")
@@ -130,6 +135,32 @@ def routing_weights_for(model, modality, *, bos_token_id=None, pixel_values=None
         return {key: value[0] for key, value in recorder.weights.items()}
 
 
+def _vision_language_routing_weights(model, modality, pixel_values):
+    """A whole vision-language model: the language adapters by the modality embedding (what every
+    sample of that modality routes with), the vision adapters on calibration images."""
+    if modality_embedding(model) is None:
+        raise ValueError(f"{type(model).__name__}: its language adapters route without the modality "
+                         f"signal (patched with modality_routing=False); pass weights=")
+    weights = {key: value[0] for key, value in modality_routing_weights(model, modality).items()}
+    if any(key.startswith("clip.") for key in adapted_keys(model)):
+        weights.update(_vision_routing_weights(vision_language_parts(model)["clip"], pixel_values))
+    return weights
+
+
+def adapted_keys(model):
+    return [norm.key for norm in adapted_norms(model)]
+
+
+def _bias_switches(model):
+    """[(config to update, {site: switch}, component)] of `model`: its own config, or a
+    vision-language model's text_config ("llama" adapters) and vision_config ("clip")."""
+    config = vision_language_config(model)
+    if config is None:
+        return [(model.config, BIAS_SWITCHES.get(model.config.model_type, {}), None)]
+    return [(config.text_config, BIAS_SWITCHES.get(config.text_config.model_type, {}), "llama"),
+            (config.vision_config, BIAS_SWITCHES.get(config.vision_config.model_type, {}), "clip")]
+
+
 def _check_exportable(model):
     """ValueError unless `model` is a patched HF model whose family can declare the merged biases;
     returns (model_type, {config switch: True}) for the written config."""
@@ -137,19 +168,21 @@ def _check_exportable(model):
         raise TypeError(f"model must be a transformers PreTrainedModel (merge a PEFT model with "
                         f"merge_and_unload first), got {type(model).__name__}")
     kind = model.config.model_type
-    records = [record for record in (patch_state(model) or {}).values()]
-    if not records:
+    state = patch_state(model) or {}
+    if not state:
         raise ValueError(f"{type(model).__name__} has no MM-Adapters; save it with save_pretrained")
-    family_of(model)                                        # a supported model type
-    switches = BIAS_SWITCHES.get(kind, {})
-    config_updates = {}
-    for site in (site for record in records for site in record["sites"]):
-        if site.name not in switches:
-            raise ValueError(f"model_type {kind!r} cannot be exported merged: the merge adds a bias to "
-                             f"{', '.join(site.consumers)} ({site.name!r} adapters) and transformers' {kind} "
-                             f"declares no bias there")
-        if switches[site.name] is not ALWAYS:
-            config_updates[switches[site.name]] = True
+    if vision_language_config(model) is None:
+        family_of(model)                                    # a supported model type
+    config_updates = []                                     # [(config, switch)]
+    for config, switches, component in _bias_switches(model):
+        sites = [site for name, record in state.items() if component in (None, name) for site in record["sites"]]
+        for site in sites:
+            if site.name not in switches:
+                raise ValueError(f"model_type {config.model_type!r} cannot be exported merged: the merge adds a "
+                                 f"bias to {', '.join(site.consumers)} ({site.name!r} adapters) and "
+                                 f"transformers' {config.model_type} declares no bias there")
+            if switches[site.name] is not ALWAYS:
+                config_updates.append((config, switches[site.name]))
     return kind, config_updates
 
 
@@ -157,10 +190,18 @@ def _plain_model(model, config_updates):
     """A stock instance of type(model) for the updated config holding the merged weights
     (shared, not copied): built on the meta device, then loaded strictly with assign=True; the
     biases the new switches add beyond the merged ones (o_proj, down_proj) are zeros."""
-    config = copy.deepcopy(model.config)
-    for name, value in config_updates.items():
-        setattr(config, name, value)
-    state = model.state_dict()
+    originals = [(config, name, config.__dict__.get(name, _UNSET)) for config, name in config_updates]
+    try:
+        for config, name in config_updates:
+            setattr(config, name, True)
+        config = copy.deepcopy(model.config)
+    finally:
+        for sub_config, name, value in originals:
+            if value is _UNSET:
+                delattr(sub_config, name)
+            else:
+                setattr(sub_config, name, value)
+    state = {name: value for name, value in model.state_dict().items() if MODALITY_ATTRIBUTE not in name}
     with torch.device("meta"):
         plain = type(model)(config)
     for name, parameter in plain.state_dict().items():
@@ -183,7 +224,7 @@ def _write_merged(model, directory, weights):
         _plain_model(model, config_updates).save_pretrained(directory)
     finally:
         unmerge_adapters(model)
-    return {"model_type": kind, "config": config_updates}
+    return {"model_type": kind, "config": {f"{config.model_type}.{name}": True for config, name in config_updates}}
 
 
 def _write_neck(lavin, directory, modality):
@@ -259,6 +300,8 @@ def _routing_source(model, lavin, modality, bos_token_id, pixel_values) -> str:
     images = f"{0 if pixel_values is None else len(pixel_values)} calibration image(s)"
     if lavin:
         return "modality token" + (f"; vision tower: {images}" if modality == "image" else "")
+    if vision_language_config(model) is not None:
+        return f"modality embedding; vision tower: {images}"
     if family_of(model).component == "clip":
         return images
     return f"BOS token {model.config.bos_token_id if bos_token_id is None else bos_token_id}"
