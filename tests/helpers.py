@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mlan_kernels import dispatch, mm_adapter
+from mlan_kernels.integrations import adapters
 from mlan_kernels.reference import mm_adapter_reference
 from mlan_kernels.testing import (TEMPERATURE, TOLERANCES, assert_close_to_reference,
                                   assert_verbose_allclose, assert_within_pytorch_error,
@@ -20,7 +21,7 @@ from mlan_kernels.testing import (TEMPERATURE, TOLERANCES, assert_close_to_refer
 __all__ = ["BACKENDS", "HAS_KL_CPU", "HAS_TRITON", "TEMPERATURE", "TOLERANCES",
            "assert_close_to_reference", "assert_verbose_allclose", "assert_within_pytorch_error",
            "compiled_backend_built", "default_dtype", "explicit_weights", "grads_of", "make_adapter_inputs", "oracle",
-           "random_grad", "reference_error", "run_op", "spy_on_backends"]
+           "random_grad", "randomize_adapters", "reference_error", "run_op", "spy_on_backends"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -110,3 +111,14 @@ def spy_on_backends(monkeypatch, op, names):
                 return original(*args, **kwargs)
             monkeypatch.setattr(module, function, spy)
     return calls
+
+
+def randomize_adapters(model, std=0.3, router_std=3.0):
+    """Non-zero up-projections and a strong router (routing far from uniform), seeded."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in adapters(model).values():
+            for parameter in (adapter.up.weight, adapter.up.bias):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator) * router_std)
+    return model

@@ -11,18 +11,7 @@ from mlan_kernels.integrations.extras import preferred_attn_implementation
 from mlan_kernels.integrations.hf_compat import enable_gradient_checkpointing
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 
-from helpers import HAS_TRITON
-
-
-def randomize_adapters(model, std=0.3, router_std=3.0):
-    """Non-zero up-projections and a strong router (routing far from uniform), seeded."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for adapter in adapters(model).values():
-            for parameter in (adapter.up.weight, adapter.up.bias):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator) * router_std)
-    return model
+from helpers import HAS_TRITON, randomize_adapters  # noqa: F401  (re-exported to the other test modules)
 
 
 def token_ids(batch=2, length=7, seed=0):

@@ -17,6 +17,8 @@ from mlan_kernels.integrations.tiny import (TINY_VISION_LANGUAGE, tiny_image, ti
                                             tiny_vision_language_inputs, tiny_vision_language_model)
 from mlan_kernels.integrations.vlm import modality_embedding, vision_language_parts
 
+from helpers import randomize_adapters
+
 TYPES = sorted(VISION_LANGUAGE_TYPES)
 # Padding and batching change nothing but float summation order: the bound asked of a user's
 # left-padded batch against each sample alone (fp32 logits).
@@ -32,17 +34,6 @@ def build(model_type, seed=0):
         pytest.skip(f"transformers {transformers.__version__} lacks {model_type!r}: {str(error)[:80]}")
 
 
-def randomize(model, std=0.3, router_std=3.0):
-    """Non-zero up-projections and strong routers, seeded."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for adapter in adapters(model).values():
-            for parameter in (adapter.up.weight, adapter.up.bias):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator) * router_std)
-    return model
-
-
 def samples(model_type):
     image = tiny_image(model_type, torch.Generator().manual_seed(0))
     return (IMAGE_TEXT, image), (PLAIN_TEXT, None)
@@ -56,7 +47,7 @@ def logits(model, inputs):
 def patched(model_type):
     model = build(model_type)
     mk.patch(model)
-    return randomize(model)
+    return randomize_adapters(model)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -69,7 +60,7 @@ def test_whole_model_patch_adapts_both_sides_and_a_mixed_batch_trains_only_adapt
     keys = sorted(adapters(model))
     assert keys == ["clip.layers.0.attn", "clip.layers.1.attn", "llama.layers.0.attn", "llama.layers.1.attn"]
     assert torch.equal(logits(model, batch), base)          # zero up-projections: identity at init
-    randomize(model)
+    randomize_adapters(model)
     model.train()
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
@@ -192,7 +183,7 @@ def test_unpatch_restores_the_base_bit_exactly_with_its_own_trainable_flags(mode
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     mk.patch(model, component="clip")
     mk.patch(model, component="llama")
-    randomize(model)
+    randomize_adapters(model)
     mk.unpatch(model)
     assert [name for name, _ in model.named_parameters()] == names
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
