@@ -99,11 +99,16 @@ def test_a_padded_mixed_batch_equals_each_sample_alone(model_type, padding_side)
     model = patched(model_type)
     image_sample, text_sample = samples(model_type)
     batch = tiny_vision_language_inputs(model_type, [image_sample, text_sample], padding_side)
-    together = logits(model, batch)
+    with record_routing_weights(model) as routed_together:
+        together = logits(model, batch)
     for row, sample in enumerate((image_sample, text_sample)):
-        alone = logits(model, tiny_vision_language_inputs(model_type, [sample]))[0]
+        with record_routing_weights(model) as routed_alone:
+            alone = logits(model, tiny_vision_language_inputs(model_type, [sample]))[0]
         real = batch["attention_mask"][row].bool()
         torch.testing.assert_close(together[row][real], alone, rtol=0, atol=PADDING_ATOL)
+        for key, weights in routed_alone.weights.items():
+            if key.startswith("llama."):                 # the vision tower sees only the image rows
+                torch.testing.assert_close(routed_together.weights[key][row], weights[0], rtol=0, atol=1e-6)
 
 
 GENERATE_SETTINGS = {"greedy": dict(do_sample=False), "beam": dict(do_sample=False, num_beams=2),
