@@ -15,13 +15,13 @@ import os
 import torch
 
 from .checkpoint_validation import check_against_model, read_adapter_config, read_adapter_tensors
-from .integrations.clip import patch_clip_vision
-from .integrations.lavin import LavinModel
-from .integrations.llama import patch_llama
-from .integrations.merge import is_merged
-from .integrations.patching import adapters, patch_state, unpatch
+from .clip import patch_clip_vision
+from .lavin import LavinModel
+from .llama import patch_llama
+from .merge import is_merged
+from .patching import adapters, patch_state, unpatch
 from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
-from .modules import MMAdapter
+from ..modules import MMAdapter
 from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"

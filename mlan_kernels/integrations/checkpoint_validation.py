@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .config import LEGACY_NAMES, AdapterConfig
+from ..config import LEGACY_NAMES, AdapterConfig
 
 COMPONENTS = ("llama", "clip")
 # Fields every saved record has (compat came later: a record without it means None).

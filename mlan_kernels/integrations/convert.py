@@ -20,8 +20,8 @@ import sys
 import torch
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from .help_format import DefaultsHelpFormatter
-from .config import AdapterConfig
+from ..help_format import DefaultsHelpFormatter
+from ..config import AdapterConfig
 from .lavin_format import (OUR_SITE, lavin_adapter_tensors, lavin_arguments, lavin_model_dict,
                            lavin_to_ours, ours_to_lavin, read_lavin_file)
 

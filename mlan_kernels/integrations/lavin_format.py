@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from .modules import LAVIN_KEYS, MMAdapter
+from ..modules import LAVIN_KEYS, MMAdapter
 
 LAVIN_SAFE_GLOBALS = (argparse.Namespace,)
 DDP_PREFIX = "module."

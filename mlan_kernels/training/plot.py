@@ -1,6 +1,6 @@
 """Plots of training logs.
 
-    python -m mlan_kernels.plot balance run.jsonl [-o run.png]
+    python -m mlan_kernels.training.plot balance run.jsonl [-o run.png]
 
 `balance`: BalanceMonitor's JSONL rows (step, kl_feat, kl_lang, kappa, kappa_ema, and when
 logged m_feat, m_lang, grad_norm_feat, grad_norm_lang, loss) -> one PNG with three panels:
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .help_format import DefaultsHelpFormatter
+from ..help_format import DefaultsHelpFormatter
 
 
 def read_jsonl(path) -> list:
@@ -72,7 +72,7 @@ def plot_balance(rows: list, output) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlan_kernels.plot",
+    parser = argparse.ArgumentParser(prog="python -m mlan_kernels.training.plot",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
