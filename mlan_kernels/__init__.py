@@ -1,19 +1,43 @@
-"""mlan-kernels: fused MM-Adapter (LaVIN) kernels and mixed-modality training utilities."""
-from . import dispatch, training
-from .checkpoint import load_adapters, load_lavin_adapters, save_adapters
+"""mlan-kernels: fused MM-Adapter (LaVIN) kernels and mixed-modality training utilities.
+
+`import mlan_kernels` loads the kernel core only (torch alone): the op, `MMAdapter`, the config,
+the dispatcher, KL and grad scaling. The HuggingFace/LaVIN names (`patch`, `build_lavin`,
+`save_adapters`, ...; the `hf` extra) and `training` (the `train` extra) load on first use.
+"""
+import importlib
+
+from . import dispatch
 from .config import AdapterConfig
-from .integrations import (merge_adapters, patch, patch_clip_vision, patch_llama,
-                           record_routing_weights, set_backend, unmerge_adapters, unpatch,
-                           unpatched)
-from .integrations.lavin import LavinModel, build_lavin
 from .modules import MMAdapter
 from .ops import fused_linear_kl, kl_div_logits, mm_adapter, scale_grads_
-from .summary import count_trainable_parameters, summary
 
 __version__ = "0.1.0"
-__all__ = ["MMAdapter", "mm_adapter", "dispatch", "AdapterConfig", "patch",
-           "patch_llama", "patch_clip_vision",
-           "unpatch", "unpatched", "merge_adapters", "unmerge_adapters", "record_routing_weights", "set_backend",
-           "LavinModel", "build_lavin", "save_adapters", "load_adapters", "load_lavin_adapters",
-           "summary", "count_trainable_parameters", "training", "kl_div_logits", "fused_linear_kl",
-           "scale_grads_", "__version__"]
+
+# name -> module that defines it, imported on first access (module itself when the name is it).
+_LAZY = {
+    **{name: "mlan_kernels.integrations" for name in (
+        "patch", "patch_llama", "patch_clip_vision", "unpatch", "unpatched", "merge_adapters",
+        "unmerge_adapters", "record_routing_weights", "set_backend")},
+    "LavinModel": "mlan_kernels.integrations.lavin", "build_lavin": "mlan_kernels.integrations.lavin",
+    **{name: "mlan_kernels.integrations.checkpoint" for name in (
+        "save_adapters", "load_adapters", "load_lavin_adapters")},
+    "summary": "mlan_kernels.integrations.summary",
+    "count_trainable_parameters": "mlan_kernels.integrations.summary",
+    **{name: f"mlan_kernels.{name}" for name in ("integrations", "training", "data")},
+}
+
+__all__ = ["MMAdapter", "mm_adapter", "dispatch", "AdapterConfig", "kl_div_logits", "fused_linear_kl",
+           "scale_grads_", "__version__", *(name for name in _LAZY if name not in ("integrations", "data"))]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mlan_kernels' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"mlan_kernels.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
