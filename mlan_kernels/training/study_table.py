@@ -34,5 +34,6 @@ def render_study(data: dict, label=None) -> str:
             f"{mean_std_text(g['image_accuracy'], 100)} | "
             + " | ".join(mean_std_text(g["by_task"].get(t), 100, ".0f") for t in tasks)
             + f" | {mean_std_text(g['text_accuracy'], 100)} | {mean_std_text(g['image_tokens'], 1, '.0f')} | "
-            f"{mean_std_text(g['text_tokens'], 1, '.0f')} | {mean_std_text(g['wall_seconds'], 1, '.0f')} | {mean_std_text(g['probe_overhead'], 100, '.0f')} | {kappa} |")
+            f"{mean_std_text(g['text_tokens'], 1, '.0f')} | {mean_std_text(g['wall_seconds'], 1, '.0f')} | "
+            f"{mean_std_text(g['probe_overhead'], 100, '.0f')} | {kappa} |")
     return "\n".join(lines)
