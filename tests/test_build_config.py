@@ -189,13 +189,11 @@ def test_a_found_toolkit_becomes_torchs_cuda_home(tmp_path, monkeypatch):
     assert cpp_extension.CUDA_HOME == os.environ["CUDA_HOME"] == str(real)
 
 
+# torch absent: None in sys.modules makes `import torch` fail and find_spec("torch") find
+# nothing, as when it is not installed (setuptools plugins probe with find_spec).
 WITHOUT_TORCH = r"""
-import importlib.abc, sys
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-sys.meta_path.insert(0, NoTorch())
+import sys
+sys.modules["torch"] = None
 from setuptools import build_meta
 sdist_folder, wheel_folder = sys.argv[1:3]           # build_meta rewrites sys.argv
 print(build_meta.get_requires_for_build_sdist())
