@@ -10,6 +10,7 @@ from . import dispatch
 from .config import AdapterConfig
 from .modules import MMAdapter
 from .ops import fused_linear_kl, kl_div_logits, mm_adapter, scale_grads_
+from .requirements import missing_modules
 
 __version__ = "0.1.0"
 
@@ -26,8 +27,13 @@ _LAZY = {
     **{name: f"mlan_kernels.{name}" for name in ("integrations", "training", "data")},
 }
 
+# `from mlan_kernels import *` takes the lazy names only where their layer can import.
 __all__ = ["MMAdapter", "mm_adapter", "dispatch", "AdapterConfig", "kl_div_logits", "fused_linear_kl",
-           "scale_grads_", "__version__", *(name for name in _LAZY if name not in ("integrations", "data"))]
+           "scale_grads_", "__version__"]
+if not missing_modules("hf"):
+    __all__ += [name for name in _LAZY if name not in ("integrations", "data", "training")]
+if not missing_modules("train"):
+    __all__ += ["training"]
 
 
 def __getattr__(name):

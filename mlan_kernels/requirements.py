@@ -23,11 +23,16 @@ def _installed(module: str) -> bool:
         return False
 
 
-def require_extra(extra: str, layer: str) -> None:
-    """ImportError naming `extra` and the pip command when a module it provides is missing."""
+def missing_modules(extra: str) -> list:
+    """The modules of `extra` (a key of EXTRA_MODULES) that are not installed, in order."""
     if extra not in EXTRA_MODULES:
         raise ValueError(f"extra: expected one of {sorted(EXTRA_MODULES)}, got {extra!r}")
-    missing = [module for module in EXTRA_MODULES[extra] if not _installed(module)]
+    return [module for module in EXTRA_MODULES[extra] if not _installed(module)]
+
+
+def require_extra(extra: str, layer: str) -> None:
+    """ImportError naming `extra` and the pip command when a module it provides is missing."""
+    missing = missing_modules(extra)
     if missing:
         raise ImportError(f"{layer} needs the '{extra}' extra (missing: {', '.join(missing)}): "
                           f"pip install 'mlan-kernels[{extra}]'", name=missing[0])

@@ -45,6 +45,9 @@ try:
     mk.patch_llama
 except ImportError as error:
     print("mk.patch_llama ->", error)
+namespace = {}
+exec("from mlan_kernels import *", namespace)
+assert {"MMAdapter", "mm_adapter", "AdapterConfig"} <= set(namespace) and "patch" not in namespace
 """
 
 
@@ -72,6 +75,14 @@ def test_require_extra_names_only_what_is_missing(monkeypatch):
     require_extra("hf", "x")                         # all there: no error
     with pytest.raises(ValueError, match="extra: expected one of"):
         require_extra("bench", "x")
+
+
+def test_star_import_takes_every_name_where_the_extras_are_installed():
+    import mlan_kernels
+    namespace = {}
+    exec("from mlan_kernels import *", namespace)
+    assert {"MMAdapter", "patch", "build_lavin", "save_adapters", "summary", "training"} <= set(namespace)
+    assert namespace["save_adapters"] is mlan_kernels.integrations.checkpoint.save_adapters
 
 
 def test_the_extras_of_pyproject_provide_what_the_layers_ask_for():
