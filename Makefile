@@ -26,19 +26,24 @@ venv: $(VENV)/.installed
 
 # torch first (the pinned CPU/CUDA build already on the machine), then the build tools that
 # `--no-build-isolation` needs, then the package itself, every version from $(CONSTRAINTS);
-# the stamp keeps repeated runs fast. $(call install_into,VENV_DIR,PIP_FLAGS) does the same
-# for the other venvs (PIP_FLAGS: which versions). torch is installed first and then held at
+# the stamp keeps repeated runs fast. $(call install_into,VENV_DIR,PIP_FLAGS,TORCH_FLAGS) does
+# the same for the other venvs (PIP_FLAGS: which versions; TORCH_FLAGS: those for torch and its
+# own dependencies, none for test-latest: the lock's triton is not the one a newer CUDA torch
+# pins). torch is installed first and then held at
 # that exact build (torch-pin.txt): an --upgrade would swap the machine's CPU wheel for another.
+# The pin is the installed distribution's version (importlib.metadata), not torch.__version__:
+# the CUDA wheel of torch 2.14.1 says 2.14.1+cu130 there, a version pip cannot find.
+# The suite needs every layer, so the package goes in with the `all` extra.
 define install_into
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
-	$(1)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(1)/torch-pin.txt
+	$(1)/bin/python -m pip install -q $(3) "$(TORCH_SPEC)"
+	$(1)/bin/python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > $(1)/torch-pin.txt
 	$(1)/bin/python -m pip install -q -c $(1)/torch-pin.txt $(2) setuptools wheel pybind11 ninja
-	$(1)/bin/python -m pip install -q -c $(1)/torch-pin.txt $(2) --no-build-isolation -e ".[test,bench,peft]"
+	$(1)/bin/python -m pip install -q -c $(1)/torch-pin.txt $(2) --no-build-isolation -e ".[all]"
 endef
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(EXTENSION_SOURCES)
-	$(call install_into,$(VENV),-c $(CONSTRAINTS))
+	$(call install_into,$(VENV),-c $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 # The main job, LaVIN's recipe: synthetic data (generated once into data/synthetic), a tiny
@@ -82,7 +87,7 @@ test-latest:
 # The floor: the transformers/peft versions pyproject.toml declares as the oldest supported,
 # in .venv-oldest, running the tests that touch them ($(HF_TESTS)).
 test-oldest:
-	$(call install_into,.venv-oldest,-c $(CONSTRAINTS_OLDEST))
+	$(call install_into,.venv-oldest,-c $(CONSTRAINTS_OLDEST),-c $(CONSTRAINTS))
 	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|peft|accelerate|tokenizers) '
 	$(MAKE) --no-print-directory run-tests TEST_PYTHON=.venv-oldest/bin/python TEST_PATHS="$(HF_TESTS)"
 
@@ -119,7 +124,8 @@ cuda-check:
 	done; \
 	echo "cuda-check: compiled $$(echo "$$sources" | wc -l) file(s)"
 
-# CMake build of the CPU kernels against the venv's torch, and their C++ test via ctest.
+# CMake build of the CPU kernels against the venv's torch, and their C++ test via ctest. With a
+# CUDA build of torch, CMakeLists.txt finds the CUDA toolkit as setup.py does (cmake/cuda_toolkit.py).
 cpp-test: venv
 	cmake -S . -B build/cmake -DMLAN_PYTHON=$(abspath $(VENV_PYTHON))
 	cmake --build build/cmake --parallel

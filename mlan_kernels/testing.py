@@ -9,6 +9,7 @@ that the tests, the benchmark harness (`mlan_bench`), the demo
 
 It imports no oracle (`mlan_kernels.reference` is test-only): callers pass the reference values.
 """
+import platform
 import statistics
 import time
 from typing import Optional
@@ -188,3 +189,15 @@ def summarize_times(times_ms) -> dict:
     quartiles = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
     return {"median_ms": statistics.median(times_ms), "q1_ms": quartiles[0], "q3_ms": quartiles[2],
             "iqr_ms": quartiles[2] - quartiles[0], "min_ms": min(times_ms), "iters": len(times_ms)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

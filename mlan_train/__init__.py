@@ -6,3 +6,6 @@ Layout: config.py (TrainConfig, flags) · preflight.py (checks before step 0) ·
 the pretrained tiny base) · model.py (build, CoMMIT sides) · trainer.py (steps, probes) ·
 batches.py / evaluate.py / throughput.py · state.py / swap.py (checkpoints) · report.py · cli.py.
 """
+from mlan_kernels.requirements import require_extra
+
+require_extra("train", __name__)

@@ -65,7 +65,7 @@ def write_run(summary: dict, out_dir, plots=True) -> list:
     if plots:
         written.append(plot_loss(summary, os.path.join(out_dir, "loss.png")))
         if summary["kappa"]:
-            from mlan_kernels.plot import plot_balance
+            from mlan_kernels.training.plot import plot_balance
             written.append(str(plot_balance(summary["kappa"], os.path.join(out_dir, "balance.png"))))
     return written
 

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from mlan_kernels.checkpoint import save_adapters
+from mlan_kernels.integrations.checkpoint import save_adapters
 from .swap import find_checkpoint, mark_complete, recover, staging_path, swap_in
 
 STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetensors", "rank{rank}.pt"

@@ -214,7 +214,7 @@ def summarize(runs) -> list:
 def environment() -> dict:
     """CPU, versions, date, OMP threads and the 1/5/15-min load average when the study started
     (other work on the machine)."""
-    from mlan_bench.report import cpu_model
+    from mlan_kernels.testing import cpu_model
     return {"device": cpu_model(), "cpus": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "python": platform.python_version(),
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         with open(own.from_json, encoding="utf-8") as handle:
             data = json.load(handle)
         plot(data, own.png or os.path.splitext(own.from_json)[0] + ".png")
-        from mlan_bench.render import render_study, study_header
+        from mlan_kernels.training.study_table import render_study, study_header
         print(study_header(data, own.from_json) + "\n\n" + render_study(data))
         return 0
     command = "python python/study_balance.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -275,6 +275,6 @@ def main(argv=None) -> int:
         json.dump(data, handle, indent=1)
         handle.write("\n")
     plot(data, own.png or os.path.splitext(path)[0] + ".png")
-    from mlan_bench.render import render_study, study_header
+    from mlan_kernels.training.study_table import render_study, study_header
     print(study_header(data, path) + "\n\n" + render_study(data))
     return 0

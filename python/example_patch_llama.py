@@ -9,12 +9,12 @@ import tempfile
 
 import torch
 
-from mlan_kernels.checkpoint import load_adapters, save_adapters
+from mlan_kernels.integrations.checkpoint import load_adapters, save_adapters
 from mlan_kernels.help_format import DefaultsHelpFormatter
 from mlan_kernels.integrations import (merge_adapters, patch_llama, record_routing_weights,
                                        unmerge_adapters)
 from mlan_kernels.integrations.tiny import tiny_llama
-from mlan_kernels.summary import summary
+from mlan_kernels.integrations.summary import summary
 
 
 def main(argv=None):

@@ -110,13 +110,13 @@ TESTS = {
         "tests/test_behaviour_lavin_assembly.py", "tests/test_lavin_compat.py",
         "tests/test_sampling.py", "tests/test_families.py::test_lavin_assembly_on_any_pair",
         "-k", "not torch_compile"],
-    "mlan_kernels/checkpoint.py": ["tests/test_behaviour_checkpoint.py",
-                                   "tests/test_integration_checkpoint.py",
-                                   "tests/test_lavin_checkpoint.py",
-                                   "tests/test_behaviour_lavin.py"],
+    "mlan_kernels/integrations/checkpoint.py": ["tests/test_behaviour_checkpoint.py",
+                                               "tests/test_integration_checkpoint.py",
+                                               "tests/test_lavin_checkpoint.py",
+                                               "tests/test_behaviour_lavin.py"],
     # The file checks alone: test_integration_checkpoint.py reaches them through load_adapters
     # on tiny models (seconds a mutant) and asserts fewer of the messages.
-    "mlan_kernels/checkpoint_validation.py": ["tests/test_behaviour_checkpoint_validation.py"],
+    "mlan_kernels/integrations/checkpoint_validation.py": ["tests/test_behaviour_checkpoint_validation.py"],
     "mlan_kernels/data/llava_grouping.py": ["tests/test_data_sampler_llava.py",
                                             "tests/test_behaviour_sampler.py"],
     "mlan_kernels/data/sampler.py": ["tests/test_data_sampler_batches.py",

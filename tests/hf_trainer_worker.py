@@ -7,7 +7,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from mlan_kernels.checkpoint import adapter_state_dict
+from mlan_kernels.integrations.checkpoint import adapter_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlan_kernels import AdapterConfig, MMAdapter
-from mlan_kernels.checkpoint import CONFIG_NAME, load_adapters, save_adapters
+from mlan_kernels.integrations.checkpoint import CONFIG_NAME, load_adapters, save_adapters
 from mlan_kernels.integrations import patch_clip_vision, patch_llama, patch_state
 from mlan_kernels.integrations.lavin import build_lavin
 from mlan_kernels.integrations.patching import adapted_norms

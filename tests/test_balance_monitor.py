@@ -9,7 +9,7 @@ from torch import nn
 from mlan_kernels.integrations.lavin import build_lavin
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 from mlan_kernels.ops.kl_div import kl_div_logits
-from mlan_kernels.plot import main as plot_main
+from mlan_kernels.training.plot import main as plot_main
 from mlan_kernels.training import BalanceMonitor, balance_groups
 
 

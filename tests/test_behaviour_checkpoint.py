@@ -1,4 +1,4 @@
-"""What users rely on in adapter checkpoints (mlan_kernels/checkpoint.py).
+"""What users rely on in adapter checkpoints (mlan_kernels/integrations/checkpoint.py).
 
 * save_adapters writes a PyTorch safetensors file (metadata format "pt", what Hugging Face's
   loaders check) and a config that describes the model, the LaVIN assembly included.
@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from mlan_kernels.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict,
+from mlan_kernels.integrations.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict,
                                      load_adapters, load_lavin_adapters, save_adapters)
 from mlan_kernels.config import AdapterConfig
 from mlan_kernels.integrations import merge_adapters, patch_llama, unpatch

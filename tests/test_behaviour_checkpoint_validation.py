@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlan_kernels.checkpoint_validation import (check_against_model, read_adapter_config,
+from mlan_kernels.integrations.checkpoint_validation import (check_against_model, read_adapter_config,
                                                 read_adapter_tensors)
 from mlan_kernels.config import AdapterConfig
 

@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 
-from mlan_kernels.checkpoint import adapter_state_dict, load_lavin_adapters
+from mlan_kernels.integrations.checkpoint import adapter_state_dict, load_lavin_adapters
 from mlan_kernels.config import AdapterConfig
 from mlan_kernels.integrations import adapters, patch_clip_vision, patch_llama
 from mlan_kernels.integrations.clip import clip_encoder_layers

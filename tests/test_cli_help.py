@@ -22,7 +22,7 @@ PROGRAMS = sorted(name for name in os.listdir(os.path.join(ROOT, "python")) if n
 with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
     SCRIPTS = tomllib.load(handle)["project"]["scripts"]
 SUBCOMMANDS = {"mlan-convert": ["lavin-to-hf", "hf-to-lavin"]}
-MODULES = [("mlan_kernels.plot", ["balance"]), ("mlan_bench.render", [])]
+MODULES = [("mlan_kernels.training.plot", ["balance"]), ("mlan_bench.render", [])]
 
 
 def entries(help_text: str) -> list[tuple[str, str]]:

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from mlan_kernels.checkpoint import adapter_state_dict, load_adapters, load_lavin_adapters, save_adapters
-from mlan_kernels.convert import main
+from mlan_kernels.integrations.checkpoint import adapter_state_dict, load_adapters, load_lavin_adapters, save_adapters
+from mlan_kernels.integrations.convert import main
 from mlan_kernels.integrations.lavin import build_lavin
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama
 
@@ -105,11 +105,11 @@ def test_existing_output_and_bad_payloads_are_refused(tmp_path, capsys):
 
 
 def test_help_shows_every_default():
-    out = subprocess.run([sys.executable, "-m", "mlan_kernels.convert", "lavin-to-hf", "--help"],
+    out = subprocess.run([sys.executable, "-m", "mlan_kernels.integrations.convert", "lavin-to-hf", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for option in ("--temperature", "--scale", "--dropout", "--trust-pickle", "--overwrite"):
         assert option in out
     assert out.count("(default:") >= 5
-    out = subprocess.run([sys.executable, "-m", "mlan_kernels.convert", "hf-to-lavin", "--help"],
+    out = subprocess.run([sys.executable, "-m", "mlan_kernels.integrations.convert", "hf-to-lavin", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--ddp-prefix" in out and out.count("(default:") >= 2

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("accelerate")
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
-from mlan_kernels.checkpoint import WEIGHTS_NAME, adapter_state_dict, load_adapters  # noqa: E402
+from mlan_kernels.integrations.checkpoint import WEIGHTS_NAME, adapter_state_dict, load_adapters  # noqa: E402
 from mlan_kernels.data import InstructionDataset, WordTokenizer, load_records, make_synthetic  # noqa: E402
 from mlan_kernels.integrations.lavin import build_lavin  # noqa: E402
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from mlan_kernels.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict,
+from mlan_kernels.integrations.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict,
                                      load_adapters, load_lavin_adapters, save_adapters)
 from mlan_kernels.integrations import adapters, patch_llama
 from mlan_kernels.integrations.lavin import build_lavin

@@ -7,7 +7,7 @@ import torch
 from mlan_kernels.integrations import AdaptedNorm
 from mlan_kernels.integrations.lavin import IGNORE_INDEX, build_lavin, lavin_attention_mask
 from mlan_kernels.integrations.tiny import lavin_7b_on_meta, tiny_clip, tiny_llama
-from mlan_kernels.summary import count_trainable_parameters, parameter_breakdown, summary
+from mlan_kernels.integrations.summary import count_trainable_parameters, parameter_breakdown, summary
 
 from test_integration_llama import randomize_adapters, token_ids
 

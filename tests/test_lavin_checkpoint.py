@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mlan_kernels.checkpoint import load_lavin_adapters
+from mlan_kernels.integrations.checkpoint import load_lavin_adapters
 from mlan_kernels.integrations import adapters
 
 from lavin_reference import LavinTrainables, save_lavin_checkpoint

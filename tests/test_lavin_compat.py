@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from mlan_kernels.checkpoint import load_lavin_adapters
+from mlan_kernels.integrations.checkpoint import load_lavin_adapters
 from mlan_kernels.integrations import adapters, record_routing_weights
 from mlan_kernels.integrations.lavin import build_lavin
 from mlan_kernels.integrations.tiny import tiny_clip, tiny_llama

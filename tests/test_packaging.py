@@ -25,8 +25,9 @@ def test_sdist_holds_every_compiled_source_header_and_build_file(tmp_path):
     sdist = tmp_path / built.stdout.split()[-1]
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    needed = git_files("csrc", "docs") + ["CMakeLists.txt", "setup.py", "pyproject.toml",
-                                          "LICENSE", "README.md", "MANIFEST.in"]
+    needed = git_files("csrc", "docs", "cmake", "python", "tests", "benchmarks") + [
+        "CMakeLists.txt", "setup.py", "pyproject.toml", "LICENSE", "README.md", "MANIFEST.in", "Makefile",
+        "constraints.txt", "constraints-oldest.txt"]
     missing = sorted(set(needed) - names)
     assert not missing, f"the sdist lacks {missing}"
     assert not [name for name in names if name.endswith((".so", ".o"))]

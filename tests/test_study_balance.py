@@ -4,7 +4,8 @@ its JSON renders as the README's study table (mlan_bench.render)."""
 import json
 import os
 
-from mlan_bench.render import BLOCK, render_blocks, render_study
+from mlan_bench.render import BLOCK, render_blocks
+from mlan_kernels.training.study_table import render_study
 from mlan_kernels.data.synthetic import make_synthetic
 from mlan_train.study import main
 

@@ -1,7 +1,11 @@
 """Data layer for MLAN mixtures: LLaVA-style records, a word tokenizer, tokenized samples with
 assistant-only labels, mixture and modality/length-grouped batch samplers, collation with token
-accounting, and a synthetic task generator. Layering: imports nothing else from mlan_kernels.
+accounting, and a synthetic task generator. Layering: imports nothing else from mlan_kernels (but the `train` extra check).
 """
+from ..requirements import require_extra
+
+require_extra("train", __name__)
+
 from .collate import TokenCounter, collate
 from .dataset import IGNORE_INDEX, PROMPT_TEMPLATE, InstructionDataset, split_by_modality
 from .records import LoadReport, Record, load_records

@@ -2,6 +2,10 @@
 
 Layering: this package imports `mlan_kernels.config` / `modules` / `ops` / `functional`, never the reverse.
 """
+from ..requirements import require_extra
+
+require_extra("hf", __name__)
+
 from ..config import AdapterConfig
 from .clip import patch_clip_vision
 from .families import MODEL_TYPES, VISION_LANGUAGE_TYPES, patch, unpatch

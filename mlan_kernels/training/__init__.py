@@ -4,6 +4,10 @@ Everything CoMMIT-specific here is OUR INTERPRETATION of the paper (no public co
 docs/commit_balance.md and the README section "CoMMIT balance (our interpretation)".
 Layering: imports ops / integrations, never the reverse.
 """
+from ..requirements import require_extra
+
+require_extra("train", __name__)
+
 from .auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
 from .balance import FEATURE, LANGUAGE, BalanceMonitor, balance_groups
 from .scheduler import (BalanceScheduler, CosineWithWarmup, balance_multipliers,

@@ -185,7 +185,7 @@ class BalanceCallback(TrainerCallback):
         if not (self.plot and state.is_world_process_zero and self.monitor and self.monitor.records):
             return
         try:
-            from ..plot import plot_balance
+            from .plot import plot_balance
             plot_balance(self.monitor.records, os.path.join(args.output_dir, "balance.png"))
         except ImportError as error:                  # matplotlib is the `bench` extra
             warnings.warn(f"balance plot skipped: {error}", stacklevel=2)

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from ..checkpoint import WEIGHTS_NAME, adapter_state_dict, load_adapters, save_adapters
+from ..integrations.checkpoint import WEIGHTS_NAME, adapter_state_dict, load_adapters, save_adapters
 from ..data.collate import collate
 from ..data.dataset import split_by_modality
 from ..data.sampler import MixtureSampler, ModalityLengthBatchSampler
