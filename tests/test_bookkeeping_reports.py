@@ -81,3 +81,22 @@ def test_benchmark_rows_derive_bandwidth_copy_share_and_speedup_from_the_medians
     assert rows["ours", "fwd+bwd"]["gb_per_s"] == pytest.approx(1.5)              # 12 MB in 8 ms
     assert rows["eager", "fwd"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert "speedup_vs_eager" not in copy                          # no eager copy to compare with
+
+
+def test_e2e_rows_derive_throughput_speedup_and_parameter_counts(monkeypatch):
+    """Steps timed at 10 (fused), 20 (eager) and 5 ms (no adapters) on the "tiny" preset
+    (2 LLaMA layers, D = 128, batch 2 × 64 tokens), LaVIN's adapter (r = 8, 2 experts, 2 groups)
+    before each attention."""
+    from mlan_bench import e2e_step
+    medians = {"fused": 10.0, "eager_adapters": 20.0, "no_adapters": 5.0}
+    monkeypatch.setattr(e2e_step, "measure", lambda step, device, warmup, iters: {
+        "median_ms": medians[step.variant], "iqr_ms": 1.0})
+    rows = {row["variant"]: row for row in e2e_step.run_e2e_step("cpu", torch.float32, "tiny", iters=1,
+                                                                  warmup=0)}
+    for variant, median_ms in medians.items():
+        assert rows[variant]["median_s"] == median_ms / 1e3 and rows[variant]["iqr_s"] == 1e-3
+        assert rows[variant]["tokens_per_s"] == pytest.approx(2 * 64 / (median_ms / 1e3))
+        assert rows[variant]["speedup_vs_eager"] == pytest.approx(20.0 / median_ms)
+    dim, rank, experts, groups = 128, 8, 2, 2
+    adapter = (rank * dim + rank) + (experts * dim * rank // groups + experts * dim) + (experts * dim + experts)
+    assert rows["fused"]["trainable_params"] == rows["eager_adapters"]["trainable_params"] == 2 * adapter
