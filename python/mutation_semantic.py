@@ -100,7 +100,8 @@ def run_tests(tree: Path, tests, timeout: float) -> tuple:
 def check_imports_from(tree: Path):
     """RuntimeError unless the packages import from `tree` (not an installed copy)."""
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
-    code = "import mlan_kernels, mlan_train, mlan_bench; print(mlan_kernels.__file__, mlan_train.__file__, mlan_bench.__file__)"
+    code = ("import mlan_kernels, mlan_train, mlan_bench; "
+            "print(mlan_kernels.__file__, mlan_train.__file__, mlan_bench.__file__)")
     paths = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True,
                            text=True, check=True).stdout.split()
     if not all(Path(path).resolve().is_relative_to(tree.resolve()) for path in paths):

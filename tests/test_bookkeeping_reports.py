@@ -37,7 +37,7 @@ def test_run_summary_reports_hand_counted_padding_throughput_and_parameters():
               "samples_image": 2}
     summary = run_summary(trainer, {"tokens": tokens, "loss": [1.0, 0.5, 0.25],
                                     "rank_weight_max_diff": 0.0})
-    assert summary["data"]["padding_ratio"] == 100 / (100 + 300)        # padding / text positions
+    assert summary["data"]["padding_ratio"] == 100 / (100 + 300)        # padding / all text positions
     assert summary["data"]["epoch_padding_ratio"] == 0.125
     assert summary["data"]["train_samples"] == 7 and summary["data"]["eval_samples"] == 3
     assert summary["data"]["image_errors"] == 2
