@@ -100,3 +100,13 @@ def test_e2e_rows_derive_throughput_speedup_and_parameter_counts(monkeypatch):
     dim, rank, experts, groups = 128, 8, 2, 2
     adapter = (rank * dim + rank) + (experts * dim * rank // groups + experts * dim) + (experts * dim + experts)
     assert rows["fused"]["trainable_params"] == rows["eager_adapters"]["trainable_params"] == 2 * adapter
+
+
+def test_run_peak_memory_on_cpu_is_in_bytes_and_sees_a_large_tensor():
+    """run.json's CPU peak (the process's peak RSS) after touching a 64 MiB tensor: at least
+    64 MiB, counted in bytes (getrusage reports KiB)."""
+    from mlan_train.report import peak_memory
+    tensor = torch.ones(16, 1024, 1024)
+    assert float(tensor.sum()) == 16 * 1024 * 1024
+    peak = peak_memory(torch.device("cpu"))
+    assert peak["kind"] == "process peak RSS (CPU)" and peak["bytes"] >= 64 * 2**20
