@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlan_kernels.help_format import DefaultsHelpFormatter
+
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = ROOT / "tests" / "semantic_mutants.json"
 RESULTS = ROOT / "build" / "mutation-semantic.json"
@@ -138,15 +140,20 @@ def run_mutants(mutants, tree: Path, timeout: float, baseline: bool = False) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mutants", default=str(MUTANTS), help="the mutant list (JSON)")
-    parser.add_argument("--only", nargs="+", metavar="ID", help="run only these mutant ids")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--mutants", default=str(MUTANTS.relative_to(ROOT)),
+                        help="the mutant list (JSON; relative to the repository)")
+    parser.add_argument("--only", nargs="+", metavar="ID",
+                        help="run only these mutant ids (default: all)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's tests")
     parser.add_argument("--baseline", action="store_true",
                         help="run every mutant's tests on the unmutated tree (all must pass)")
-    parser.add_argument("--json", default=str(RESULTS), help="where to write the results")
+    parser.add_argument("--json", default=str(RESULTS.relative_to(ROOT)),
+                        help="where to write the results (relative to the repository)")
     args = parser.parse_args(argv)
-    mutants = load_mutants(Path(args.mutants))
+    mutants = load_mutants(ROOT / args.mutants)
+    results_path = ROOT / args.json
     if args.only:
         unknown = set(args.only) - {m["id"] for m in mutants}
         if unknown:
@@ -164,8 +171,8 @@ def main(argv=None) -> int:
               for name in ("killed", "timeout", "survived", "no-tests")}
     scored = counts["killed"] + counts["timeout"] + counts["survived"]
     score = (counts["killed"] + counts["timeout"]) / scored if scored else 0.0
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as handle:
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_path, "w", encoding="utf-8") as handle:
         json.dump({"baseline": args.baseline, "counts": counts, "score": score,
                    "seconds": round(total), "results": results}, handle, indent=1)
     if args.baseline:
