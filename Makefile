@@ -20,7 +20,7 @@ SOURCE_LIST := csrc/sources.txt
 EXTENSION_SOURCES := $(SOURCE_LIST) $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
 .PHONY: venv demo demo-op test run-tests test-latest test-oldest lock sdist-check cuda-check cpp-test bench \
-	clean distclean mutation
+	clean distclean mutation mutation-semantic
 
 venv: $(VENV)/.installed
 
@@ -148,6 +148,13 @@ mutation: venv
 	@test -n "$(MODULE)" || { echo "make mutation: pass MODULE=mlan_kernels/<path>.py (or all)" >&2; exit 2; }
 	@$(VENV_PYTHON) -c "import mutmut" 2>/dev/null || $(VENV_PYTHON) -m pip install -q "mutmut>=3.8,<4"
 	$(VENV_PYTHON) python/mutation.py $(MODULE)
+
+# Semantic mutants (not part of `make test`): the hand-written plausible bugs of
+# tests/semantic_mutants.json, each applied in a scratch copy of the tree and its listed tests
+# run (pytest -x -q); prints killed/survived and the score (docs/testing.md). Some of them:
+# `python/mutation_semantic.py --only ID ...`; `--baseline` runs the selections unmutated.
+mutation-semantic: venv
+	$(VENV_PYTHON) python/mutation_semantic.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks
