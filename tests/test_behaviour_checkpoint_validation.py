@@ -41,9 +41,16 @@ def test_a_good_config_reads_back_its_components(tmp_path):
     components = {"llama": dict(RECORD), "clip": dict(legacy, hidden_size=48, placement="block")}
     path = config_file(tmp_path, {"components": components, "mlan_kernels_version": "0.1"})
     settings = {key: value for key, value in RECORD.items() if key != "hidden_size"}
-    assert read_adapter_config(path) == {
-        "llama": {"config": AdapterConfig(**settings), "hidden_size": 32},
-        "clip": {"config": AdapterConfig(**dict(settings, placement="block")), "hidden_size": 48}}
+    assert read_adapter_config(path) == {     # a file without modality_routing: written without it
+        "llama": {"config": AdapterConfig(**settings), "hidden_size": 32, "modality_routing": False},
+        "clip": {"config": AdapterConfig(**dict(settings, placement="block")), "hidden_size": 48,
+                 "modality_routing": False}}
+
+
+def test_modality_routing_must_be_a_bool(tmp_path):
+    record = dict(RECORD, modality_routing="yes")
+    assert config_error(tmp_path, {"components": {"llama": record}}) == \
+        "components['llama']['modality_routing']: expected true or false, got 'yes'"
 
 
 def test_a_missing_or_unreadable_config_file(tmp_path):
