@@ -30,7 +30,7 @@ from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
 from .config import MAX_TRUNCATED_SHARE, max_length, options_dict
 from .model import build_model, param_groups, side_parameters, trains_base
-from .state import load_checkpoint, save_checkpoint
+from .state import data_fingerprint, load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
 
 
@@ -72,6 +72,7 @@ class MixedTrainer:
         self.load_reports = {}
         self.train_set = self._dataset("train.jsonl")
         self.eval_set = self._dataset("eval.jsonl")
+        self.data_fingerprint = data_fingerprint(config.data)       # a resume compares it
         text, image = split_by_modality(self.train_set)
         mixture = MixtureSampler(text, image, config.language_share,
                                  num_samples=config.samples_per_epoch, seed=config.seed)
