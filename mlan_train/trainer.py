@@ -30,6 +30,7 @@ from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
 from .config import MAX_TRUNCATED_SHARE, max_length, options_dict
 from .model import build_model, param_groups, side_parameters, trains_base
+from .signals import StopSignals, TrainingStopped
 from .state import data_fingerprint, load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
 
@@ -310,7 +311,33 @@ class MixedTrainer:
                    desc=f"share {config.language_share:g}", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        while self.step < end:
+        first, stop = self.step, StopSignals(self.world_size, self.device)
+        with stop:
+            self._run_steps(end, batch_iter, counter, bar, stop)
+        bar.close()
+        if stop.received is not None:
+            self.save()
+            raise TrainingStopped(stop.received, self.step, os.path.join(config.out, "checkpoint"))
+        self._refuse_all_skipped(first)
+        if self.step >= config.steps and self._final_eval_missing():
+            self._record_eval()
+        self.save()
+        totals = self._across_ranks()
+        return self.summary(totals) if self.rank == 0 else None
+
+    def _refuse_all_skipped(self, first):
+        """NonFiniteError when every step of this invocation was skipped (--nan-policy
+        skip-step): nothing was trained; the last checkpoint stays as it was."""
+        ran = self.step - first
+        skipped = [step for step in self.history.get("skipped_steps", []) if first <= step < self.step]
+        if ran and len(skipped) == ran:
+            raise NonFiniteError(f"every one of the {ran} steps ({first} to {self.step - 1}) was "
+                                 f"skipped for a non-finite loss or gradient (--nan-policy skip-step): "
+                                 f"nothing was trained; lower --lr or check the data")
+
+    def _run_steps(self, end, batch_iter, counter, bar, stop):
+        config = self.config
+        while self.step < end and not stop.requested():
             start = time.perf_counter()
             loss, record = self.train_step(batch_iter, counter)
             seconds = time.perf_counter() - start - (record["probe_seconds"] if record else 0.0)
@@ -326,12 +353,6 @@ class MixedTrainer:
             bar.update(1)
             if self.step % config.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history['lr'][-1]:.2e}")
-        bar.close()
-        if self.step >= config.steps and self._final_eval_missing():
-            self._record_eval()
-        self.save()
-        totals = self._across_ranks()
-        return self.summary(totals) if self.rank == 0 else None
 
     def _across_ranks(self) -> dict:
         """Collectives every rank joins at the end: global token counts, the rank-mean loss
