@@ -26,11 +26,12 @@ from mlan_kernels.ops.grad_scale import scale_grads_
 from mlan_kernels.training.auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
 from mlan_kernels.training.balance import FEATURE, LANGUAGE, BalanceMonitor
 from mlan_kernels.training.scheduler import BalanceScheduler, CosineWithWarmup
+from mlan_kernels.training.stop_signals import StopSignals
 from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
 from .config import MAX_TRUNCATED_SHARE, max_length, options_dict
 from .model import build_model, param_groups, side_parameters, trains_base
-from .signals import StopSignals, TrainingStopped
+from .signals import TrainingStopped
 from .state import data_fingerprint, load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
 
@@ -311,7 +312,7 @@ class MixedTrainer:
                    desc=f"share {config.language_share:g}", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        first, stop = self.step, StopSignals(self.world_size, self.device)
+        first, stop = self.step, StopSignals(self.world_size, self.device, "mlan-train")
         with stop:
             self._run_steps(end, batch_iter, counter, bar, stop)
         bar.close()

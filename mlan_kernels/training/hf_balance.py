@@ -34,6 +34,8 @@ def read_balance_state(path) -> dict:
     """{"kappa_hat": None or a finite float > 0, "probe_due": bool} of a checkpoint's
     balance_state.json; anything else (NaN, a string, a missing key, not JSON) is a ValueError
     naming the file: a NaN κ̂ would make every learning rate, then every parameter, NaN."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: a balance state must be a regular file")
     if os.path.getsize(path) > 4096:
         raise ValueError(f"{path}: {os.path.getsize(path)} bytes; a balance state is a few bytes")
     try:
@@ -190,14 +192,22 @@ class BalanceCallback(TrainerCallback):
                 with open(os.path.join(directory, BALANCE_STATE_NAME), "w") as handle:
                     json.dump({"kappa_hat": self.kappa_hat, "probe_due": self._probe_due}, handle)
 
-    def load_checkpoint(self, directory: str):
-        """Restore κ̂ and a pending probe from a checkpoint folder (no file: nothing to do)."""
+    def read_checkpoint(self, directory: str) -> Optional[dict]:
+        """The checked balance state of a checkpoint folder (read_balance_state); None when
+        it has none."""
         path = os.path.join(directory, BALANCE_STATE_NAME)
-        if os.path.isfile(path):
-            saved = read_balance_state(path)
+        return read_balance_state(path) if os.path.exists(path) else None
+
+    def restore(self, saved: Optional[dict]):
+        """Take κ̂ and a pending probe from read_checkpoint's result (None: nothing to do)."""
+        if saved is not None:
             self._kappa_hat, self._probe_due = saved["kappa_hat"], saved["probe_due"]
             if self.monitor is not None:
                 self.monitor.kappa_hat = self._kappa_hat
+
+    def load_checkpoint(self, directory: str):
+        """Restore κ̂ and a pending probe from a checkpoint folder (no file: nothing to do)."""
+        self.restore(self.read_checkpoint(directory))
 
     def on_train_end(self, args, state, control, **kwargs):
         if not (self.plot and state.is_world_process_zero and self.monitor and self.monitor.records):
