@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from .checkpoint_validation import check_against_model, read_adapter_config, read_adapter_tensors
+from .checkpoint_validation import (check_against_model, check_component_shapes, read_adapter_config,
+                                    read_adapter_tensors)
 from .integrations.clip import patch_clip_vision
 from .integrations.lavin import LavinModel
 from .integrations.llama import patch_llama
@@ -22,7 +23,7 @@ from .integrations.merge import is_merged
 from .integrations.patching import adapters, patch_state, unpatch
 from .lavin_format import from_lavin_state_dict  # noqa: F401  (public here since 0.1)
 from .modules import MMAdapter
-from .lavin_format import OUR_SITE, lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
+from .lavin_format import lavin_adapter_tensors, lavin_model_dict, lavin_to_ours, read_lavin_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -110,7 +111,7 @@ def load_adapters(model, directory, patch=True):
                 adapter = MMAdapter(record["hidden_size"], config, device="meta")
             except ValueError as error:
                 raise ValueError(f"{config_path}: components[{name!r}]: {error}") from None
-            _check_file_shapes(config_path, weights_path, name, adapter, tensors)
+            check_component_shapes(config_path, weights_path, name, adapter, tensors)
             to_patch[name] = config
         elif current["config"] != config:
             raise ValueError(f"{config_path}: {name}: checkpoint adapters {config} do not match "
@@ -133,27 +134,6 @@ def load_adapters(model, directory, patch=True):
         for name, tensor in tensors.items():
             targets[name].copy_(tensor)
     return model
-
-
-def _check_file_shapes(config_path, weights_path, name, adapter, tensors):
-    """Before patching allocates anything: the config's adapter shapes (from a meta-device
-    adapter) must be those of the component's tensors in the weights file, so a config claiming
-    millions of experts or a huge rank is refused at the cost of the file, not of the claim."""
-    expected = {key: tuple(value.shape) for key, value in adapter.state_dict().items()}
-    found = 0
-    for tensor_name, tensor in tensors.items():
-        match = OUR_SITE.match(tensor_name)
-        if not match or match.group(1) != name:
-            continue
-        found += 1
-        key = tensor_name[match.end():]
-        if expected.get(key) != tuple(tensor.shape):
-            wanted = list(expected[key]) if key in expected else "no such tensor"
-            raise ValueError(f"{weights_path}: tensor {tensor_name!r} has shape {list(tensor.shape)}"
-                             f", the adapters of {config_path} components[{name!r}] have {wanted}")
-    if not found:
-        raise ValueError(f"{config_path}: components[{name!r}]: {weights_path} holds no "
-                         f"{name} adapter tensors")
 
 
 def _check_hidden_size(config_path, name, record, current):

@@ -9,6 +9,7 @@ and the key.
 import errno
 import json
 import os
+import re
 import stat
 import zipfile
 
@@ -17,6 +18,8 @@ import torch
 from .config import LEGACY_NAMES, AdapterConfig
 
 COMPONENTS = ("llama", "clip")
+SITE = re.compile(r"^(llama|clip)\.layers\.(\d+)\.(attn|mlp)\.")     # an adapter tensor's name
+MAX_CONFIG_BYTES = 1 << 20             # adapter_config.json is about a kilobyte
 # Fields every saved record has (compat came later: a record without it means None).
 REQUIRED_FIELDS = ("rank", "experts", "groups", "scale", "temperature", "dropout_p", "placement",
                    "hidden_size")
@@ -108,6 +111,9 @@ def read_adapter_config(path) -> dict:
     """{component: {"config": AdapterConfig, "hidden_size": int}} of adapter_config.json at
     `path` (ValueError naming the file, component and field for anything invalid)."""
     require_regular_file(path, "adapter config (expected a save_adapters directory)")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {os.path.getsize(path)} bytes; an adapter config is a few KB "
+                         f"(at most {MAX_CONFIG_BYTES} accepted)")
     try:
         with open(path, encoding="utf-8") as handle:
             saved = json.load(handle)
@@ -157,6 +163,28 @@ def read_adapter_tensors(path) -> dict:
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {name!r} holds non-finite values (nan or inf)")
     return tensors
+
+
+def check_component_shapes(config_path, weights_path, name, adapter, tensors):
+    """ValueError unless the config's adapter shapes (`adapter`: a meta-device MMAdapter built
+    from components[name]) are those of the component's tensors in the weights file. Run before
+    anything is allocated from the config: one claiming millions of experts or a huge rank is
+    then refused at the cost of the file, not of the claim."""
+    expected = {key: tuple(value.shape) for key, value in adapter.state_dict().items()}
+    found = 0
+    for tensor_name, tensor in tensors.items():
+        match = SITE.match(tensor_name)
+        if not match or match.group(1) != name:
+            continue
+        found += 1
+        key = tensor_name[match.end():]
+        if expected.get(key) != tuple(tensor.shape):
+            wanted = list(expected[key]) if key in expected else "no such tensor"
+            raise ValueError(f"{weights_path}: tensor {tensor_name!r} has shape {list(tensor.shape)}"
+                             f", the adapters of {config_path} components[{name!r}] have {wanted}")
+    if not found:
+        raise ValueError(f"{config_path}: components[{name!r}]: {weights_path} holds no "
+                         f"{name} adapter tensors")
 
 
 def check_against_model(path, tensors: dict, targets: dict):

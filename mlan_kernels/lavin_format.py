@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from .checkpoint_validation import check_loaded_tensors, check_tensor_layout, check_torch_zip
+from .checkpoint_validation import SITE, check_loaded_tensors, check_tensor_layout, check_torch_zip
 from .modules import LAVIN_KEYS, MMAdapter
 
 LAVIN_SAFE_GLOBALS = (argparse.Namespace,)
@@ -38,7 +38,7 @@ LAVIN_EXTRA_NAMES = {"adapter_proj.conv_A.weight": "neck.down.weight",
                      "adapter_proj.conv_B.weight": "neck.up.weight",
                      "adapter_proj.conv_B.bias": "neck.up.bias",
                      "adapter_modality_embedding.weight": "modality_embedding.weight"}
-OUR_SITE = re.compile(r"^(llama|clip)\.layers\.(\d+)\.(attn|mlp)\.")
+OUR_SITE = SITE
 
 
 def read_lavin_file(path, weights_only=True):
