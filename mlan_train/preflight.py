@@ -70,6 +70,22 @@ def check_run_directory(path, option="--out"):
 
 
 @contextlib.contextmanager
+def file_lock(lock_path, wait: bool):
+    """An exclusive flock on `lock_path` (created) for the `with` block; wait=False raises
+    BlockingIOError at once when another process holds it. The file's text names the holder."""
+    with open(lock_path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def run_lock(path, option="--out"):
     """Hold an exclusive lock on `path`/.mlan-train.lock while the run lasts (rank 0 of a
     torchrun job only; its other ranks share the directory). A second run on the same
@@ -79,19 +95,18 @@ def run_lock(path, option="--out"):
         yield
         return
     lock_path = os.path.join(path, LOCK_NAME)
-    with open(lock_path, "a+", encoding="utf-8") as handle:
+    try:
+        lock = file_lock(lock_path, wait=False)
+        lock.__enter__()
+    except BlockingIOError:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read(64).strip() or "pid unknown"
-            raise ValueError(f"{option} {path}: another mlan-train run is using it ({holder}, "
-                             f"{lock_path}); wait for it to end or choose another {option}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            with open(lock_path, encoding="utf-8") as handle:
+                holder = handle.read(64).strip() or "pid unknown"
+        except OSError:
+            holder = "pid unknown"
+        raise ValueError(f"{option} {path}: another mlan-train run is using it ({holder}, "
+                         f"{lock_path}); wait for it to end or choose another {option}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

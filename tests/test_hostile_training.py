@@ -258,3 +258,71 @@ def test_a_signal_saves_a_checkpoint_that_resumes_bit_identically(data, tmp_path
     monkeypatch.undo()
     resumed = train(data, tmp_path / "split", *SHORT, "--resume", str(checkpoint))
     assert resumed["loss"] == straight["loss"]
+
+
+# ---------------------------------------------------------------- --base
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    from mlan_kernels.data.synthetic import vocabulary_texts
+    from mlan_kernels.data.tokenizer import WordTokenizer
+    return WordTokenizer.from_texts(vocabulary_texts())
+
+
+BASE_DAMAGE = {
+    "base_json_not_json": (lambda d: (d / "base.json").write_text("{not json"), "base.json is not JSON"),
+    "base_json_a_list": (lambda d: (d / "base.json").write_text("[1, 2]"),
+                         "base.json must hold a JSON object, got list"),
+    "llama_weights_gone": (lambda d: (d / "llama" / "model.safetensors").unlink(),
+                           "llama/model.safetensors is missing or empty though base.json describes"),
+    "clip_weights_empty": (lambda d: (d / "clip" / "model.safetensors").write_bytes(b""),
+                           "clip/model.safetensors is missing or empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASE_DAMAGE))
+def test_a_damaged_base_is_a_one_line_error(tmp_path, word_tokenizer, case):
+    from mlan_train.base import pretrained_base
+    from test_base_pretrain import TINY as TINY_BASE
+    pretrained_base(tmp_path / "base", word_tokenizer, TINY_BASE, log=lambda line: None)
+    damage, expected = BASE_DAMAGE[case]
+    damage(tmp_path / "base")
+    with pytest.raises(ValueError, match=re.escape(f"--base {tmp_path / 'base'}: {expected}")):
+        pretrained_base(tmp_path / "base", word_tokenizer, TINY_BASE, log=lambda line: None)
+
+
+def test_mlan_train_reports_a_damaged_base_in_one_line(data, tmp_path, capsys):
+    options = ["--base", str(tmp_path / "base"), "--base-steps", "2", "--steps", "2", "--no-plots"]
+    train(data, tmp_path / "first", *options)
+    (tmp_path / "base" / "base.json").write_text("{not json")
+    status, message = fails(data, tmp_path / "second", capsys, *options)
+    assert status == 2 and "base.json is not JSON" in message
+
+
+def test_two_runs_asking_for_one_base_build_it_once(tmp_path, word_tokenizer, monkeypatch):
+    """Two makers at once (threads: flock excludes open files, not processes): the second waits
+    for the first, then reuses its base; before the lock it failed with "Directory not empty"."""
+    import threading
+    from mlan_train import base
+    from test_base_pretrain import TINY as TINY_BASE
+    built, original = [], base.pretrain_llama
+
+    def counted(*args):
+        built.append(threading.get_ident())
+        return original(*args)
+    monkeypatch.setattr(base, "pretrain_llama", counted)
+    results, errors = [], []
+
+    def make():
+        try:
+            results.append(base.pretrained_base(tmp_path / "base", word_tokenizer, TINY_BASE,
+                                                log=lambda line: None))
+        except Exception as error:               # reported below
+            errors.append(error)
+    threads = [threading.Thread(target=make) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(built) == 1
+    assert sorted(record["reused"] for record in results) == [False, True]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]
