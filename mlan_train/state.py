@@ -48,7 +48,19 @@ def save_checkpoint(directory, trainer, rank: int = 0, world_size: int = 1):
     Everything goes to `directory`.tmp first and replaces `directory` only when complete (see
     swap.py): a crash at any point leaves the newest complete checkpoint findable by
     find_checkpoint. Every rank writes its RNG state and its own history (losses and token
-    counts of its shard); rank 0 writes the rest. Non-finite weights are never saved."""
+    counts of its shard); rank 0 writes the rest. Non-finite weights are never saved. A write
+    that fails (a full disk: torch.save and safetensors raise their own error types) is an
+    OSError naming the checkpoint; the previous checkpoint stays."""
+    from safetensors import SafetensorError
+    try:
+        _save_checkpoint(directory, trainer, rank, world_size)
+    except (RuntimeError, SafetensorError) as error:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(f"saving the checkpoint {directory} failed ({message[:200]}); the previous "
+                      f"checkpoint is kept") from None
+
+
+def _save_checkpoint(directory, trainer, rank, world_size):
     from safetensors.torch import save_file
     directory = os.path.normpath(directory)
     staging = staging_path(directory)

@@ -326,3 +326,37 @@ def test_two_runs_asking_for_one_base_build_it_once(tmp_path, word_tokenizer, mo
     assert errors == [] and len(built) == 1
     assert sorted(record["reused"] for record in results) == [False, True]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]
+
+
+# ---------------------------------------------------------------- tokenizer, full disk
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "unreadable"),
+    ('{"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}',
+     "tokenizer must map '<pad>' to id 0, got None"),
+    (None, "not a regular file or a directory"),
+])
+def test_a_bad_tokenizer_file_is_one_line(data, tmp_path, capsys, content, expected):
+    path = tmp_path / "tokenizer.json"
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_text(content)
+    status, message = fails(data, tmp_path / "out", capsys, *SHORT, "--tokenizer", str(path))
+    assert status == 2 and f"tokenizer {path}: {expected}" in message
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data, tmp_path, capsys, monkeypatch):
+    train(data, tmp_path, *SHORT, "--stop-after", "2")
+    before = torch.load(tmp_path / "checkpoint" / STATE_NAME, weights_only=True)["step"]
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                           "writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    status, message = fails(data, tmp_path, capsys, *SHORT, "--resume", str(tmp_path / "checkpoint"))
+    monkeypatch.undo()
+    assert status == 2 and f"saving the checkpoint {tmp_path / 'checkpoint'} failed" in message
+    assert "the previous checkpoint is kept" in message
+    assert before == 2 and torch.load(tmp_path / "checkpoint" / STATE_NAME, weights_only=True)["step"] == 2
+    resumed = train(data, tmp_path, *SHORT, "--resume", str(tmp_path / "checkpoint"))
+    assert len(resumed["loss"]) == 4
