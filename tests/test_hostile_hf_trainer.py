@@ -8,7 +8,6 @@ import re
 import signal
 
 import pytest
-import torch
 
 pytest.importorskip("accelerate")
 from transformers import TrainerCallback  # noqa: E402
@@ -16,7 +15,7 @@ from transformers import TrainerCallback  # noqa: E402
 from mlan_kernels.training.hf_balance import BALANCE_STATE_NAME, read_balance_state  # noqa: E402
 from mlan_kernels.training.hf_trainer import BalanceCallback  # noqa: E402
 
-from test_hf_trainer import assert_same_weights, data, make_trainer, weights  # noqa: E402,F401
+from test_hf_trainer import StopAt, assert_same_weights, data, make_trainer, weights  # noqa: E402,F401
 
 NAN, INF = float("nan"), float("inf")
 CLIP = "clip must be (m_min, m_max) of finite numbers with 0 < m_min <= 1 <= m_max, got "
@@ -75,15 +74,6 @@ class SignalAt(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), self.signum)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_with_a_nan_kappa_hat_is_refused_before_any_weight_changes(data, tmp_path):
