@@ -69,35 +69,37 @@ def check_loaded_tensors(value, where, depth=0):
         check_loaded_tensors(item, f"{where}[{key!r}]" if depth < 4 else where, depth + 1)
 
 
-def check_torch_zip(path):
+def check_torch_zip(path, where=None):
     """ValueError unless `path` is a whole torch.save zip file whose records are stored
     uncompressed and add up to no more than the file: then loading it allocates at most its size
     (a compressed record could inflate a few KB into gigabytes; the pre-1.6 format allocates
-    each storage at its declared size before reading). Empty and truncated files fail here."""
+    each storage at its declared size before reading). Empty and truncated files fail here;
+    errors start with `where` (default: the path)."""
+    where = where or path
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fspath(path))
     require_regular_file(path, "checkpoint file")
     size = os.path.getsize(path)
     if size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes), not a torch checkpoint")
+        raise ValueError(f"{where}: empty file (0 bytes), not a torch checkpoint")
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a complete torch.save zip file (truncated, or the pre-1.6 "
+        raise ValueError(f"{where}: not a complete torch.save zip file (truncated, or the pre-1.6 "
                          f"format: re-save it with torch.save) ({error})") from None
     packed = [record.filename for record in records if record.compress_type != zipfile.ZIP_STORED]
     if packed:
-        raise ValueError(f"{path}: compressed record {packed[0]!r}: torch.save stores records "
+        raise ValueError(f"{where}: compressed record {packed[0]!r}: torch.save stores records "
                          f"uncompressed (refused: its inflated size is unbounded)")
     if sum(record.file_size for record in records) > size:
-        raise ValueError(f"{path}: records claim more bytes than the file has")
+        raise ValueError(f"{where}: records claim more bytes than the file has")
 
 
 def load_torch_file(path, where=None):
     """torch.load(weights_only=True) on the CPU after check_torch_zip, then check_loaded_tensors:
     a truncated or hostile file is a one-line ValueError naming `where` (default `path`)."""
-    check_torch_zip(path)
+    check_torch_zip(path, where)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, KeyError, IndexError, TypeError) as error:

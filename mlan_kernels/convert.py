@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 
 import torch
 
@@ -172,11 +173,18 @@ def _lavin_section(config_path) -> dict:
 
 
 def _require_writable_parent(path):
+    """UserError unless a file can be created next to `path` (tried: read-only file systems and
+    permissions count, also for root)."""
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    if not os.path.exists(parent):
         raise UserError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{path}: directory {parent} is not writable")
+    if not os.path.isdir(parent):
+        raise UserError(f"{path}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise UserError(f"{path}: directory {parent} is not writable ({error.strerror})") from None
 
 
 def _refuse_existing(paths, overwrite):

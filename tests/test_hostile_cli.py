@@ -157,12 +157,14 @@ def test_the_loader_refuses_the_same_directories(tmp_path):
 
 
 @pytest.mark.parametrize("where, expected", [("missing/lavin.pth", "does not exist"),
-                                             ("afile/lavin.pth", "does not exist")])
+                                             ("afile/lavin.pth", "afile is not a directory"),
+                                             ("/proc/lavin.pth", "directory /proc is not writable")])
 def test_hf_to_lavin_refuses_an_output_directory_it_cannot_write(tmp_path, capsys, where, expected):
     directory = saved_directory(tmp_path)
     (tmp_path / "afile").write_text("not a directory")
     err = convert_error(capsys, ["hf-to-lavin", str(directory), str(tmp_path / where)])
     assert expected in err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ours"]
 
 
 def test_hf_to_lavin_still_round_trips(tmp_path, capsys):

@@ -147,17 +147,21 @@ def test_resume_with_the_same_data_still_works(data, tmp_path):
     assert resumed["loss"] == straight["loss"]
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_resume_from_an_empty_or_truncated_state_file_is_one_line(data, stopped, tmp_path, capsys, damage):
+@pytest.mark.parametrize("name, damage, expected", [
+    (STATE_NAME, "empty", "empty file (0 bytes)"),
+    (STATE_NAME, "truncated", "not a complete torch.save zip file"),
+    ("rank0.pt", "empty", "empty file (0 bytes)"),
+    ("trainable.safetensors", "truncated", "trainable.safetensors unreadable"),
+])
+def test_resume_from_an_empty_or_truncated_file_is_one_line(data, stopped, tmp_path, capsys, name, damage,
+                                                            expected):
     copy = tmp_path / "copy"
     shutil.copytree(stopped, copy)
-    path = copy / STATE_NAME
+    path = copy / name
     with open(path, "r+b") as handle:
         handle.truncate(0 if damage == "empty" else os.path.getsize(path) // 2)
-    status, message = fails(data, tmp_path / "out", capsys, *SHORT, *PROBED,
-                            "--resume", str(copy))
-    assert status == 2 and f"{STATE_NAME}" in message
-    assert ("empty file (0 bytes)" if damage == "empty" else "not a complete torch.save zip file") in message
+    status, message = fails(data, tmp_path / "out", capsys, *SHORT, *PROBED, "--resume", str(copy))
+    assert status == 2 and f"--resume {copy}" in message and name in message and expected in message
 
 
 # ---------------------------------------------------------------- one run per --out
