@@ -42,6 +42,9 @@ def check_tensor_layout(tensor, where, max_numel=None):
     no expanded (stride 0) dimension, no overlapping strides, no more elements than its storage
     holds, and at most `max_numel` elements when given. A file's tensor can claim 1e10 elements
     on a 4-byte storage; an elementwise op on it (torch.isfinite) would allocate the claim."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta or tensor.is_nested:
+        raise ValueError(f"{where}: a {tensor.layout} tensor ({tensor.dtype}); stored weights must "
+                         f"be dense tensors")
     sizes, strides, numel = tuple(tensor.shape), tuple(tensor.stride()), tensor.numel()
     if any(size > 1 and step == 0 for size, step in zip(sizes, strides)):
         raise ValueError(f"{where}: expanded tensor (shape {list(sizes)}, strides {list(strides)}): "

@@ -238,3 +238,13 @@ def test_a_wellformed_file_still_loads(tmp_path):
     assert load_lavin_adapters(model, path) == ([], [])
     assert torch.equal(adapter_state_dict(model)["neck.up.bias"], lavin.adapter_proj.conv_B.bias)
     assert convert(["lavin-to-hf", str(path), str(tmp_path / "out")]) == 0
+
+
+def test_a_sparse_tensor_is_refused(tmp_path, capsys):
+    """A sparse 10^6 x 10^6 tensor of one value: a dense op on it would allocate 4 TB."""
+    sparse = torch.sparse_coo_tensor(torch.zeros(2, 1, dtype=torch.long), torch.ones(1), (10**6, 10**6))
+    path = save_with(tmp_path / "sparse.pth", **{"module.adapter_modality_embedding.weight": sparse})
+    expected = "a torch.sparse_coo tensor (torch.float32); stored weights must be dense tensors"
+    assert expected in convert_error(capsys, ["lavin-to-hf", str(path), str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_lavin_adapters(tiny_lavin(), path)
