@@ -157,6 +157,8 @@ def main(argv=None) -> int:
         with run_lock(config.out):
             return run(config)
     except TrainingStopped as stopped:
+        if config.shares:
+            stopped.resume = config.out           # a sweep resumes from its directory
         print(f"mlan-train: {stopped}", file=sys.stderr)
         return stopped.exit_status
     except (ValueError, OSError, FloatingPointError) as error:

@@ -12,10 +12,13 @@ class TrainingStopped(Exception):
     """Raised after the checkpoint of a signalled run is saved; main() reports it."""
 
     def __init__(self, signum: int, step: int, checkpoint: str):
+        super().__init__(signum, step, checkpoint)
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint saved in {checkpoint} "
-                         f"(continue with --resume {checkpoint})")
+        self.resume = checkpoint          # what --resume takes (a sweep's: its --out)
+
+    def __str__(self) -> str:
+        return (f"stopped by {signal.Signals(self.signum).name} after step {self.step}; checkpoint "
+                f"saved in {self.checkpoint} (continue with --resume {self.resume})")
 
     @property
     def exit_status(self) -> int:
