@@ -16,6 +16,7 @@ and the GPU's name on CUDA (e.g. cpu-2core-fp32-2026-11-23.json, h100-bf16-2026-
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -86,6 +87,20 @@ def _subset(option, names, known):
         raise UsageError(f"--{option}: unknown {unknown}; expected a comma list of {list(known)}")
 
 
+def _can_create_in(directory) -> bool:
+    """Whether a file can be created under `directory` (or, while it does not exist yet, in
+    its nearest existing ancestor): tried, so read-only file systems count as well."""
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def _writable_parent(option, path):
     """UsageError unless a file can be created at `path` (checked before any measurement)."""
     if path is None:
@@ -93,10 +108,16 @@ def _writable_parent(option, path):
     if os.path.isdir(path):
         raise UsageError(f"--{option} {path}: is a directory, expected a file path")
     parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"--{option} {path}: cannot be created ({parent} is not a writable directory)")
+    if not _can_create_in(parent):
+        raise UsageError(f"--{option} {path}: cannot be created (no writable directory at {parent})")
+
+
+def _writable_directory(option, path):
+    """UsageError unless `path` is, or can be created as, a directory files can be written in."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--{option} {path}: exists and is not a directory")
+    if not _can_create_in(os.path.abspath(path)):
+        raise UsageError(f"--{option} {path}: not a writable directory (checked before the run)")
 
 
 def resolve(args):
@@ -106,6 +127,9 @@ def resolve(args):
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for option in ("ops", "backends"):
+        if getattr(args, option) is not None and not _names(getattr(args, option)):
+            raise UsageError(f"--{option}: empty; expected a comma list (leave it out for all)")
     ops = _names(args.ops) or list(OPS) + [E2E_OP]
     _subset("ops", ops, list(OPS) + [E2E_OP])
     _subset("backends", _names(args.backends) or [], OUR_BACKENDS)
@@ -120,12 +144,12 @@ def resolve(args):
         raise UsageError(f"--warmup must be >= 0, got {warmup}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    if args.json is None or (args.plot is None and not args.no_plot):
+        _writable_directory("out-dir", args.out_dir)
     for option in ("json", "csv"):
         _writable_parent(option, getattr(args, option))
-    if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
-        raise UsageError(f"--plot {args.plot}: exists and is not a directory")
+    if args.plot is not None and not args.no_plot:
+        _writable_directory("plot", args.plot)
     return device, dtype, [op for op in ops if op != E2E_OP], E2E_OP in ops, baselines, warmup
 
 

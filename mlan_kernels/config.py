@@ -29,6 +29,12 @@ COMPAT_MODES = (None, "lavin")
 LEGACY_NAMES = {"dropout": "dropout_p"}
 
 
+# Outside these the fp32 kernels overflow for ordinary activations: router logits / temperature
+# (1/1e-300 is inf in fp32) and scale x adapter output (1e300 is inf in fp32) become inf, then nan.
+TEMPERATURE_RANGE = (1e-4, 1e6)
+MAX_ABS_SCALE = 1e6
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -46,8 +52,13 @@ def check_settings(values: dict, spell=str):
     if values["rank"] % values["groups"] != 0:
         raise ValueError(f"{spell('groups')} {values['groups']} must divide {spell('rank')} "
                          f"{values['rank']}")
+    low, high = TEMPERATURE_RANGE
     checks = (("scale", lambda v: True, "a finite number"),
+              ("scale", lambda v: abs(v) <= MAX_ABS_SCALE, f"at most {MAX_ABS_SCALE:g} in magnitude "
+                                                            f"(fp32 outputs overflow beyond)"),
               ("temperature", lambda v: v > 0, "finite and > 0"),
+              ("temperature", lambda v: low <= v <= high, f"in [{low:g}, {high:g}] (fp32 router "
+                                                          f"logits overflow outside)"),
               ("dropout_p", lambda v: 0.0 <= v < 1.0, "finite and in [0, 1)"))
     for name, check, expected in checks:
         if not (_is_number(values[name]) and check(values[name])):

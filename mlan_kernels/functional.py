@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .ops.validation import check_seed
+
 _MASK32 = 0xFFFFFFFF
 REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -60,7 +62,8 @@ def dropout_threshold(p: float) -> int:
 
 def dropout_keep_mask(seed, num_tokens: int, rank: int, p: float, device=None) -> Tensor:
     """keep mask [num_tokens, rank] (bool) of the MM-Adapter's dropout; all True when p == 0.
-    seed: int or int64 scalar tensor (see philox_uint32)."""
+    seed: int or int64 scalar tensor (see philox_uint32); anything else is a TypeError."""
+    check_seed(seed)
     if p == 0.0:
         return torch.ones(num_tokens, rank, dtype=torch.bool, device=device)
     counter = torch.arange(num_tokens * rank, device=device)                # int64

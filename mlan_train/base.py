@@ -21,7 +21,9 @@ settings and vocabulary, and otherwise builds it in a temporary directory rename
 so an interrupted run never leaves a half-written base behind.
 """
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -184,10 +186,35 @@ def _fingerprint(settings: BaseSettings, tokenizer: WordTokenizer) -> dict:
             "vocabulary": [word for word, _ in vocabulary]}
 
 
+BASE_FILES = ("llama/config.json", "llama/model.safetensors", "llama/tokenizer.json",
+              "clip/config.json", "clip/model.safetensors")
+
+
 def load_base_record(directory) -> dict:
-    """base.json of a finished base directory, or {} when there is none."""
+    """base.json of a finished base directory, or {} when there is none; ValueError naming the
+    file when it is not a JSON object."""
     path = Path(directory) / "base.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"--base {directory}: base.json is not JSON ({error}); remove the "
+                         f"directory to rebuild the base") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"--base {directory}: base.json must hold a JSON object, got "
+                         f"{type(record).__name__}; remove the directory to rebuild the base")
+    return record
+
+
+def _check_base_files(directory: Path):
+    """ValueError unless a base about to be reused has its model files (a base.json alone, or
+    a base with a model deleted or emptied, is not a base)."""
+    for name in BASE_FILES:
+        path = directory / name
+        if not path.is_file() or path.stat().st_size == 0:
+            raise ValueError(f"--base {directory}: {name} is missing or empty though base.json "
+                             f"describes a finished base; remove the directory to rebuild it")
 
 
 def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings = BaseSettings(),
@@ -196,9 +223,22 @@ def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings 
     {"settings", "vocabulary", "llama": stats, "clip": stats, "reused": bool}.
     The models are at directory/llama (with tokenizer.json) and directory/clip."""
     directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # two runs asking for the same base: the second waits for the first, then reuses its base
+    # (the lock is on the parent directory itself, so no lock file is left behind)
+    handle = os.open(directory.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return _make_or_reuse(directory, tokenizer, settings, log)
+    finally:
+        os.close(handle)                   # releases the lock
+
+
+def _make_or_reuse(directory: Path, tokenizer, settings, log) -> dict:
     wanted = _fingerprint(settings, tokenizer)
     record = load_base_record(directory)
     if record and all(record.get(key) == value for key, value in wanted.items()):
+        _check_base_files(directory)
         log(f"stage 1: reusing the pretrained base in {directory}")
         return record | {"reused": True}
     if directory.exists() and any(directory.iterdir()):
@@ -209,7 +249,6 @@ def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings 
     torch.manual_seed(settings.seed)
     llama, llama_stats = pretrain_llama(settings, tokenizer)
     clip, clip_stats = pretrain_clip(settings)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".base-", dir=directory.parent))
     try:
         llama.save_pretrained(scratch / "llama")

@@ -20,7 +20,8 @@ import torch
 
 from .base import with_pretrained_base
 from .config import build_parser, config_from_args
-from .preflight import check_device, check_paths, check_run_directory
+from .preflight import check_device, check_paths, check_run_directory, run_lock
+from .signals import TrainingStopped
 from .report import plot_shares, write_run
 from .swap import find_checkpoint
 from .throughput import backend_throughput
@@ -146,11 +147,20 @@ def prepare(argv):
 
 
 def main(argv=None) -> int:
-    """Exit status 0; 2 for a user error (bad option, path, data, resume mismatch), 1 when
-    training stops on a non-finite loss (trainer.NonFiniteError); both print one line `mlan-train: error: ...`
-    (MLAN_TRACEBACK=1 raises instead, with the traceback)."""
+    """Exit status 0; 2 for a user error (bad option, path, data, resume mismatch, --out in use
+    by another run), 1 when training stops on a non-finite loss or skips every step
+    (trainer.NonFiniteError); both print one line `mlan-train: error: ...` (MLAN_TRACEBACK=1
+    raises instead, with the traceback). SIGTERM/SIGINT: a checkpoint after the current step,
+    one line, status 128 + the signal number (signals.py)."""
     try:
-        return run(prepare(argv))
+        config = prepare(argv)
+        with run_lock(config.out):
+            return run(config)
+    except TrainingStopped as stopped:
+        if config.shares:
+            stopped.resume = config.out           # a sweep resumes from its directory
+        print(f"mlan-train: {stopped}", file=sys.stderr)
+        return stopped.exit_status
     except (ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("MLAN_TRACEBACK") == "1":
             raise

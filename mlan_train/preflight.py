@@ -2,6 +2,8 @@
 would fail later: the device exists, every input path is a local file or directory (a missing
 --llama is an error here, never a hub lookup), and every run directory can be written.
 Each failure is a ValueError naming the option and what was expected."""
+import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -10,6 +12,7 @@ import torch
 from .swap import find_checkpoint
 
 CHECKPOINT_NAME = "checkpoint"
+LOCK_NAME = ".mlan-train.lock"
 
 
 def check_device(device: str):
@@ -64,3 +67,46 @@ def check_run_directory(path, option="--out"):
         if os.path.exists(checkpoint) and not os.path.isdir(checkpoint):
             raise ValueError(f"{option} {path}: {checkpoint} exists and is not a directory "
                              f"(checkpoints are written there)")
+
+
+@contextlib.contextmanager
+def file_lock(lock_path, wait: bool):
+    """An exclusive flock on `lock_path` (created) for the `with` block; wait=False raises
+    BlockingIOError at once when another process holds it. The file's text names the holder."""
+    with open(lock_path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run_lock(path, option="--out"):
+    """Hold an exclusive lock on `path`/.mlan-train.lock while the run lasts (rank 0 of a
+    torchrun job only; its other ranks share the directory). A second run on the same
+    directory is refused at once (ValueError naming the holder's pid): two runs would overwrite
+    each other's checkpoints. The kernel drops the lock when the process ends, kill -9 too."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    lock_path = os.path.join(path, LOCK_NAME)
+    try:
+        lock = file_lock(lock_path, wait=False)
+        lock.__enter__()
+    except BlockingIOError:
+        try:
+            with open(lock_path, encoding="utf-8") as handle:
+                holder = handle.read(64).strip() or "pid unknown"
+        except OSError:
+            holder = "pid unknown"
+        raise ValueError(f"{option} {path}: another mlan-train run is using it ({holder}, "
+                         f"{lock_path}); wait for it to end or choose another {option}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

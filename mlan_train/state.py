@@ -11,11 +11,13 @@ Loading restores all of it, so a resumed run continues with bit-identical losses
 deterministic kernels). torch.load uses weights_only=True: nothing in it executes code.
 The directory is replaced crash-safely (swap.py); COMPLETE marks a whole checkpoint.
 """
+import hashlib
 import os
 
 import torch
 
 from mlan_kernels.integrations.checkpoint import save_adapters
+from mlan_kernels.integrations.checkpoint_validation import check_tensor_layout, load_torch_file
 from .swap import find_checkpoint, mark_complete, recover, staging_path, swap_in
 
 STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetensors", "rank{rank}.pt"
@@ -23,6 +25,8 @@ STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetenso
 # output goes, how this invocation runs (threads, progress bar, plots, when to stop) and what
 # is measured after training. Every other option decides the model, the data, the data order,
 # the optimization or the schedule, and must equal the checkpoint's (else the run refuses).
+DATA_FILES = ("train.jsonl", "eval.jsonl")
+STATE_KEYS = ("step", "optimizer", "scheduler", "batches", "monitor", "history", "config")
 RESUME_MAY_CHANGE = ("out", "resume", "eval_every", "log_every", "save_every", "progress",
                      "plots", "threads", "stop_after", "compare_backends", "make_data", "shares",
                      "sweep")
@@ -44,7 +48,19 @@ def save_checkpoint(directory, trainer, rank: int = 0, world_size: int = 1):
     Everything goes to `directory`.tmp first and replaces `directory` only when complete (see
     swap.py): a crash at any point leaves the newest complete checkpoint findable by
     find_checkpoint. Every rank writes its RNG state and its own history (losses and token
-    counts of its shard); rank 0 writes the rest. Non-finite weights are never saved."""
+    counts of its shard); rank 0 writes the rest. Non-finite weights are never saved. A write
+    that fails (a full disk: torch.save and safetensors raise their own error types) is an
+    OSError naming the checkpoint; the previous checkpoint stays."""
+    from safetensors import SafetensorError
+    try:
+        _save_checkpoint(directory, trainer, rank, world_size)
+    except (RuntimeError, SafetensorError) as error:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(f"saving the checkpoint {directory} failed ({message[:200]}); the previous "
+                      f"checkpoint is kept") from None
+
+
+def _save_checkpoint(directory, trainer, rank, world_size):
     from safetensors.torch import save_file
     directory = os.path.normpath(directory)
     staging = staging_path(directory)
@@ -67,13 +83,64 @@ def save_checkpoint(directory, trainer, rank: int = 0, world_size: int = 1):
                     "scheduler": _scheduler_state(trainer.scheduler),
                     "batches": trainer.batches.state_dict(),
                     "monitor": None if trainer.monitor is None else trainer.monitor.state_dict(),
-                    "history": trainer.history, "config": trainer.config_dict()},
+                    "history": trainer.history, "config": trainer.config_dict(),
+                    "data": trainer.data_fingerprint},
                    os.path.join(staging, STATE_NAME))
     _barrier(world_size)
     if rank == 0:
         mark_complete(staging, trainer.step)
         swap_in(directory)
     _barrier(world_size)
+
+
+def data_fingerprint(directory) -> dict:
+    """{file: {"bytes": size, "sha256": hex digest}} of the data files a run reads: a resume
+    compares it, so a different dataset at the same --data path is refused."""
+    fingerprint = {}
+    for name in DATA_FILES:
+        path = os.path.join(directory, name)
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        fingerprint[name] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    return fingerprint
+
+
+def _refuse_changed_data(where, saved, current):
+    """ValueError when a data file differs from the one the checkpoint trained on (checkpoints
+    written before fingerprints existed hold none: nothing to compare)."""
+    if saved is None:
+        return
+    for name in DATA_FILES:
+        if saved.get(name) != current.get(name):
+            raise ValueError(f"--resume {where}: --data's {name} differs from the one the "
+                             f"checkpoint trained on (sha256 {str(saved.get(name, {}).get('sha256'))[:12]}..., "
+                             f"now {current[name]['sha256'][:12]}...); resume with the same data")
+
+
+def _read_state(found, name, keys=()):
+    """A checkpoint's torch file, checked (load_torch_file: whole, bounded, no expanded
+    tensors) and a dict holding `keys`; errors name --resume and the file."""
+    path = os.path.join(found, name)
+    state = load_torch_file(path, f"--resume {found}: {name}")
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if not isinstance(state, dict) or missing:
+        raise ValueError(f"--resume {found}: {name} is not a trainer checkpoint (missing {missing})")
+    return state
+
+
+def _read_trainable(found):
+    from safetensors.torch import load_file
+    path = os.path.join(found, TRAINABLE_NAME)
+    try:
+        tensors = load_file(path)
+    except Exception as error:        # SafetensorError (truncated, bad header), OSError, ...
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"--resume {found}: {TRAINABLE_NAME} unreadable ({message[:160]})") from None
+    for name, tensor in tensors.items():
+        check_tensor_layout(tensor, f"--resume {found}: {TRAINABLE_NAME} tensor {name!r}")
+    return tensors
 
 
 def _check_finite_parameters(module, context):
@@ -115,7 +182,11 @@ def _check_state(where, state, tensors, steps):
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"--resume {where}: parameter {name} holds non-finite values")
-    for index, entry in state["optimizer"].get("state", {}).items():
+    entries = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
+        raise ValueError(f"--resume {where}: the optimizer state is not torch's {{'state': {{index: "
+                         f"{{...}}}}, ...}}")
+    for index, entry in entries.items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(
                     torch.isfinite(value).all()):
@@ -129,23 +200,25 @@ def load_checkpoint(directory, trainer, rank: int = 0) -> str:
     touched: ValueError when an option outside RESUME_MAY_CHANGE differs (naming each one and
     both values), a rank's state is missing, the step is outside [0, steps] or a weight or
     optimizer state is not finite."""
-    from safetensors.torch import load_file
     found = find_checkpoint(directory)
     if found is None:
         raise ValueError(f"--resume {directory}: no complete checkpoint there (nor a leftover "
                          f"{directory}.tmp / .old of an interrupted save)")
-    state = torch.load(os.path.join(found, STATE_NAME), weights_only=True)
+    state = _read_state(found, STATE_NAME, STATE_KEYS)
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"--resume {found}: {STATE_NAME}'s config is not a dict")
     _refuse_changed_options(found, state["config"], trainer.config_dict())
-    rank_path = os.path.join(found, RANK_NAME.format(rank=rank))
-    if not os.path.exists(rank_path):
-        raise ValueError(f"--resume {found}: no state for rank {rank} ({rank_path})")
-    tensors = load_file(os.path.join(found, TRAINABLE_NAME))
+    _refuse_changed_data(found, state.get("data"), trainer.data_fingerprint)
+    rank_name = RANK_NAME.format(rank=rank)
+    if not os.path.exists(os.path.join(found, rank_name)):
+        raise ValueError(f"--resume {found}: no state for rank {rank} ({os.path.join(found, rank_name)})")
+    tensors = _read_trainable(found)
     parameters = dict(trainer.module.named_parameters())
     missing = sorted(set(tensors) ^ {n for n, p in parameters.items() if p.requires_grad})
     if missing:
         raise ValueError(f"--resume {found}: trainable parameters differ: {missing[:5]}")
     _check_state(found, state, tensors, trainer.config.steps)
-    rank_state = torch.load(rank_path, weights_only=True)
+    rank_state = _read_state(found, rank_name, ("cpu", "cuda", "history"))
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)

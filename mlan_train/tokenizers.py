@@ -5,6 +5,8 @@ import os
 
 from mlan_kernels.data.tokenizer import WordTokenizer
 
+MAX_TOKENIZER_BYTES = 256 << 20         # LLaMA's tokenizer.json is about 2 MB
+
 
 class HFTokenizer:
     """A transformers tokenizer (loaded from a local directory, no download) as above.
@@ -37,9 +39,18 @@ def load_tokenizer(config):
         path = config.llama
     if path is None:
         path = os.path.join(config.data, "tokenizer.json")
-    if os.path.isdir(path):
-        return HFTokenizer(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer not found: {path} (generate the data with "
                                 f"python/make_synthetic.py or pass --tokenizer)")
-    return WordTokenizer.load(path)
+    if not (os.path.isdir(path) or os.path.isfile(path)):
+        raise ValueError(f"tokenizer {path}: not a regular file or a directory")
+    if os.path.isfile(path) and os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+        raise ValueError(f"tokenizer {path}: {os.path.getsize(path)} bytes, more than the "
+                         f"{MAX_TOKENIZER_BYTES} a tokenizer file may have")
+    try:
+        return HFTokenizer(path) if os.path.isdir(path) else WordTokenizer.load(path)
+    except ValueError as error:
+        raise ValueError(f"tokenizer {path}: {error}") from None
+    except Exception as error:          # tokenizers raises a bare Exception for a bad file
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"tokenizer {path}: unreadable ({message[:160]})") from None

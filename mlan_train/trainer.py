@@ -26,11 +26,13 @@ from mlan_kernels.ops.grad_scale import scale_grads_
 from mlan_kernels.training.auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
 from mlan_kernels.training.balance import FEATURE, LANGUAGE, BalanceMonitor
 from mlan_kernels.training.scheduler import BalanceScheduler, CosineWithWarmup
+from mlan_kernels.training.stop_signals import StopSignals
 from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
 from .config import MAX_TRUNCATED_SHARE, max_length, options_dict
 from .model import build_model, param_groups, side_parameters, trains_base
-from .state import load_checkpoint, save_checkpoint
+from .signals import TrainingStopped
+from .state import data_fingerprint, load_checkpoint, save_checkpoint
 from .tokenizers import load_tokenizer
 
 
@@ -72,6 +74,7 @@ class MixedTrainer:
         self.load_reports = {}
         self.train_set = self._dataset("train.jsonl")
         self.eval_set = self._dataset("eval.jsonl")
+        self.data_fingerprint = data_fingerprint(config.data)       # a resume compares it
         text, image = split_by_modality(self.train_set)
         mixture = MixtureSampler(text, image, config.language_share,
                                  num_samples=config.samples_per_epoch, seed=config.seed)
@@ -309,7 +312,33 @@ class MixedTrainer:
                    desc=f"share {config.language_share:g}", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        while self.step < end:
+        first, stop = self.step, StopSignals(self.world_size, self.device, "mlan-train")
+        with stop:
+            self._run_steps(end, batch_iter, counter, bar, stop)
+        bar.close()
+        if stop.received is not None:
+            self.save()
+            raise TrainingStopped(stop.received, self.step, os.path.join(config.out, "checkpoint"))
+        self._refuse_all_skipped(first)
+        if self.step >= config.steps and self._final_eval_missing():
+            self._record_eval()
+        self.save()
+        totals = self._across_ranks()
+        return self.summary(totals) if self.rank == 0 else None
+
+    def _refuse_all_skipped(self, first):
+        """NonFiniteError when every step of this invocation was skipped (--nan-policy
+        skip-step): nothing was trained; the last checkpoint stays as it was."""
+        ran = self.step - first
+        skipped = [step for step in self.history.get("skipped_steps", []) if first <= step < self.step]
+        if ran and len(skipped) == ran:
+            raise NonFiniteError(f"every one of the {ran} steps ({first} to {self.step - 1}) was "
+                                 f"skipped for a non-finite loss or gradient (--nan-policy skip-step): "
+                                 f"nothing was trained; lower --lr or check the data")
+
+    def _run_steps(self, end, batch_iter, counter, bar, stop):
+        config = self.config
+        while self.step < end and not stop.requested():
             start = time.perf_counter()
             loss, record = self.train_step(batch_iter, counter)
             seconds = time.perf_counter() - start - (record["probe_seconds"] if record else 0.0)
@@ -325,12 +354,6 @@ class MixedTrainer:
             bar.update(1)
             if self.step % config.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history['lr'][-1]:.2e}")
-        bar.close()
-        if self.step >= config.steps and self._final_eval_missing():
-            self._record_eval()
-        self.save()
-        totals = self._across_ranks()
-        return self.summary(totals) if self.rank == 0 else None
 
     def _across_ranks(self) -> dict:
         """Collectives every rank joins at the end: global token counts, the rank-mean loss

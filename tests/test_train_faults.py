@@ -296,4 +296,4 @@ def test_resume_after_a_crash_between_the_two_renames(data, tmp_path, capsys):
     resumed = train(data, tmp_path / "split", *SHORT, "--resume", str(checkpoint))
     assert resumed["loss"] == straight["loss"]
     assert resumed["resumed"] == [{"checkpoint": str(checkpoint) + ".old", "step": 2}]
-    assert sorted(os.listdir(tmp_path / "split")) == ["checkpoint", "run.json"]
+    assert sorted(os.listdir(tmp_path / "split")) == [".mlan-train.lock", "checkpoint", "run.json"]

@@ -104,6 +104,9 @@ def _parse_turns(conversations) -> list[tuple[str, str]]:
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
                 and isinstance(turn.get("value"), str)):
             raise BadRecord("bad_turn", f'turn {number} needs string "from" and "value"')
+        if not _encodable(turn["value"]):
+            raise BadRecord("not_utf8", f"turn {number} holds a lone surrogate (a JSON \\ud800-"
+                            f"\\udfff escape without its pair): not text a tokenizer accepts")
         role = ROLE_ALIASES.get(turn["from"].lower())
         if role is None:
             raise BadRecord("unknown_role", f'turn {number} has role {turn["from"]!r}, expected '
@@ -114,6 +117,15 @@ def _parse_turns(conversations) -> list[tuple[str, str]]:
     if all(role != "gpt" for role, _ in turns):
         raise BadRecord("no_gpt_turn", 'no "gpt" turn to learn from')
     return turns
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode (json.loads keeps a lone surrogate escape as is)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_image(path: Path, max_pixels: Optional[int]):
@@ -156,7 +168,10 @@ def parse_record(obj, where: str, image_root: Path, check_images: bool = True,
         raise BadRecord("not_object", f"expected a JSON object, got {type(obj).__name__}")
     turns = _parse_turns(obj.get("conversations"))
     image = _resolve_image(obj.get("image"), image_root, check_images, max_image_pixels)
-    return Record(id=str(obj.get("id", where)), turns=turns, image=image)
+    record_id = str(obj.get("id", where))
+    if not _encodable(record_id):
+        raise BadRecord("not_utf8", '"id" holds a lone surrogate')
+    return Record(id=record_id, turns=turns, image=image)
 
 
 def load_records(path, image_root=None, check_images: bool = True,

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from .checkpoint_validation import (check_against_model, read_adapter_config, read_adapter_tensors,
-                                    read_modules_to_save)
+from .checkpoint_validation import (check_against_model, check_component_shapes, read_adapter_config,
+                                    read_adapter_tensors, read_modules_to_save)
 from .families import patch as patch_model
 from .families import unpatch
 from .lavin import LavinModel
@@ -118,9 +118,10 @@ def load_adapters(model, directory, patch=True):
                 raise ValueError(f"{config_path}: component {name!r} is not patched in the model "
                                  f"(patch it, or pass patch=True)")
             try:          # the checks patching runs, on a meta-device adapter
-                MMAdapter(record["hidden_size"], config, device="meta")
+                adapter = MMAdapter(record["hidden_size"], config, device="meta")
             except ValueError as error:
                 raise ValueError(f"{config_path}: components[{name!r}]: {error}") from None
+            check_component_shapes(config_path, weights_path, name, adapter, tensors)
             to_patch[name] = config
         elif current["config"] != config:
             raise ValueError(f"{config_path}: {name}: checkpoint adapters {config} do not match "

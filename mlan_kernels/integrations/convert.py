@@ -13,13 +13,17 @@ LaVIN's defaults; rank, groups and sizes come from the tensor shapes. User error
 """
 import argparse
 import json
+import math
 import os
 import pickle
 import sys
+import tempfile
 
 import torch
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .checkpoint_validation import check_component_shapes, read_adapter_config, read_adapter_tensors
+from ..modules import MMAdapter
 from ..help_format import DefaultsHelpFormatter
 from ..config import AdapterConfig
 from .lavin_format import (OUR_SITE, lavin_adapter_tensors, lavin_arguments, lavin_model_dict,
@@ -34,6 +38,39 @@ class UserError(Exception):
     """A mistake in the command line or its files: reported as one line, exit status 2."""
 
 
+def _number(arguments, key, default, source):
+    """LaVIN's args.`key` as a float (`default` when absent); UserError for anything else."""
+    value = arguments.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{source}: args.{key} must be a finite number, got {value!r:.80} (pass "
+                        f"--{key.replace('adapter_', '')} to set it)")
+    return float(value)
+
+
+def _epoch(payload, source):
+    """The "epoch" LaVIN stores (an int, or absent) for the converted config."""
+    epoch = payload.get("epoch") if "model" in payload else None
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
+                              or not 0 <= epoch < 2**31):
+        raise UserError(f"{source}: 'epoch' must be an int in [0, 2^31), got {type(epoch).__name__} "
+                        f"{epoch!r:.60}")
+    return epoch
+
+
+def _write_atomically(files):
+    """Write {path: callable(temporary path)} to `path`.tmp each, then rename them all; on any
+    failure the temporaries are removed and the old files stay."""
+    try:
+        for path, write in files.items():
+            write(path + ".tmp")
+        for path in files:
+            os.replace(path + ".tmp", path)
+    finally:
+        for path in files:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+
+
 def _components(ours, arguments, overrides, source):
     """adapter_config.json's "components" for converted tensors {our name: tensor}."""
     sites = {}
@@ -41,8 +78,8 @@ def _components(ours, arguments, overrides, source):
         match = OUR_SITE.match(name)
         if match:
             sites.setdefault(match.group(1), {}).setdefault(match.groups()[1:], {})[name[match.end():]] = tensor
-    temperature = overrides.temperature or float(arguments.get("temperature", 10.0))
-    scale = overrides.scale or float(arguments.get("adapter_scale", 1.0))
+    temperature = overrides.temperature or _number(arguments, "temperature", 10.0, source)
+    scale = overrides.scale or _number(arguments, "adapter_scale", 1.0, source)
     components = {}
     for component, adapters in sorted(sites.items()):
         shapes = {(s["down.weight"].shape[0], s["up.weight"].shape[1], s["up.weight"].shape[2])
@@ -71,53 +108,83 @@ def lavin_to_hf(checkpoint, out_dir, options):
         raise UserError(f"{checkpoint}: holds no LaVIN adapter tensors")
     config = {"components": _components(ours, lavin_arguments(payload), options, checkpoint),
               "converted_from": {"format": "lavin", "file": os.path.basename(checkpoint),
-                                 "epoch": payload.get("epoch") if "model" in payload else None}}
+                                 "epoch": _epoch(payload, checkpoint)}}
     if "neck.down.weight" in ours:
         config["lavin"] = {"neck_hidden": ours["neck.down.weight"].shape[0], "clip_every": CLIP_EVERY}
+    text = json.dumps(config, indent=2, sort_keys=True)          # before any file is written
     weights, config_path = (os.path.join(out_dir, name) for name in (WEIGHTS_NAME, CONFIG_NAME))
     _refuse_existing([weights, config_path], options.overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in ours.items()}, weights + ".tmp",
-              metadata={"format": "pt"})
-    with open(config_path + ".tmp", "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-    os.replace(weights + ".tmp", weights)
-    os.replace(config_path + ".tmp", config_path)
+
+    def write_config(path):
+        with open(path, "w") as handle:
+            handle.write(text)
+    _write_atomically({weights: lambda path: save_file(
+        {name: tensor.contiguous() for name, tensor in ours.items()}, path, metadata={"format": "pt"}),
+        config_path: write_config})
     return len(ours)
 
 
 def hf_to_lavin(directory, checkpoint, options):
-    """Convert our directory into LaVIN's .pth `checkpoint` (see the module doc)."""
-    from safetensors.torch import load_file
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise UserError(f"{directory}: no {name} (expected save_adapters' output)")
-    with open(os.path.join(directory, CONFIG_NAME)) as handle:
-        config = json.load(handle)
-    components = config.get("components", {}) if isinstance(config, dict) else {}
+    """Convert our directory into LaVIN's .pth `checkpoint` (see the module doc). The directory
+    is read as load_adapters reads it (config fields, finite tensors that own their elements,
+    shapes that match the config) before anything is written."""
+    config_path, weights_path = (os.path.join(directory, name) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    for path in (weights_path, config_path):
+        if not os.path.isfile(path):
+            raise UserError(f"{directory}: no {os.path.basename(path)} (expected save_adapters' output)")
+    components = read_adapter_config(config_path)
+    tensors = read_adapter_tensors(weights_path)
     for component, record in components.items():
-        if component not in MODEL_CLASSES or not isinstance(record, dict) or record.get("experts") != 2:
-            raise UserError(f"{directory}: component {component!r} cannot be written for LaVIN "
-                            f"(needs llama/clip adapters with experts 2, got {record!r:.80})")
-    try:
-        tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
-    except Exception as error:                      # safetensors' own error type
-        raise UserError(f"{directory}/{WEIGHTS_NAME}: unreadable ({str(error)[:120]})") from None
+        if record["config"].experts != 2:
+            raise UserError(f"{config_path}: components[{component!r}] has {record['config'].experts} "
+                            f"experts; LaVIN's adapters have 2")
+        adapter = MMAdapter(record["hidden_size"], record["config"], device="meta")
+        check_component_shapes(config_path, weights_path, component, adapter, tensors)
+    lavin_section = _lavin_section(config_path)
     try:
         lavin = ours_to_lavin(tensors, prefix="module." if options.ddp_prefix else "")
     except (KeyError, ValueError, RuntimeError) as error:
         raise UserError(f"{directory}: {str(error).splitlines()[0]}") from None
-    llama, clip = components.get("llama", {}), components.get("clip", {})
-    arguments = {"adapter_dim": llama.get("rank", clip.get("rank")),
-                 "adapter_scale": llama.get("scale", clip.get("scale")),
-                 "temperature": llama.get("temperature", clip.get("temperature")),
-                 "adapter_type": llama.get("placement", "attn"),
-                 "visual_adapter_type": "router_block" if clip.get("placement") == "block" else "router",
-                 "hidden_proj": config.get("lavin", {}).get("neck_hidden")}
+    llama, clip = (components[name]["config"] if name in components else None for name in ("llama", "clip"))
+    first = llama or clip
+    arguments = {"adapter_dim": first.rank, "adapter_scale": first.scale,
+                 "temperature": first.temperature,
+                 "adapter_type": llama.placement if llama else "attn",
+                 "visual_adapter_type": "router_block" if clip and clip.placement == "block" else "router",
+                 "hidden_proj": lavin_section.get("neck_hidden")}
     _refuse_existing([checkpoint], options.overwrite)
-    torch.save({"model": lavin, "args": arguments}, checkpoint + ".tmp")
-    os.replace(checkpoint + ".tmp", checkpoint)
+    _require_writable_parent(checkpoint)
+    _write_atomically({checkpoint: lambda path: torch.save({"model": lavin, "args": arguments}, path)})
     return len(lavin)
+
+
+def _lavin_section(config_path) -> dict:
+    """adapter_config.json's optional "lavin" object ({"neck_hidden": int, ...}); UserError for
+    anything else."""
+    with open(config_path, encoding="utf-8") as handle:
+        section = json.load(handle).get("lavin", {})
+    hidden = section.get("neck_hidden") if isinstance(section, dict) else None
+    if not isinstance(section, dict) or (hidden is not None and (
+            isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1)):
+        raise UserError(f"{config_path}: 'lavin' must be an object with a positive int "
+                        f"'neck_hidden', got {section!r:.80}")
+    return section
+
+
+def _require_writable_parent(path):
+    """UserError unless a file can be created next to `path` (tried: read-only file systems and
+    permissions count, also for root)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        raise UserError(f"{path}: directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise UserError(f"{path}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise UserError(f"{path}: directory {parent} is not writable ({error.strerror})") from None
 
 
 def _refuse_existing(paths, overwrite):

@@ -23,6 +23,7 @@ import re
 
 import torch
 
+from .checkpoint_validation import SITE, check_loaded_tensors, check_tensor_layout, check_torch_zip
 from ..modules import LAVIN_KEYS, MMAdapter
 
 LAVIN_SAFE_GLOBALS = (argparse.Namespace,)
@@ -37,27 +38,41 @@ LAVIN_EXTRA_NAMES = {"adapter_proj.conv_A.weight": "neck.down.weight",
                      "adapter_proj.conv_B.weight": "neck.up.weight",
                      "adapter_proj.conv_B.bias": "neck.up.bias",
                      "adapter_modality_embedding.weight": "modality_embedding.weight"}
-OUR_SITE = re.compile(r"^(llama|clip)\.layers\.(\d+)\.(attn|mlp)\.")
+OUR_SITE = SITE
 
 
 def read_lavin_file(path, weights_only=True):
     """torch.load a LaVIN .pth on the CPU. weights_only=True (default) refuses every pickled
-    global except argparse.Namespace; the refusal is an UnpicklingError naming the file."""
-    if not weights_only:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    global except argparse.Namespace; the refusal is an UnpicklingError naming the file. The file
+    is checked first (check_torch_zip: a whole, uncompressed torch.save file, so loading it costs
+    at most its size) and every tensor in it after (check_loaded_tensors: no expanded or
+    overlapping tensor claims more elements than it stores); those failures are ValueErrors."""
+    check_torch_zip(path)
     try:
-        safe_globals = getattr(torch.serialization, "safe_globals", None)
-        if safe_globals is None:                  # torch 2.4: only the global registry exists
-            torch.serialization.add_safe_globals(list(LAVIN_SAFE_GLOBALS))
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with safe_globals(list(LAVIN_SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        if not weights_only:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            payload = _load_weights_only(path)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise pickle.UnpicklingError(
             f"{path}: refused by torch.load(weights_only=True): only tensors, plain containers and "
             f"argparse.Namespace are allowed ({reason[:200]}); pass weights_only=False only for a "
             f"file you trust") from error
+    except (RuntimeError, EOFError, KeyError, IndexError, TypeError) as error:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path}: unreadable torch file ({message[:200]})") from None
+    check_loaded_tensors(payload, path)
+    return payload
+
+
+def _load_weights_only(path):
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:                  # torch 2.4: only the global registry exists
+        torch.serialization.add_safe_globals(list(LAVIN_SAFE_GLOBALS))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with safe_globals(list(LAVIN_SAFE_GLOBALS)):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def lavin_model_dict(payload, source):
@@ -91,6 +106,7 @@ def lavin_adapter_tensors(state_dict, source):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{source}: key {key!r} must be a floating-point tensor, got {kind}")
+        check_tensor_layout(value, f"{source}: key {key!r}")
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{source}: key {key!r} has non-finite values (nan or inf)")
         tensors[name] = value
@@ -99,9 +115,10 @@ def lavin_adapter_tensors(state_dict, source):
 
 def lavin_to_ours(tensors, source="state dict"):
     """{LaVIN name: tensor} (no "module.") -> ({our name: tensor}, [LaVIN names not understood]).
-    A RepAdapter_Router missing one of its tensors, or with inconsistent shapes, is a
+    A RepAdapter_Router missing one of its tensors, or with inconsistent shapes, or one CLIP
+    adapter stored under both "backbone.transformer." and "backbone.visual.transformer." is a
     ValueError naming `source`."""
-    ours, prefixes = {}, set()
+    ours, prefixes, sources = {}, set(), {}
     used = set()
     for name, value in tensors.items():
         if name in LAVIN_EXTRA_NAMES:
@@ -115,11 +132,15 @@ def lavin_to_ours(tensors, source="state dict"):
             match = pattern.match(prefix)
             if not match:
                 continue
+            site = f"{component}.layers.{match.group(1)}.{match.group(2)}"
+            if site in sources:
+                raise ValueError(f"{source}: {site} is stored twice, as {sources[site]!r} and "
+                                 f"{prefix!r}: one copy of each adapter expected")
+            sources[site] = prefix
             try:
                 adapter = MMAdapter.from_lavin_state_dict(tensors, prefix=prefix)
             except (KeyError, ValueError) as error:
                 raise ValueError(f"{source}: {error.args[0]}") from None
-            site = f"{component}.layers.{match.group(1)}.{match.group(2)}"
             ours.update({f"{site}.{key}": value for key, value in adapter.state_dict().items()})
             used.update(prefix + key for key in LAVIN_KEYS)
     return ours, sorted(set(tensors) - used)

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import dispatch
 from ..functional import compute_dtype
 from ..functional import routing_weights as _router_softmax
-from .validation import validate_mm_adapter_args
+from .validation import check_seed, validate_mm_adapter_args
 
 
 def _backend(x: Tensor, backend: str):
@@ -268,6 +268,7 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, router_weight,
                              router_bias, weights, scale, temperature, dropout_p, groups,
                              single_modality)
+    check_seed(seed)
     if dropout_p == 0:
         seed = None
     elif seed is None:
@@ -275,7 +276,7 @@ def mm_adapter(x, down_weight, down_bias, up_weight, up_bias, router_weight=None
     elif not isinstance(seed, Tensor):
         seed = torch.tensor(int(seed), dtype=torch.int64, device=x.device)
     else:
-        seed = seed.to(device=x.device, dtype=torch.int64)
+        seed = seed.to(device=x.device, dtype=torch.int64).reshape(())
     y, _, rw = MMAdapterFunction.apply(
         x, down_weight, down_bias, up_weight, up_bias, router_weight, router_bias, weights,
         float(scale), float(temperature), float(dropout_p), seed, groups, single_modality, backend)

@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from ..config import MAX_ABS_SCALE, TEMPERATURE_RANGE
+
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PARAMETER_DTYPES = ACTIVATION_DTYPES
 
@@ -84,6 +86,13 @@ def validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, rout
             raise TypeError(f"{name} must be a finite float, got {value!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        raise ValueError(f"temperature must be in [{low:g}, {high:g}] (fp32 router logits overflow "
+                         f"outside), got {temperature}")
+    if abs(scale) > MAX_ABS_SCALE:
+        raise ValueError(f"scale must be at most {MAX_ABS_SCALE:g} in magnitude (fp32 outputs "
+                         f"overflow beyond), got {scale}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if batch * length * rank >= 2**31:
@@ -98,3 +107,21 @@ def validate_mm_adapter_args(x, down_weight, down_bias, up_weight, up_bias, rout
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}; "
                              f"all tensors must be on the same device")
     return batch, length, dim, rank, experts
+
+
+def check_seed(seed):
+    """TypeError unless the dropout seed is None, a Python int in int64's range, or an integer
+    tensor of one element (a float would be truncated, a longer tensor read as its first
+    element by one backend and refused with a shape error by another)."""
+    if seed is None:
+        return
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dim() > 1 or seed.is_floating_point() or seed.is_complex() \
+                or seed.dtype == torch.bool:
+            raise TypeError(f"seed must be an int or a one-element integer tensor, got a "
+                            f"{seed.dtype} tensor of shape {list(seed.shape)}")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a one-element integer tensor, got {seed!r}")
+    if not -2**63 <= seed < 2**63:
+        raise TypeError(f"seed must fit in int64, got {seed}")

@@ -83,6 +83,27 @@ def balance_groups(model: nn.Module, assign: Optional[Callable[[str, nn.Paramete
     return groups[FEATURE], groups[LANGUAGE]
 
 
+def finite_number(value) -> bool:
+    """Whether `value` is an int or float (not a bool) and finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_monitor_settings(beta, eps):
+    """ValueError unless beta (the κ̂ EMA's) is in [0, 1) and eps (κ's ε) a finite number > 0:
+    a NaN in either makes κ̂, and every learning rate scaled by it, NaN."""
+    if not (finite_number(beta) and 0.0 <= beta < 1.0):
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    if not (finite_number(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def check_kappa_hat(kappa_hat, where="kappa_hat"):
+    """ValueError unless κ̂ is None (no probe yet) or a finite number > 0."""
+    if kappa_hat is not None and not (finite_number(kappa_hat) and kappa_hat > 0):
+        raise ValueError(f"{where} must be a finite number > 0 (or null before the first probe), "
+                         f"got {kappa_hat!r}")
+
+
 def _copy_params(params):
     return [parameter.detach().clone() for parameter in params]
 
@@ -119,15 +140,14 @@ class BalanceMonitor:
                  ema: str = "linear", min_kl: float = 0.0, skip: str = "both"):
         if not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every must be a positive int, got {probe_every!r}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        check_monitor_settings(beta, eps)
         if probe_mode not in ("train", "eval"):
             raise ValueError(f"probe_mode must be 'train' or 'eval', got {probe_mode!r}")
         if probe_mode == "eval" and model is None:
             raise ValueError("probe_mode='eval' needs `model` (to switch it to eval mode)")
         if ema not in EMA_MODES:
             raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
-        if not (math.isfinite(min_kl) and min_kl >= 0):
+        if not (finite_number(min_kl) and min_kl >= 0):
             raise ValueError(f"min_kl must be finite and >= 0, got {min_kl!r}")
         if skip not in SKIP_RULES:
             raise ValueError(f"skip must be one of {SKIP_RULES}, got {skip!r}")
@@ -244,5 +264,8 @@ class BalanceMonitor:
         ema = state.get("ema", "linear")
         if ema != self.ema:
             raise ValueError(f"BalanceMonitor state was saved with ema={ema!r}, this monitor uses {self.ema!r}")
-        self.kappa_hat = state["kappa_hat"]
-        self.skipped = state.get("skipped", 0)
+        check_kappa_hat(state.get("kappa_hat"), "BalanceMonitor state's kappa_hat")
+        skipped = state.get("skipped", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"BalanceMonitor state's skipped must be an int >= 0, got {skipped!r}")
+        self.kappa_hat, self.skipped = state["kappa_hat"], skipped

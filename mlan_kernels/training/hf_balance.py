@@ -12,8 +12,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..integrations.lavin import LavinModel
-from .balance import FEATURE, LANGUAGE, BalanceMonitor
-from .scheduler import GROUP_KEY, balance_multipliers
+from .balance import FEATURE, LANGUAGE, BalanceMonitor, check_kappa_hat, check_monitor_settings
+from .scheduler import GROUP_KEY, balance_multipliers, check_balance_settings
 
 BALANCE_STATE_NAME = "balance_state.json"
 
@@ -28,6 +28,27 @@ def _lavin(model: torch.nn.Module) -> LavinModel:
 def _to_device(batch: dict, device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()}
+
+
+def read_balance_state(path) -> dict:
+    """{"kappa_hat": None or a finite float > 0, "probe_due": bool} of a checkpoint's
+    balance_state.json; anything else (NaN, a string, a missing key, not JSON) is a ValueError
+    naming the file: a NaN κ̂ would make every learning rate, then every parameter, NaN."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: a balance state must be a regular file")
+    if os.path.getsize(path) > 4096:
+        raise ValueError(f"{path}: {os.path.getsize(path)} bytes; a balance state is a few bytes")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a JSON balance state ({error})") from None
+    if not isinstance(saved, dict) or set(saved) != {"kappa_hat", "probe_due"}:
+        raise ValueError(f"{path}: expected {{\"kappa_hat\": ..., \"probe_due\": ...}}, got {saved!r:.120}")
+    check_kappa_hat(saved["kappa_hat"], f"{path}: kappa_hat")
+    if not isinstance(saved["probe_due"], bool):
+        raise ValueError(f"{path}: probe_due must be true or false, got {saved['probe_due']!r}")
+    return saved
 
 
 class BalanceCallback(TrainerCallback):
@@ -54,8 +75,8 @@ class BalanceCallback(TrainerCallback):
             raise ValueError(f"probe_every must be a positive int, got {probe_every!r}")
         if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
             raise ValueError(f"start_step must be None or an int >= 0, got {start_step!r}")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        check_balance_settings(alpha, clip)
+        check_monitor_settings(beta, eps)
         if probe_on not in ("any", "image"):
             raise ValueError(f"probe_on must be 'any' or 'image', got {probe_on!r}")
         self.probe_every, self.alpha, self.clip, self.beta, self.eps = probe_every, alpha, tuple(clip), beta, eps
@@ -171,15 +192,22 @@ class BalanceCallback(TrainerCallback):
                 with open(os.path.join(directory, BALANCE_STATE_NAME), "w") as handle:
                     json.dump({"kappa_hat": self.kappa_hat, "probe_due": self._probe_due}, handle)
 
-    def load_checkpoint(self, directory: str):
-        """Restore κ̂ and a pending probe from a checkpoint folder (no file: nothing to do)."""
+    def read_checkpoint(self, directory: str) -> Optional[dict]:
+        """The checked balance state of a checkpoint folder (read_balance_state); None when
+        it has none."""
         path = os.path.join(directory, BALANCE_STATE_NAME)
-        if os.path.isfile(path):
-            with open(path) as handle:
-                saved = json.load(handle)
+        return read_balance_state(path) if os.path.exists(path) else None
+
+    def restore(self, saved: Optional[dict]):
+        """Take κ̂ and a pending probe from read_checkpoint's result (None: nothing to do)."""
+        if saved is not None:
             self._kappa_hat, self._probe_due = saved["kappa_hat"], saved["probe_due"]
             if self.monitor is not None:
                 self.monitor.kappa_hat = self._kappa_hat
+
+    def load_checkpoint(self, directory: str):
+        """Restore κ̂ and a pending probe from a checkpoint folder (no file: nothing to do)."""
+        self.restore(self.read_checkpoint(directory))
 
     def on_train_end(self, args, state, control, **kwargs):
         if not (self.plot and state.is_world_process_zero and self.monitor and self.monitor.records):

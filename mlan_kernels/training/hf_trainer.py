@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..integrations.checkpoint import WEIGHTS_NAME, adapter_state_dict, load_adapters, save_adapters
 from ..data.collate import collate
@@ -39,6 +39,7 @@ from ..integrations.hf_compat import enable_gradient_checkpointing
 from .balance import FEATURE, LANGUAGE
 from .hf_balance import BalanceCallback
 from .scheduler import GROUP_KEY
+from .stop_signals import StopSignals
 
 FEATURE_PARTS = frozenset({"clip", "neck", "modality_embedding"})
 PEFT_FOLDER = "peft"
@@ -104,6 +105,35 @@ def peft_models(model: torch.nn.Module) -> dict:
     return found
 
 
+class StopOnSignalCallback(TrainerCallback):
+    """SIGTERM/SIGINT during Trainer.train(): the step in progress finishes, Trainer saves a
+    checkpoint (output_dir/checkpoint-N: resume_from_checkpoint continues it) and training
+    stops; `stopped_by` is then the signal's number (None when training ran to its end).
+    MlanTrainer adds one unless stop_on_signal=False; handlers are restored when train() ends."""
+
+    def __init__(self):
+        self.stopped_by, self._signals = None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.release()
+        self.stopped_by = None
+        self._signals = StopSignals(args.world_size, args.device, "MlanTrainer").__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._signals is not None and self._signals.requested():
+            self.stopped_by = self._signals.received
+            control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.release()
+
+    def release(self):
+        """Give SIGTERM/SIGINT back to the handlers they had before train()."""
+        if self._signals is not None:
+            self._signals.__exit__()
+            self._signals = None
+
+
 class MlanTrainer(Trainer):
     """Trainer with the MLAN sampler, per-side param groups and adapter-only checkpoints.
 
@@ -111,14 +141,20 @@ class MlanTrainer(Trainer):
     language_share: text fraction of each epoch's mixture (None: the dataset's own share, i.e.
     all of it); samples_per_epoch: mixture size n (None: the largest that fits);
     mixture_seed: default args.seed; mega_batch_size / group_by_length: as in
-    ModalityLengthBatchSampler; side_of: see side_param_groups. Other arguments are Trainer's.
+    ModalityLengthBatchSampler; side_of: see side_param_groups; stop_on_signal: on SIGTERM or
+    SIGINT save a checkpoint after the current step and stop (StopOnSignalCallback). Other
+    arguments are Trainer's.
     """
 
     def __init__(self, *args, language_share: Optional[float] = None,
                  samples_per_epoch: Optional[int] = None, mixture_seed: Optional[int] = None,
                  mega_batch_size: Optional[int] = None, group_by_length: bool = True,
-                 side_of: Optional[Callable[[str], str]] = None, **kwargs):
+                 side_of: Optional[Callable[[str], str]] = None, stop_on_signal: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.stop_on_signal = StopOnSignalCallback() if stop_on_signal else None
+        if self.stop_on_signal is not None:
+            self.add_callback(self.stop_on_signal)
         self.language_share, self.samples_per_epoch = language_share, samples_per_epoch
         self.mixture_seed = self.args.seed if mixture_seed is None else mixture_seed
         self.mega_batch_size, self.group_by_length, self.side_of = mega_batch_size, group_by_length, side_of
@@ -128,6 +164,14 @@ class MlanTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, BalanceCallback):
                 callback.bind(self)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train; SIGTERM/SIGINT handlers are restored however it ends."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.stop_on_signal is not None:
+                self.stop_on_signal.release()
 
     def add_callback(self, callback):
         super().add_callback(callback)
@@ -253,6 +297,8 @@ class MlanTrainer(Trainer):
         if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self._unwrapped(model)
+        balance = [(callback, callback.read_checkpoint(resume_from_checkpoint))   # checked first
+                   for callback in self.callback_handler.callbacks if isinstance(callback, BalanceCallback)]
         load_adapters(model, resume_from_checkpoint, patch=False)
         for name, wrapper in peft_models(model).items():
             weights = os.path.join(resume_from_checkpoint, PEFT_FOLDER, name, WEIGHTS_NAME)
@@ -260,6 +306,5 @@ class MlanTrainer(Trainer):
                 from peft import set_peft_model_state_dict
                 from safetensors.torch import load_file
                 set_peft_model_state_dict(wrapper, load_file(weights))
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, BalanceCallback):
-                callback.load_checkpoint(resume_from_checkpoint)
+        for callback, saved in balance:
+            callback.restore(saved)

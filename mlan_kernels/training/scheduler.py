@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .balance import FEATURE, LANGUAGE
+from .balance import FEATURE, LANGUAGE, check_kappa_hat, finite_number
 
 GROUP_KEY = "balance_group"
 
@@ -43,6 +43,21 @@ class CosineWithWarmup:
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_balance_settings(alpha, clip=(0.1, 10.0)):
+    """ValueError unless alpha is a finite number >= 0 and clip a pair (m_min, m_max) of finite
+    numbers with 0 < m_min <= 1 <= m_max (a NaN alpha makes every LR NaN; a negative clip
+    trains with negative LRs, i.e. gradient ascent; a reversed one pins both multipliers)."""
+    if not (finite_number(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    try:
+        low, high = clip
+    except (TypeError, ValueError):
+        raise ValueError(f"clip must be a pair (m_min, m_max), got {clip!r}") from None
+    if not (finite_number(low) and finite_number(high) and 0 < low <= 1 <= high):
+        raise ValueError(f"clip must be (m_min, m_max) of finite numbers with 0 < m_min <= 1 <= "
+                         f"m_max, got {tuple(clip)!r}")
 
 
 def balance_multipliers(kappa_hat: Optional[float], alpha: float = 0.5,
@@ -73,10 +88,7 @@ class BalanceScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     def __init__(self, optimizer, base_schedule=None, alpha: float = 0.5,
                  clip: Sequence[float] = (0.1, 10.0), last_epoch: int = -1):
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        if len(clip) != 2 or not 0 < clip[0] <= 1 <= clip[1]:
-            raise ValueError(f"clip must be (m_min, m_max) with 0 < m_min <= 1 <= m_max, got {clip!r}")
+        check_balance_settings(alpha, clip)
         for index, group in enumerate(optimizer.param_groups):
             if group.get(GROUP_KEY, FEATURE) not in (FEATURE, LANGUAGE):
                 raise ValueError(f"param group {index}: {GROUP_KEY} must be 'feature' or "
@@ -87,8 +99,9 @@ class BalanceScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     def update_kappa(self, kappa_hat: float):
         """Use κ̂ (e.g. BalanceMonitor's record["kappa_ema"]) from the next step() on."""
-        if not kappa_hat > 0:
-            raise ValueError(f"kappa_hat must be > 0, got {kappa_hat!r}")
+        if kappa_hat is None:
+            raise ValueError("kappa_hat must be a finite number > 0, got None")
+        check_kappa_hat(kappa_hat)
         self.kappa_hat = float(kappa_hat)
 
     @property
