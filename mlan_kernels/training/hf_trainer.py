@@ -35,6 +35,7 @@ from ..checkpoint import WEIGHTS_NAME, adapter_state_dict, load_adapters, save_a
 from ..data.collate import collate
 from ..data.dataset import split_by_modality
 from ..data.sampler import MixtureSampler, ModalityLengthBatchSampler
+from ..data.tokenizer import as_tokenizer
 from ..integrations.hf_compat import enable_gradient_checkpointing
 from .balance import FEATURE, LANGUAGE
 from .hf_balance import BalanceCallback
@@ -47,10 +48,11 @@ PEFT_FOLDER = "peft"
 class MlanCollator:
     """InstructionDataset samples -> LavinModel.forward kwargs (collate without "ids"):
     input_ids / attention_mask / labels [B, T], pixel_values [B_img, 3, H, W] or None,
-    has_image [B]. A class, not a lambda, so DataLoader workers can pickle it."""
+    has_image [B]. A class, not a lambda, so DataLoader workers can pickle it.
+    pad: the pad id, or a tokenizer (ours, a HuggingFace tokenizer or processor) to take it from."""
 
-    def __init__(self, pad_id: int = 0):
-        self.pad_id = pad_id
+    def __init__(self, pad=0):
+        self.pad_id = pad if isinstance(pad, int) and not isinstance(pad, bool) else as_tokenizer(pad).pad_id
 
     def __call__(self, samples: list) -> dict:
         batch = collate(samples, pad_id=self.pad_id)
@@ -111,13 +113,20 @@ class MlanTrainer(Trainer):
     language_share: text fraction of each epoch's mixture (None: the dataset's own share, i.e.
     all of it); samples_per_epoch: mixture size n (None: the largest that fits);
     mixture_seed: default args.seed; mega_batch_size / group_by_length: as in
-    ModalityLengthBatchSampler; side_of: see side_param_groups. Other arguments are Trainer's.
+    ModalityLengthBatchSampler; side_of: see side_param_groups. Other arguments are Trainer's;
+    without a data_collator, MlanCollator with the pad id of `processing_class` (a tokenizer or
+    processor, saved with each checkpoint) or of the train_dataset's tokenizer.
     """
 
     def __init__(self, *args, language_share: Optional[float] = None,
                  samples_per_epoch: Optional[int] = None, mixture_seed: Optional[int] = None,
                  mega_batch_size: Optional[int] = None, group_by_length: bool = True,
                  side_of: Optional[Callable[[str], str]] = None, **kwargs):
+        if kwargs.get("data_collator") is None:
+            sources = (kwargs.get("processing_class"), kwargs.get("tokenizer"),
+                       getattr(kwargs.get("train_dataset"), "tokenizer", None))
+            source = next((item for item in sources if item is not None), None)
+            kwargs["data_collator"] = MlanCollator(0 if source is None else source)
         super().__init__(*args, **kwargs)
         self.language_share, self.samples_per_epoch = language_share, samples_per_epoch
         self.mixture_seed = self.args.seed if mixture_seed is None else mixture_seed
