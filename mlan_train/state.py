@@ -25,7 +25,7 @@ STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetenso
 # the optimization or the schedule, and must equal the checkpoint's (else the run refuses).
 RESUME_MAY_CHANGE = ("out", "resume", "eval_every", "log_every", "save_every", "progress",
                      "plots", "threads", "stop_after", "compare_backends", "make_data", "shares",
-                     "sweep")
+                     "sweep", "predict", "max_new_tokens")
 
 
 def _scheduler_state(scheduler) -> dict:
