@@ -7,13 +7,14 @@ generator. Layering: imports nothing else from mlan_kernels.
 from .collate import TokenCounter, collate
 from .dataset import (IGNORE_INDEX, PROMPT_TEMPLATE, InstructionDataset, load_pixels, prompt_ids,
                       split_by_modality)
+from .inference import Answerer
 from .records import LoadReport, Record, find_data_files, load_records, split_records
 from .sampler import MixtureSampler, ModalityLengthBatchSampler
 from .synthetic import chance_levels, make_synthetic, task_from_id
 from .templates import TEMPLATE_NAMES, get_template
 from .tokenizer import HFTokenizer, WordTokenizer, as_tokenizer
 
-__all__ = ["HFTokenizer", "IGNORE_INDEX", "PROMPT_TEMPLATE", "InstructionDataset", "LoadReport",
+__all__ = ["Answerer", "HFTokenizer", "IGNORE_INDEX", "PROMPT_TEMPLATE", "InstructionDataset", "LoadReport",
            "MixtureSampler", "ModalityLengthBatchSampler", "Record", "TEMPLATE_NAMES", "TokenCounter",
            "WordTokenizer", "as_tokenizer", "chance_levels", "collate", "find_data_files",
            "get_template", "load_pixels", "load_records", "make_synthetic", "prompt_ids",
