@@ -29,12 +29,6 @@ def check_paths(config):
     """--data (a .json/.jsonl file or a directory with train.json(l)), --image-folder,
     --eval-data, --predict, --llama, --clip, --tokenizer and --resume must exist locally;
     --base excludes --llama/--clip."""
-    if not config.make_data:
-        try:
-            find_data_files(config.data)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"--data {config.data}: {str(error).split(': ', 1)[-1]} (or pass "
-                             f"--make-data to generate the synthetic task there)") from error
     for option in ("eval_data", "predict"):
         path = getattr(config, option)
         if path is not None and not os.path.isfile(path):
@@ -44,6 +38,12 @@ def check_paths(config):
     if config.base is not None and (config.llama is not None or config.clip is not None):
         raise ValueError(f"--base {config.base}: the base's LLaMA and CLIP are used; do not "
                          f"also pass --llama/--clip")
+    if not config.make_data:
+        try:
+            find_data_files(config.data)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--data {config.data}: {str(error).split(': ', 1)[-1]}; or pass "
+                             f"--make-data to generate the synthetic task there") from error
     for option in ("llama", "clip"):
         path = getattr(config, option)
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
