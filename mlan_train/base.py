@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from mlan_kernels.data.dataset import image_pixels
 from mlan_kernels.data.synthetic import COLOURS, SHAPES, SIDES, random_scene, render, statements
@@ -61,11 +62,12 @@ class BaseSettings:
     seed: int = 0
 
 
-def _train(model: nn.Module, lr: float, steps: int, loss_at) -> float:
-    """`steps` AdamW steps (warm-up 5 %, cosine, clip 1.0) on loss_at(step); the last loss."""
+def _train(model: nn.Module, lr: float, steps: int, loss_at, desc: str = "", progress: bool = False) -> float:
+    """`steps` AdamW steps (warm-up 5 %, cosine, clip 1.0) on loss_at(step); the last loss.
+    progress: a tqdm bar named `desc`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineWithWarmup(steps // 20, steps))
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
         loss = loss_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,7 +111,7 @@ def last_word_accuracy(llama, texts: list, tokenizer: WordTokenizer) -> float:
     return float((predicted == input_ids[rows, word]).float().mean())
 
 
-def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
+def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer, progress: bool = False):
     """(LlamaForCausalLM in eval mode, {"loss", "seconds", "held_out_last_word_accuracy":
     {kind: accuracy} over DETERMINED_KINDS})."""
     start = time.perf_counter()
@@ -125,7 +127,7 @@ def pretrain_llama(settings: BaseSettings, tokenizer: WordTokenizer):
         input_ids, labels = _encode(batch, tokenizer)
         return llama(input_ids=input_ids, attention_mask=labels != -100, labels=labels).loss
 
-    loss = _train(llama, settings.lr, settings.text_steps, loss_at)
+    loss = _train(llama, settings.lr, settings.text_steps, loss_at, "stage 1 LLaMA", progress)
     llama.eval()
     held_out = {kind: statements(300, settings.seed + 1, kinds=(kind,)) for kind in DETERMINED_KINDS}
     accuracy = {kind: last_word_accuracy(llama, texts, tokenizer) for kind, texts in held_out.items()}
@@ -146,7 +148,7 @@ def scenes(count: int, settings: BaseSettings, seed: int) -> tuple:
     return torch.stack(pixels), {name: torch.tensor(v) for name, v in labels.items()}
 
 
-def pretrain_clip(settings: BaseSettings):
+def pretrain_clip(settings: BaseSettings, progress: bool = False):
     """(CLIPVisionModel in eval mode, {"loss", "held_out_accuracy": {attribute: acc}, "seconds"})."""
     start = time.perf_counter()
     clip = tiny_clip(seed=settings.seed + 1, hidden_size=settings.clip_dim,
@@ -165,7 +167,7 @@ def pretrain_clip(settings: BaseSettings):
         return sum(nn.functional.cross_entropy(heads[name](pooled), labels[name][rows])
                    for name in ATTRIBUTES)
 
-    loss = _train(model, settings.lr, settings.vision_steps, loss_at)
+    loss = _train(model, settings.lr, settings.vision_steps, loss_at, "stage 1 CLIP", progress)
     model.eval()
     eval_pixels, eval_labels = scenes(1000, settings, seed=settings.seed + 1)
     with torch.no_grad():
@@ -218,7 +220,7 @@ def _check_base_files(directory: Path):
 
 
 def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings = BaseSettings(),
-                    log=print) -> dict:
+                    log=print, progress: bool = False) -> dict:
     """Make (or reuse) the stage-1 base under `directory`; returns its base.json record:
     {"settings", "vocabulary", "llama": stats, "clip": stats, "reused": bool}.
     The models are at directory/llama (with tokenizer.json) and directory/clip."""
@@ -229,12 +231,12 @@ def pretrained_base(directory, tokenizer: WordTokenizer, settings: BaseSettings 
     handle = os.open(directory.parent, os.O_RDONLY)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        return _make_or_reuse(directory, tokenizer, settings, log)
+        return _make_or_reuse(directory, tokenizer, settings, log, progress)
     finally:
         os.close(handle)                   # releases the lock
 
 
-def _make_or_reuse(directory: Path, tokenizer, settings, log) -> dict:
+def _make_or_reuse(directory: Path, tokenizer, settings, log, progress) -> dict:
     wanted = _fingerprint(settings, tokenizer)
     record = load_base_record(directory)
     if record and all(record.get(key) == value for key, value in wanted.items()):
@@ -247,8 +249,8 @@ def _make_or_reuse(directory: Path, tokenizer, settings, log) -> dict:
     log(f"stage 1: pretraining the tiny LLaMA ({settings.text_steps} steps) and CLIP "
         f"({settings.vision_steps} steps) into {directory}")
     torch.manual_seed(settings.seed)
-    llama, llama_stats = pretrain_llama(settings, tokenizer)
-    clip, clip_stats = pretrain_clip(settings)
+    llama, llama_stats = pretrain_llama(settings, tokenizer, progress)
+    clip, clip_stats = pretrain_clip(settings, progress)
     scratch = Path(tempfile.mkdtemp(prefix=".base-", dir=directory.parent))
     try:
         llama.save_pretrained(scratch / "llama")
@@ -273,7 +275,7 @@ def settings_of(config) -> BaseSettings:
     """The base a TrainConfig's tiny-model options and --base-steps describe (LLaMA positions
     for --max-length tokens after the modality token and the image tokens)."""
     from .config import max_length
-    positions = max(BaseSettings.max_positions, max_length(config) + 1 + config.clip_layers // 4)
+    positions = max(BaseSettings.max_positions, max_length(config) + 1 + config.clip_layers // config.clip_every)
     return BaseSettings(dim=config.dim, layers=config.layers, heads=config.heads,
                         max_positions=positions, text_steps=config.base_steps,
                         vision_steps=config.base_steps,
@@ -291,7 +293,7 @@ def with_pretrained_base(config, rank: int = 0, world_size: int = 1):
         if not isinstance(tokenizer, WordTokenizer):
             raise ValueError(f"--base {config.base}: needs the synthetic task's word tokenizer, "
                              f"got {type(tokenizer).__name__}")
-        pretrained_base(config.base, tokenizer, settings_of(config))
+        pretrained_base(config.base, tokenizer, settings_of(config), progress=config.progress)
     if world_size > 1:
         torch.distributed.barrier()
     return dataclasses.replace(config, llama=str(Path(config.base) / "llama"),

@@ -2,7 +2,8 @@
 
     mlan-train --data data/synthetic --make-data --shares 0.5 0.875 --compare-backends
     torchrun --nproc_per_node=2 -m mlan_train.cli --data ... --steps 20
-    mlan-train --llama ~/llama-7b-hf --clip ~/clip-vit-large-patch14 --data ~/llava --tokenizer ...
+    mlan-train --llama ~/llama-7b-hf --clip ~/clip-vit-large-patch14 --data ~/llava/llava.json
+               --image-folder ~/llava/images --eval-fraction 0.05 --predict questions.json
 
 Writes OUT/run.json (OUT/share-S/run.json per share with --shares), loss.png, balance.png,
 a checkpoint directory (adapters/ in safetensors + exact-resume state), and with several
@@ -21,8 +22,9 @@ import torch
 from .base import with_pretrained_base
 from .config import build_parser, config_from_args
 from .preflight import check_device, check_paths, check_run_directory, run_lock
+from .predict import write_predictions
+from .report import plot_shares, plots_possible, write_run
 from .signals import TrainingStopped
-from .report import plot_shares, write_run
 from .swap import find_checkpoint
 from .throughput import backend_throughput
 from .trainer import MixedTrainer
@@ -85,11 +87,20 @@ def table_row(share, summary) -> dict:
            "probe_s": summary["probe_seconds_mean"],
            "peak_memory_mb": summary["peak_memory"]["bytes"] / 2**20,
            "parameters": summary["parameters"]}
-    row["by_task"] = {task: accuracy for modality in ("text", "image")
-                      for task, accuracy in final.get(modality, {}).get("by_task", {}).items()}
+    row["by_task"] = accuracy_by_task(final)
     for entry in summary.get("backends", []):
         row[f"fwd_bwd_tokens_per_s[{entry['backend']}={entry['resolved']}]"] = entry["tokens_per_s"]
     return row
+
+
+def accuracy_by_task(final: dict) -> dict:
+    """{task: accuracy} over both modalities of a final evaluation; a task name found in both
+    (e.g. "all", for ids that name no task) is written "text all" / "image all", so neither
+    modality's entry replaces the other's."""
+    tasks = {modality: final.get(modality, {}).get("by_task", {}) for modality in ("text", "image")}
+    shared = set(tasks["text"]) & set(tasks["image"])
+    return {(f"{modality} {task}" if task in shared else task): accuracy
+            for modality, entries in tasks.items() for task, accuracy in entries.items()}
 
 
 def format_table(rows, chance) -> str:
@@ -195,13 +206,15 @@ def run(config) -> int:
             summary["backends"] = backend_throughput(trainer)
         write_run(summary, out, plots=config.plots)
         rows.append(table_row(share, summary))
+        if config.predict:
+            print(f"answers to {config.predict} in {write_predictions(trainer, config.predict, out)}")
     if rank == 0:
         chance = chance_levels(config.data)
         print(format_table(rows, chance))
         if config.shares:
             with open(os.path.join(config.out, "results.json"), "w", encoding="utf-8") as handle:
                 json.dump({"rows": rows, "chance": chance}, handle, indent=1)
-            if config.plots:
+            if plots_possible(config.plots):
                 plot_shares(rows, chance, os.path.join(config.out, "shares.png"))
         print(f"results in {config.out}")
     if world_size > 1:

@@ -15,6 +15,7 @@ from typing import Optional
 
 from mlan_kernels.config import PLACEMENTS, AdapterConfig, check_settings
 from mlan_kernels.data.records import MAX_IMAGE_PIXELS
+from mlan_kernels.data.templates import TEMPLATE_NAMES
 from mlan_kernels.dispatch import BACKENDS
 from mlan_kernels.help_format import DefaultsHelpFormatter
 
@@ -31,7 +32,12 @@ ADAPTER_FLAGS = {"rank": "rank", "experts": "experts", "groups": "groups",
 
 @dataclass
 class TrainConfig:
-    data: str = "data/synthetic"             # directory with train.jsonl, eval.jsonl, tokenizer.json
+    data: str = "data/synthetic"             # a LLaVA .json/.jsonl file, or a directory with
+                                              # train.json(l) [+ eval.json(l)] [+ tokenizer.json]
+    image_folder: Optional[str] = None        # image paths start here (default: the data file's directory)
+    allow_absolute_image_paths: bool = False  # accept absolute "image" paths (else skipped)
+    eval_data: Optional[str] = None           # held-out .json/.jsonl file (default: DATA/eval.json(l))
+    eval_fraction: float = 0.0                # hold out this share of the training file instead
     out: str = "runs/mixed"                   # run directory (run.json, plots, checkpoints)
     language_share: float = 0.875             # fraction of text-only samples per epoch (MLAN)
     samples_per_epoch: Optional[int] = None   # default: as many as the share allows
@@ -54,6 +60,10 @@ class TrainConfig:
     llama: Optional[str] = None               # local HF LlamaForCausalLM directory
     clip: Optional[str] = None                # local HF CLIPVisionModel directory
     tokenizer: Optional[str] = None           # tokenizer.json (default: DATA/tokenizer.json or the --llama one)
+    template: str = "auto"                    # conversation template (data/templates.py): auto = the
+                                              # tokenizer's chat template if it has one, else mlan
+    strict_vocab: bool = False                # template words / answers the tokenizer cannot
+                                              # spell (unknown token) are an error, not a warning
     dim: int = 128
     layers: int = 2
     heads: int = 4
@@ -61,6 +71,7 @@ class TrainConfig:
     clip_layers: int = 4
     image_size: int = 28
     patch_size: int = 4
+    clip_every: int = 4                       # the neck reads every N-th CLIP block (K = depth / N)
     max_length: Optional[int] = None          # tokens per sample (default 64 tiny, 512 with --llama)
     allow_truncation: bool = False            # train even if --max-length cuts answer tokens of
                                               # more than MAX_TRUNCATED_SHARE of the records
@@ -113,10 +124,19 @@ class TrainConfig:
     make_data: bool = False                   # generate the synthetic task into --data if absent
     compare_backends: bool = False            # time fwd+bwd per adapter backend after training
     stop_after: int = 0                       # end this invocation after N steps (checkpointed)
+    predict: Optional[str] = None             # JSON file of questions: answers -> OUT/predictions.json
+    max_new_tokens: int = 64                  # --predict: longest answer in tokens
 
 
 HELP = {   # one line of --help per TrainConfig field; the formatter appends "(default: X)"
-    "data": "directory with train.jsonl, eval.jsonl and tokenizer.json",
+    "data": "dataset: a LLaVA .json list or a .jsonl file, or a directory with train.json or "
+            "train.jsonl (and optionally eval.json(l), tokenizer.json)",
+    "image_folder": "folder the records' image paths are relative to (LLaVA's --image_folder; "
+                    "default: the data file's directory); paths leaving it are skipped",
+    "allow_absolute_image_paths": "accept absolute image paths (default: skipped and counted)",
+    "eval_data": "held-out .json/.jsonl file (default: eval.json(l) beside train.json(l); none: "
+                 "no held-out evaluation)",
+    "eval_fraction": "hold out this share of the training records for evaluation, in [0, 1)",
     "out": "run directory (run.json, plots, checkpoint/)",
     "language_share": "fraction of text-only samples per epoch (MLAN's language share)",
     "samples_per_epoch": "samples per epoch (default: as many as the share allows)",
@@ -137,7 +157,11 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "base_seed": "stage 1 (--base): seed of the base models (--seed seeds stage 2 only)",
     "llama": "local HF LlamaForCausalLM directory (default: a tiny LLaMA built in code)",
     "clip": "local HF CLIPVisionModel directory (default: a tiny CLIP built in code)",
-    "tokenizer": "tokenizer.json (default: DATA/tokenizer.json, or the --llama directory's)",
+    "tokenizer": "tokenizer.json or a HF tokenizer directory (default: the --llama directory's, "
+                 "else DATA/tokenizer.json)",
+    "template": "conversation template: auto (the tokenizer's chat template if it has one, else "
+                "mlan), chat, mlan ('user : Q assistant : A'), plain, vicuna_v1, llava_llama_3",
+    "strict_vocab": "template words or answer tokens that map to the unknown token are an error",
     "dim": "hidden size of the tiny LLaMA",
     "layers": "decoder layers of the tiny LLaMA",
     "heads": "attention heads of the tiny LLaMA",
@@ -145,6 +169,7 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "clip_layers": "blocks of the tiny CLIP (a multiple of 4: the neck reads every 4th)",
     "image_size": "image side in pixels (tiny CLIP)",
     "patch_size": "patch side in pixels (tiny CLIP)",
+    "clip_every": "the neck reads CLIP's summary token after every N-th block (LaVIN: 4)",
     "max_length": "tokens per sample (default: 64 for the tiny models, 512 with --llama)",
     "allow_truncation": "train even if --max-length cuts answer tokens of more than 1%% of records",
     "max_image_pixels": "skip images above this many pixels, read from the header (0 = no limit)",
@@ -186,6 +211,9 @@ HELP = {   # one line of --help per TrainConfig field; the formatter appends "(d
     "make_data": "generate the synthetic task into --data if it is absent",
     "compare_backends": "time forward+backward per adapter backend after training",
     "stop_after": "end this invocation after N steps, checkpointed (0 = run to --steps)",
+    "predict": "after training, answer the questions of this JSON file (LLaVA records or "
+               "{id, question, image}) into OUT/predictions.json",
+    "max_new_tokens": "--predict: longest answer in tokens",
 }
 
 
@@ -271,6 +299,7 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "lr": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "eval_fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
     "kappa_eps": (lambda v: v > 0, "> 0"),
     "kappa_beta": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -279,7 +308,8 @@ FLOAT_RANGES = {            # option: (check, accepted values); every float must
     "aux_weight": (lambda v: v >= 0, ">= 0 (0 = off)"),
 }
 POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "dim", "layers", "heads", "clip_dim",
-                 "clip_layers", "image_size", "patch_size", "base_steps")
+                 "clip_layers", "image_size", "patch_size", "base_steps", "clip_every",
+                 "max_new_tokens")
 NON_NEGATIVE_INTS = ("probe_every", "save_every", "eval_every", "stop_after", "threads",
                      "max_image_pixels")
 SEED_LIMIT = 2**32
@@ -308,7 +338,10 @@ def validate(config: TrainConfig):
         ("nan_policy", config.nan_policy in NAN_POLICIES, " or ".join(map(repr, NAN_POLICIES))),
         ("backend", config.backend in ("auto",) + BACKENDS, f"one of {('auto',) + BACKENDS}"),
         ("device", _device_ok(config.device), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
-        ("clip_layers", config.clip_layers % 4 == 0, "a multiple of 4 (LaVIN's neck taps every 4th block)"),
+        ("clip_layers", bool(config.clip) or config.clip_every < 1
+         or config.clip_layers % config.clip_every == 0,
+         f"a multiple of --clip-every {config.clip_every} (the neck taps every N-th block)"),
+        ("template", config.template in TEMPLATE_NAMES, " or ".join(map(repr, TEMPLATE_NAMES))),
         ("shares", all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),
         ("log_every", config.log_every >= 1, ">= 1"),
     ]
@@ -323,6 +356,8 @@ def validate(config: TrainConfig):
         if not ok:
             raise ValueError(f"{_flag(name)} must be {expected}, got {getattr(config, name)!r}")
     _validate_shapes(config)
+    if config.eval_data is not None and config.eval_fraction > 0:
+        raise ValueError("--eval-data and --eval-fraction both choose the held-out set: pass one")
     if config.balance_alpha > 0 and config.probe_every == 0:
         raise ValueError("--balance-alpha needs κ probes: set --probe-every > 0")
     if config.aux_weight > 0 and config.probe_every == 0:

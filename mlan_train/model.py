@@ -36,7 +36,7 @@ def _load_clip(path):
 def build_model(config, vocab_size: int) -> LavinModel:
     """The patched LavinModel on CPU, fp32, train mode (parameters of a frozen base keep
     requires_grad=False). vocab_size: the tokenizer's; a loaded LLaMA must cover it."""
-    image_tokens = config.clip_layers // 4
+    image_tokens = config.clip_layers // config.clip_every
     if config.llama:
         llama = _load_llama(config.llama)
         if llama.config.vocab_size < vocab_size:
@@ -54,7 +54,8 @@ def build_model(config, vocab_size: int) -> LavinModel:
                          layers=config.clip_layers, heads=4, intermediate_size=2 * config.clip_dim,
                          image_size=config.image_size, patch_size=config.patch_size)
     torch.manual_seed(config.seed + 2)                       # adapters, neck, modality token
-    model = build_lavin(llama, clip, config.adapter, freeze_base=not trains_base(config))
+    model = build_lavin(llama, clip, config.adapter, freeze_base=not trains_base(config),
+                        clip_every=config.clip_every)
     if trains_base(config):
         model.requires_grad_(True)
     # MLAN batches hold one modality, so every LLaMA adapter may use the single-U fast path
@@ -63,6 +64,20 @@ def build_model(config, vocab_size: int) -> LavinModel:
     set_single_modality(model.llama, True)
     set_backend(model, config.backend)
     return model.train()
+
+
+def model_record(model: LavinModel, config) -> dict:
+    """What run.json records of the models actually trained: their sizes (read from the
+    loaded configs, so --llama/--clip checkpoints are described, not the tiny defaults) and
+    where they came from."""
+    llama, clip = model.llama.config, model.clip.config
+    return {"llama": config.llama or "tiny LLaMA built in code",
+            "clip": config.clip or "tiny CLIP built in code",
+            "dim": llama.hidden_size, "layers": llama.num_hidden_layers,
+            "heads": llama.num_attention_heads, "vocab_size": llama.vocab_size,
+            "clip_dim": clip.hidden_size, "clip_layers": clip.num_hidden_layers,
+            "image_size": clip.image_size, "patch_size": clip.patch_size,
+            "clip_every": model.clip_every, "image_tokens": model.image_token_count}
 
 
 def side_of(name: str) -> str:

@@ -9,6 +9,7 @@ import tempfile
 
 import torch
 
+from mlan_kernels.data.records import find_data_files
 from .swap import find_checkpoint
 
 CHECKPOINT_NAME = "checkpoint"
@@ -28,14 +29,24 @@ def check_device(device: str):
 
 
 def check_paths(config):
-    """--data, --llama, --clip, --tokenizer and --resume must exist locally; --base excludes
-    --llama/--clip."""
-    if not config.make_data and not os.path.isdir(config.data):
-        raise ValueError(f"--data {config.data}: not a directory (pass --make-data to generate "
-                         f"the synthetic task there)")
+    """--data (a .json/.jsonl file or a directory with train.json(l)), --image-folder,
+    --eval-data, --predict, --llama, --clip, --tokenizer and --resume must exist locally;
+    --base excludes --llama/--clip."""
+    for option in ("eval_data", "predict"):
+        path = getattr(config, option)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{option.replace('_', '-')} {path}: not a file")
+    if config.image_folder is not None and not os.path.isdir(config.image_folder):
+        raise ValueError(f"--image-folder {config.image_folder}: not a directory")
     if config.base is not None and (config.llama is not None or config.clip is not None):
         raise ValueError(f"--base {config.base}: the base's LLaMA and CLIP are used; do not "
                          f"also pass --llama/--clip")
+    if not config.make_data:
+        try:
+            find_data_files(config.data)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--data {config.data}: {str(error).split(': ', 1)[-1]}; or pass "
+                             f"--make-data to generate the synthetic task there") from error
     for option in ("llama", "clip"):
         path = getattr(config, option)
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):

@@ -29,8 +29,14 @@ def run_summary(trainer, totals: dict) -> dict:
     seen = tokens["text_tokens"] + tokens["image_tokens"]
     train_seconds = sum(history["step_seconds"])
     probes = history["kappa"]
+    from .model import model_record
+    model = model_record(trainer.module, trainer.config)
+    sizes = {key: value for key, value in model.items() if key not in ("llama", "clip", "vocab_size", "image_tokens")}
     return {
-        "config": trainer.config_dict(),
+        "config": trainer.config_dict() | sizes,      # the models' real sizes, not the tiny defaults
+        "model": model | {"tokenizer": repr(trainer.tokenizer), "template": trainer.train_set.template.name,
+                          "image_processor": type(trainer.image_processor).__name__
+                          if trainer.image_processor is not None else "built-in resize + CLIP normalization"},
         "environment": environment(trainer.device, trainer.world_size),
         "data": {"train_samples": len(trainer.train_set), "eval_samples": len(trainer.eval_set),
                  "padding_ratio": tokens["padded_tokens"] / max(tokens["padded_tokens"] + tokens["text_tokens"], 1),
@@ -55,14 +61,28 @@ def run_summary(trainer, totals: dict) -> dict:
     }
 
 
+def plots_possible(plots: bool) -> bool:
+    """`plots`, unless matplotlib cannot be imported: then one line says the plots are skipped
+    (matplotlib is not a dependency of the program, only of the [bench] extra)."""
+    if not plots:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, or --no-plots)")
+        return False
+    return True
+
+
 def write_run(summary: dict, out_dir, plots=True) -> list:
-    """Write run.json (+ loss.png, balance.png) to out_dir; returns the paths written."""
+    """Write run.json (+ loss.png, balance.png when plots and matplotlib is there) to out_dir;
+    returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "run.json")
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
     written = [path]
-    if plots:
+    if plots_possible(plots):
         written.append(plot_loss(summary, os.path.join(out_dir, "loss.png")))
         if summary["kappa"]:
             from mlan_kernels.training.plot import plot_balance

@@ -25,11 +25,10 @@ STATE_NAME, TRAINABLE_NAME, RANK_NAME = "trainer_state.pt", "trainable.safetenso
 # output goes, how this invocation runs (threads, progress bar, plots, when to stop) and what
 # is measured after training. Every other option decides the model, the data, the data order,
 # the optimization or the schedule, and must equal the checkpoint's (else the run refuses).
-DATA_FILES = ("train.jsonl", "eval.jsonl")
 STATE_KEYS = ("step", "optimizer", "scheduler", "batches", "monitor", "history", "config")
 RESUME_MAY_CHANGE = ("out", "resume", "eval_every", "log_every", "save_every", "progress",
                      "plots", "threads", "stop_after", "compare_backends", "make_data", "shares",
-                     "sweep")
+                     "sweep", "predict", "max_new_tokens")
 
 
 def _scheduler_state(scheduler) -> dict:
@@ -93,17 +92,16 @@ def _save_checkpoint(directory, trainer, rank, world_size):
     _barrier(world_size)
 
 
-def data_fingerprint(directory) -> dict:
-    """{file: {"bytes": size, "sha256": hex digest}} of the data files a run reads: a resume
-    compares it, so a different dataset at the same --data path is refused."""
+def data_fingerprint(paths) -> dict:
+    """{file name: {"bytes": size, "sha256": hex digest}} of the data files a run reads (None
+    entries skipped): a resume compares it, so a different dataset at the same path is refused."""
     fingerprint = {}
-    for name in DATA_FILES:
-        path = os.path.join(directory, name)
+    for path in filter(None, paths):
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-        fingerprint[name] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+        fingerprint[os.path.basename(path)] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
     return fingerprint
 
 
@@ -112,11 +110,11 @@ def _refuse_changed_data(where, saved, current):
     written before fingerprints existed hold none: nothing to compare)."""
     if saved is None:
         return
-    for name in DATA_FILES:
+    for name in sorted(set(saved) | set(current)):
         if saved.get(name) != current.get(name):
-            raise ValueError(f"--resume {where}: --data's {name} differs from the one the "
-                             f"checkpoint trained on (sha256 {str(saved.get(name, {}).get('sha256'))[:12]}..., "
-                             f"now {current[name]['sha256'][:12]}...); resume with the same data")
+            before, now = (str((side.get(name) or {}).get("sha256"))[:12] for side in (saved, current))
+            raise ValueError(f"--resume {where}: the data file {name} differs from the one the "
+                             f"checkpoint trained on (sha256 {before}..., now {now}...); resume with the same data")
 
 
 def _read_state(found, name, keys=()):

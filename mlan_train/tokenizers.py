@@ -1,34 +1,19 @@
-"""Tokenizer choice of the training program: our in-code WordTokenizer (synthetic data), or a
-local HuggingFace tokenizer (the --llama checkpoint's), behind the same small interface:
-encode(text) -> ids (no special tokens), decode(ids), vocab_size, pad_id, bos_id, eos_id."""
+"""Tokenizer and image processor of the training program: our in-code WordTokenizer (synthetic
+data), or a local HuggingFace tokenizer (the --llama checkpoint's) wrapped in the data layer's
+HFTokenizer, behind the same small interface: encode(text) -> ids (no special tokens),
+decode(ids), vocab_size, pad_id, bos_id, eos_id, unk_id, chat_template."""
 import os
 
-from mlan_kernels.data.tokenizer import WordTokenizer
+from mlan_kernels.data.tokenizer import HFTokenizer, WordTokenizer
+
+__all__ = ["HFTokenizer", "data_directory", "load_image_processor", "load_tokenizer"]
 
 MAX_TOKENIZER_BYTES = 256 << 20         # LLaMA's tokenizer.json is about 2 MB
 
 
-class HFTokenizer:
-    """A transformers tokenizer (loaded from a local directory, no download) as above.
-    pad_id falls back to 0 (LLaMA has none; padded positions are masked anyway)."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        self.inner = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.bos_id, self.eos_id = self.inner.bos_token_id, self.inner.eos_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"tokenizer at {path} needs bos and eos tokens")
-        self.pad_id = self.inner.pad_token_id if self.inner.pad_token_id is not None else 0
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.inner)
-
-    def encode(self, text: str) -> list:
-        return self.inner(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids) -> str:
-        return self.inner.decode(ids, skip_special_tokens=True)
+def data_directory(config) -> str:
+    """--data if it is a directory, else the directory of the --data file."""
+    return config.data if os.path.isdir(config.data) else os.path.dirname(config.data) or "."
 
 
 def load_tokenizer(config):
@@ -38,7 +23,7 @@ def load_tokenizer(config):
     if path is None and config.llama and os.path.exists(os.path.join(config.llama, "tokenizer_config.json")):
         path = config.llama
     if path is None:
-        path = os.path.join(config.data, "tokenizer.json")
+        path = os.path.join(data_directory(config), "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer not found: {path} (generate the data with "
                                 f"python/make_synthetic.py or pass --tokenizer)")
@@ -48,9 +33,18 @@ def load_tokenizer(config):
         raise ValueError(f"tokenizer {path}: {os.path.getsize(path)} bytes, more than the "
                          f"{MAX_TOKENIZER_BYTES} a tokenizer file may have")
     try:
-        return HFTokenizer(path) if os.path.isdir(path) else WordTokenizer.load(path)
+        return HFTokenizer.from_pretrained(path) if os.path.isdir(path) else WordTokenizer.load(path)
     except ValueError as error:
         raise ValueError(f"tokenizer {path}: {error}") from None
     except Exception as error:          # tokenizers raises a bare Exception for a bad file
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"tokenizer {path}: unreadable ({message[:160]})") from None
+
+
+def load_image_processor(config):
+    """The --clip checkpoint's image processor (preprocessor_config.json), or None: images then
+    go through the built-in resize + CLIP normalization."""
+    if not config.clip or not os.path.isfile(os.path.join(config.clip, "preprocessor_config.json")):
+        return None
+    from transformers import AutoImageProcessor
+    return AutoImageProcessor.from_pretrained(config.clip, local_files_only=True)

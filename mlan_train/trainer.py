@@ -19,8 +19,7 @@ import torch
 from tqdm import tqdm
 
 from mlan_kernels.data.collate import TokenCounter, collate
-from mlan_kernels.data.dataset import InstructionDataset, split_by_modality
-from mlan_kernels.data.records import load_records
+from mlan_kernels.data.dataset import split_by_modality
 from mlan_kernels.data.sampler import MixtureSampler, ModalityLengthBatchSampler
 from mlan_kernels.ops.grad_scale import scale_grads_
 from mlan_kernels.training.auxiliary import auxiliary_kl_loss, backward_auxiliary, lagging_side
@@ -29,11 +28,12 @@ from mlan_kernels.training.scheduler import BalanceScheduler, CosineWithWarmup
 from mlan_kernels.training.stop_signals import StopSignals
 from .batches import batch_to
 from .evaluate import answer_mask, evaluation_counts, merge_counts, summarize_counts
-from .config import MAX_TRUNCATED_SHARE, max_length, options_dict
+from .config import max_length, options_dict
+from .datasets import data_paths, load_datasets
 from .model import build_model, param_groups, side_parameters, trains_base
 from .signals import TrainingStopped
 from .state import data_fingerprint, load_checkpoint, save_checkpoint
-from .tokenizers import load_tokenizer
+from .tokenizers import load_image_processor, load_tokenizer
 
 
 def task_of(sample_id: str) -> str:
@@ -71,10 +71,10 @@ class MixedTrainer:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.device = resolve_device(config.device)
         self.tokenizer = load_tokenizer(config)
-        self.load_reports = {}
-        self.train_set = self._dataset("train.jsonl")
-        self.eval_set = self._dataset("eval.jsonl")
-        self.data_fingerprint = data_fingerprint(config.data)       # a resume compares it
+        self.image_processor = load_image_processor(config)
+        self.train_set, self.eval_set, self.load_reports = load_datasets(
+            config, self.tokenizer, self.image_processor, rank)
+        self.data_fingerprint = data_fingerprint(data_paths(config))    # a resume compares it
         text, image = split_by_modality(self.train_set)
         mixture = MixtureSampler(text, image, config.language_share,
                                  num_samples=config.samples_per_epoch, seed=config.seed)
@@ -126,38 +126,6 @@ class MixedTrainer:
                     f"--batch-size {self.config.batch_size} x world size {self.world_size}: the "
                     f"{count} {modality} samples per epoch never fill one global batch, so "
                     f"{modality} would never train; lower --batch-size or raise --samples-per-epoch")
-
-    def _dataset(self, name):
-        records, report = load_records(os.path.join(self.config.data, name),
-                                       max_image_pixels=self.config.max_image_pixels or None)
-        if self.rank == 0 and report.skipped:
-            print(f"{name}: skipped {report.skipped} bad records {report.reasons}")
-        dataset = InstructionDataset(records, self.tokenizer, image_size=self._image_size(),
-                                     max_length=max_length(self.config))
-        if self.rank == 0 and dataset.truncated:
-            print(f"{name}: {dataset.truncated} of {len(dataset)} samples truncated to "
-                  f"--max-length {max_length(self.config)} tokens")
-        self._check_truncation(name, dataset)
-        self.load_reports[name] = {"loaded": report.loaded, "skipped": report.skipped,
-                                   "reasons": report.reasons, "truncated": dataset.truncated,
-                                   "answers_truncated": dataset.answers_truncated}
-        return dataset
-
-    def _check_truncation(self, name, dataset):
-        """ValueError when --max-length cuts answer tokens of more than MAX_TRUNCATED_SHARE of
-        the records (unless --allow-truncation)."""
-        share = dataset.answers_truncated / max(len(dataset), 1)
-        if share > MAX_TRUNCATED_SHARE and not self.config.allow_truncation:
-            raise ValueError(
-                f"--max-length {max_length(self.config)} cuts answer tokens of {share:.1%} of "
-                f"{name}'s records ({dataset.answers_truncated} of {len(dataset)}; at most "
-                f"{MAX_TRUNCATED_SHARE:.0%} accepted): raise --max-length or pass --allow-truncation")
-
-    def _image_size(self):
-        if self.config.clip:
-            from transformers import CLIPVisionConfig
-            return CLIPVisionConfig.from_pretrained(self.config.clip, local_files_only=True).image_size
-        return self.config.image_size
 
     def config_dict(self) -> dict:
         """The options as they take effect (defaults resolved: train_base, max_length, the

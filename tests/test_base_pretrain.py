@@ -149,7 +149,7 @@ def test_a_base_of_an_older_recipe_is_refused(tmp_path, tokenizer, monkeypatch):
 
 
 def test_a_failure_while_pretraining_leaves_no_directory(tmp_path, tokenizer, monkeypatch):
-    def broken(settings):
+    def broken(settings, progress=False):
         raise RuntimeError("interrupted")
     monkeypatch.setattr(base, "pretrain_clip", broken)
     with pytest.raises(RuntimeError, match="interrupted"):

@@ -25,6 +25,7 @@ from mlan_kernels.data.dataset import IGNORE_INDEX
 from mlan_kernels.data.synthetic import make_synthetic
 from mlan_kernels.training.balance import FEATURE, LANGUAGE
 from mlan_train.config import build_parser, config_from_args
+from mlan_train.datasets import check_truncation
 from mlan_train.evaluate import answer_mask
 from mlan_train.trainer import MixedTrainer, NonFiniteError, task_of
 from mlan_kernels.training.scheduler import GROUP_KEY
@@ -387,11 +388,11 @@ class _Truncated:
 
 def test_truncated_answers_are_accepted_up_to_one_percent_of_the_records(data, tmp_path):
     trainer = make_trainer(data, tmp_path)
-    trainer._check_truncation("train.jsonl", _Truncated(100, 1))          # exactly 1 %: accepted
-    trainer._check_truncation("train.jsonl", _Truncated(0, 0))            # no records
+    check_truncation(trainer.config, "train.jsonl", _Truncated(100, 1))          # exactly 1 %: accepted
+    check_truncation(trainer.config, "train.jsonl", _Truncated(0, 0))            # no records
     with pytest.raises(ValueError, match="^" + re.escape(
             "--max-length 64 cuts answer tokens of 2.0% of train.jsonl's records (2 of 100; at "
             "most 1% accepted): raise --max-length or pass --allow-truncation") + "$"):
-        trainer._check_truncation("train.jsonl", _Truncated(100, 2))
+        check_truncation(trainer.config, "train.jsonl", _Truncated(100, 2))
     with pytest.raises(ValueError, match="cuts answer tokens of 100.0% of eval.jsonl's records"):
-        trainer._check_truncation("eval.jsonl", _Truncated(1, 1))       # one record, cut
+        check_truncation(trainer.config, "eval.jsonl", _Truncated(1, 1))       # one record, cut

@@ -175,7 +175,7 @@ def test_images_above_the_pixel_limit_are_rejected_before_decoding(image_dir, mo
     assert (12000, 12000) not in decoded
     _, report = load_records(path, max_image_pixels=32 * 32)      # configurable
     assert report.reasons == {"image_too_large": 2}
-    _, report = load_records(path, max_image_pixels=None)         # no limit
-    assert report.loaded == 2
+    _, report = load_records(path, max_image_pixels=None)         # no pixel limit: the side
+    assert report.loaded == 1 and report.reasons == {"image_too_large": 1}   # limit still holds
     with pytest.raises(ValueError, match="max_image_pixels must be a positive int or None"):
         load_records(path, max_image_pixels=0)

@@ -288,3 +288,25 @@ def test_deepspeed_zero2_trains_and_saves_adapters(data, tmp_path):
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr[-3000:]
     load_adapters(_example_model(directory), tmp_path / "checkpoint-4")
+
+
+def test_mlan_trainer_takes_a_hf_tokenizer_and_a_llava_json_without_glue(tmp_path):
+    import inspect
+    from transformers import Trainer
+    from user_data import llava_dataset, tiny_hf_tokenizer
+    data, images = llava_dataset(tmp_path, count=16)
+    tokenizer = tiny_hf_tokenizer()
+    tokenizer.pad_token = "</s>"                                  # pad id 2, not the default 0
+    records, _ = load_records(data, image_root=images)
+    dataset = InstructionDataset(records, tokenizer, image_size=28, max_length=32)
+    keyword = "processing_class" if "processing_class" in inspect.signature(Trainer.__init__).parameters else "tokenizer"
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, save_steps=2, report_to=[],
+                             per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True,
+                             remove_unused_columns=False)
+    trainer = MlanTrainer(model=tiny_model(len(tokenizer)), args=args, train_dataset=dataset,
+                          language_share=0.5, **{keyword: tokenizer})
+    assert isinstance(trainer.data_collator, MlanCollator) and trainer.data_collator.pad_id == 2
+    assert MlanCollator(dataset.tokenizer).pad_id == 2 and MlanCollator(5).pad_id == 5
+    trainer.train()
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-2" / WEIGHTS_NAME)
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-2" / "tokenizer_config.json")

@@ -137,7 +137,7 @@ def test_resume_refuses_a_different_dataset_at_the_same_path(data, tmp_path, cap
     (copy / "train.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")   # same records, other order
     status, message = fails(str(copy), tmp_path / "run", capsys, *SHORT,
                             "--resume", str(tmp_path / "run" / "checkpoint"))
-    assert status == 2 and "--data's train.jsonl differs from the one the checkpoint trained on" in message
+    assert status == 2 and "the data file train.jsonl differs from the one the checkpoint trained on" in message
 
 
 def test_resume_with_the_same_data_still_works(data, tmp_path):

@@ -89,9 +89,45 @@ def test_generate_with_cache_equals_recompute(has_image):
     assert cached.shape == (len(has_image), 5) and torch.equal(cached, recomputed)
 
 
-def test_generate_rejects_unequal_lengths():
-    with pytest.raises(ValueError, match="equal assembled lengths"):
-        tiny_lavin().generate(token_ids(batch=2, length=4), PIXELS[:2], [True, False])
+def _ragged_batch():
+    ids = token_ids(batch=3, length=6)
+    attention = torch.ones_like(ids)
+    attention[1, 3:] = 0
+    attention[2, 5:] = 0
+    return ids, attention
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_batches_prompts_of_different_lengths_and_modalities(use_cache):
+    model = tiny_lavin()
+    ids, attention = _ragged_batch()
+    batch = model.generate(ids, PIXELS, HAS_IMAGE, max_new_tokens=6, use_cache=use_cache,
+                           attention_mask=attention)
+    assert batch.shape == (3, 6)
+    for b in range(3):
+        n = int(attention[b].sum())
+        alone = model.generate(ids[b:b + 1, :n], PIXELS[b:b + 1] if HAS_IMAGE[b] else None,
+                               HAS_IMAGE[b:b + 1], max_new_tokens=6, use_cache=use_cache)
+        assert torch.equal(batch[b], alone[0]), b
+
+
+def test_generate_stops_each_row_at_eos():
+    model = tiny_lavin()
+    ids, attention = _ragged_batch()
+    free = model.generate(ids, PIXELS, HAS_IMAGE, max_new_tokens=8, attention_mask=attention)
+    eos = int(free[0, 1])
+    stopped = model.generate(ids, PIXELS, HAS_IMAGE, max_new_tokens=8, attention_mask=attention,
+                             eos_token_id=eos)
+    ends = [row.tolist().index(eos) + 1 if eos in row.tolist() else 8 for row in free]
+    assert stopped.shape == (3, max(ends))
+    for b, end in enumerate(ends):
+        assert torch.equal(stopped[b, :end], free[b, :end])
+        assert (stopped[b, end:] == eos).all()
+    with_list = model.generate(ids, PIXELS, HAS_IMAGE, max_new_tokens=8, attention_mask=attention,
+                               eos_token_id=[eos, 10**6])
+    assert torch.equal(with_list, stopped)
+    with pytest.raises(ValueError, match="eos_token_id must be an int or a non-empty list"):
+        model.generate(ids, PIXELS, HAS_IMAGE, attention_mask=attention, eos_token_id=[])
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])

@@ -4,10 +4,14 @@ Each file's ```python and ```bash blocks run top to bottom as one session (Pytho
 share one namespace), in a temporary working directory that holds the fixture the README
 describes:
 - llama-7b-hf/: a tiny random LlamaForCausalLM (integrations/tiny.py) saved with
-  save_pretrained, with the synthetic task's tokenizer as a PreTrainedTokenizerFast;
+  save_pretrained, with the synthetic task's tokenizer as a PreTrainedTokenizerFast whose chat
+  template (CHAT_TEMPLATE) writes the synthetic task's words;
 - clip-vit-large-patch14/: a tiny random CLIPVisionModel (28 px images), save_pretrained;
 - llava-1.5-7b-hf/: a tiny random LlavaForConditionalGeneration (image token 127), save_pretrained;
-- data/synthetic/: make_synthetic with 400 train and 40 held-out records.
+- data/synthetic/: make_synthetic with 400 train and 40 held-out records;
+- my-data/llava.json + my-images/: the same training records as one LLaVA .json list whose
+  image paths are relative to the separate image folder, and my-data/questions.json (the
+  held-out questions, one with an image, one without).
 A bash line must be one of our commands: a console script of pyproject.toml, `python
 python/<program>.py ...` (resolved against the repository) or `python -m mlan_kernels...`.
 It runs in this process with sys.argv set and must exit with status 0. A block preceded by
@@ -82,6 +86,43 @@ def _exit_status(call):
     return 0
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}user : "
+                 "{{ m['content'] }} assistant :{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+                 "{% endfor %}")
+
+
+def _llava_copy(synthetic, data, images):
+    """data/llava.json (a list) + the image folder `images` from the synthetic train.jsonl, and
+    data/questions.json from two held-out records."""
+    import json
+    import shutil
+    os.makedirs(data)
+    os.makedirs(images)
+    records = []
+    with open(os.path.join(synthetic, "train.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "image" in record:
+                name = os.path.basename(record["image"])
+                shutil.copy(os.path.join(synthetic, record["image"]), os.path.join(images, name))
+                record["image"] = name
+            records.append(record)
+    with open(os.path.join(data, "llava.json"), "w", encoding="utf-8") as handle:
+        json.dump(records, handle)
+    with open(os.path.join(synthetic, "eval.jsonl"), encoding="utf-8") as handle:
+        held_out = [json.loads(line) for line in handle]
+    picked = [next(r for r in held_out if "image" in r), next(r for r in held_out if "image" not in r)]
+    questions = []
+    for record in picked:
+        entry = {"id": record["id"], "question": record["conversations"][0]["value"]}
+        if "image" in record:
+            entry["image"] = os.path.basename(record["image"])
+            shutil.copy(os.path.join(synthetic, record["image"]), os.path.join(images, entry["image"]))
+        questions.append(entry)
+    with open(os.path.join(data, "questions.json"), "w", encoding="utf-8") as handle:
+        json.dump(questions, handle)
+
+
 @pytest.fixture
 def fixture_directory(tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerFast
@@ -92,8 +133,10 @@ def fixture_directory(tmp_path, monkeypatch):
     tokenizer = PreTrainedTokenizerFast(tokenizer_file="data/synthetic/tokenizer.json",
                                         pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
     tiny_llama(vocab_size=len(tokenizer)).save_pretrained("llama-7b-hf")
     tokenizer.save_pretrained("llama-7b-hf")
+    _llava_copy("data/synthetic", "my-data", "my-images")
     tiny_clip().save_pretrained("clip-vit-large-patch14")
     tiny_vision_language_model("llava").save_pretrained("llava-1.5-7b-hf")
     state = torch.get_rng_state(), torch.get_num_threads()

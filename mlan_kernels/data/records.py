@@ -8,14 +8,21 @@ A record on disk (one JSON object; `.json` = a list of them, `.jsonl` = one per 
 by reason in the LoadReport and warned about (naming its id, or its line/item number). Any
 exception raised while reading or checking one record (a line nested too deep for the JSON
 parser, bytes that are not UTF-8, a path the OS rejects, ...) skips that record only; images
-above `max_image_pixels` are rejected from their header, before anything is decoded.
+above `max_image_pixels`, with a side above MAX_IMAGE_SIDE or an aspect ratio above
+MAX_IMAGE_ASPECT are rejected from their header, before anything is decoded.
+
+Image paths stay inside the image folder: a relative path is joined to the folder and resolved
+(symlinks followed, ".." collapsed) and refused when the result leaves the folder; an absolute
+path is refused unless `allow_absolute_images=True`. Both checks read no file (only the
+directory entries that resolving a symlink needs), so a refused path is never opened.
 """
 import json
+import random
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from PIL import Image
 
@@ -23,6 +30,11 @@ IMAGE_PLACEHOLDER = "<image>"
 # 4096 x 4096: far above what CLIP reads (224-336 px), far below a decompression bomb
 # (a 12000 x 12000 PNG of 140 KB decodes to ~0.4 GB of RGB per read, per DataLoader worker).
 MAX_IMAGE_PIXELS = 4096 * 4096
+# A 16,000,000 x 1 PNG is under the pixel limit yet costs ~0.5 GB per decode (and means nothing
+# to a 224-336 px vision tower): sides and aspect ratios are bounded too.
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_ASPECT = 32
+DATA_SUFFIXES = (".json", ".jsonl")
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
@@ -41,10 +53,20 @@ class Record:
 
 @dataclass
 class LoadReport:
-    """loaded/skipped record counts; reasons: skip reason -> count."""
+    """loaded/skipped record counts; images: loaded records with an image; reasons: skip
+    reason -> count."""
     loaded: int = 0
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+
+    def describe(self, name: str) -> str:
+        """One line: "NAME: 120 records (80 with images), 3 skipped (image_missing 2, ...)"."""
+        line = f"{name}: {self.loaded} records ({self.images} with images)"
+        if not self.skipped:
+            return line + ", none skipped"
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items()))
+        return line + f", {self.skipped} skipped ({reasons})"
 
 
 class BadRecord(ValueError):
@@ -128,17 +150,30 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def image_size_problem(width: int, height: int, max_pixels: Optional[int] = MAX_IMAGE_PIXELS
+                       ) -> Optional[str]:
+    """Why an image of width x height (from its header) is refused, or None when it is not:
+    more than max_pixels pixels (None = no pixel limit), a side above MAX_IMAGE_SIDE, or an
+    aspect ratio above MAX_IMAGE_ASPECT."""
+    if max_pixels is not None and width * height > max_pixels:
+        return f"{width}x{height} = {width * height} pixels, above max_image_pixels={max_pixels}"
+    if max(width, height) > MAX_IMAGE_SIDE:
+        return f"{width}x{height}: a side above {MAX_IMAGE_SIDE} pixels"
+    if min(width, height) < 1 or max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
+        return f"{width}x{height}: aspect ratio above {MAX_IMAGE_ASPECT}"
+    return None
+
+
 def _check_image(path: Path, max_pixels: Optional[int]):
-    """BadRecord unless `path` is an image PIL can read with at most max_pixels pixels; the
-    size comes from the header, so an oversized image is never decoded."""
+    """BadRecord unless `path` is an image PIL can read whose size passes image_size_problem;
+    the size comes from the header, so an oversized image is never decoded."""
     if not path.is_file():
         raise BadRecord("image_missing", f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise BadRecord("image_too_large", f"image {str(path)!r} is {width}x{height} = "
-                                f"{width * height} pixels, above max_image_pixels={max_pixels}")
+            problem = image_size_problem(*image.size, max_pixels)
+            if problem is not None:
+                raise BadRecord("image_too_large", f"image {str(path)!r} is {problem}")
             image.verify()
     except BadRecord:
         raise
@@ -146,28 +181,48 @@ def _check_image(path: Path, max_pixels: Optional[int]):
         raise BadRecord("image_unreadable", f"image {str(path)!r} unreadable ({error})")
 
 
+def confined_image_path(value, image_root: Path, allow_absolute: bool = False) -> Path:
+    """The resolved path of an "image" value, or BadRecord: "image_absolute" for an absolute
+    path (unless allow_absolute), "image_outside_folder" for a relative one that resolves
+    (through "..", or a symlink anywhere on the way) outside `image_root`. Reads no file."""
+    if not isinstance(value, str) or not value:
+        raise BadRecord("bad_image_field", f'"image" must be a non-empty string, got {value!r}')
+    if Path(value).is_absolute():
+        if not allow_absolute:
+            raise BadRecord("image_absolute", f"image {value!r} is an absolute path (paths are "
+                            f"relative to the image folder; allow_absolute_images=True accepts it)")
+        return Path(value).resolve()
+    root = image_root.resolve()
+    path = (root / value).resolve()
+    if not path.is_relative_to(root):
+        raise BadRecord("image_outside_folder", f"image {value!r} resolves to {str(path)!r}, "
+                        f"outside the image folder {str(root)!r}")
+    return path
+
+
 def _resolve_image(value, image_root: Path, check_images: bool,
-                   max_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> Optional[str]:
+                   max_pixels: Optional[int] = MAX_IMAGE_PIXELS,
+                   allow_absolute: bool = False) -> Optional[str]:
     """Absolute image path of an "image" value (None if absent), or BadRecord."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value:
-        raise BadRecord("bad_image_field", f'"image" must be a non-empty string, got {value!r}')
-    path = Path(value) if Path(value).is_absolute() else image_root / value
+    path = confined_image_path(value, image_root, allow_absolute)
     if check_images:
         _check_image(path, max_pixels)
-    return str(path.resolve())
+    return str(path)
 
 
 def parse_record(obj, where: str, image_root: Path, check_images: bool = True,
-                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> Record:
+                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS,
+                 allow_absolute_images: bool = False) -> Record:
     """A Record from one parsed JSON object, or BadRecord. where: fallback id, e.g. "line 3"."""
     if isinstance(obj, BadRecord):
         raise obj
     if not isinstance(obj, dict):
         raise BadRecord("not_object", f"expected a JSON object, got {type(obj).__name__}")
     turns = _parse_turns(obj.get("conversations"))
-    image = _resolve_image(obj.get("image"), image_root, check_images, max_image_pixels)
+    image = _resolve_image(obj.get("image"), image_root, check_images, max_image_pixels,
+                           allow_absolute_images)
     record_id = str(obj.get("id", where))
     if not _encodable(record_id):
         raise BadRecord("not_utf8", '"id" holds a lone surrogate')
@@ -175,13 +230,16 @@ def parse_record(obj, where: str, image_root: Path, check_images: bool = True,
 
 
 def load_records(path, image_root=None, check_images: bool = True,
-                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS
-                 ) -> tuple[list[Record], LoadReport]:
-    """Records of a LLaVA-style .json/.jsonl file; bad records are skipped, warned, counted.
+                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS,
+                 allow_absolute_images: bool = False) -> tuple[list[Record], LoadReport]:
+    """Records of a LLaVA-style .json (a list, LLaVA's own format) or .jsonl file; bad
+    records are skipped, warned, counted.
 
-    image_root: directory relative image paths start from (default: the file's directory).
-    check_images: open every image with PIL and verify it (skip missing/unreadable ones and
-    those above max_image_pixels = width x height, read from the header; None = no limit).
+    image_root: the image folder relative image paths start from (LLaVA's --image_folder;
+    default: the file's directory); paths leaving it are skipped ("image_outside_folder"),
+    absolute ones too ("image_absolute") unless allow_absolute_images. check_images: open
+    every image with PIL and verify it (skip missing/unreadable ones and those refused by
+    image_size_problem from the header; max_image_pixels None = no pixel limit).
     Any exception from one record skips it (reason "error" when none of the named ones fits).
     Raises FileNotFoundError (no such path) or ValueError (unknown extension, .json not a list).
     """
@@ -192,10 +250,13 @@ def load_records(path, image_root=None, check_images: bool = True,
             max_image_pixels, int) or max_image_pixels < 1):
         raise ValueError(f"max_image_pixels must be a positive int or None, got {max_image_pixels!r}")
     root = Path(image_root) if image_root is not None else path.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"image_root {str(root)!r} is not a directory")
     records, reasons = [], Counter()
     for where, obj in _raw_objects(path):
         try:
-            records.append(parse_record(obj, where, root, check_images, max_image_pixels))
+            records.append(parse_record(obj, where, root, check_images, max_image_pixels,
+                                        allow_absolute_images))
         except Exception as error:              # one record never stops the others
             bad = error if isinstance(error, BadRecord) else BadRecord(
                 "error", f"{type(error).__name__}: {error}")
@@ -204,8 +265,48 @@ def load_records(path, image_root=None, check_images: bool = True,
             warnings.warn(f"{path.name}: skipping {name}: {bad.reason}: {_cut(str(bad), 240)}",
                           stacklevel=2)
             reasons[bad.reason] += 1
-    report = LoadReport(loaded=len(records), skipped=sum(reasons.values()), reasons=dict(reasons))
+    report = LoadReport(loaded=len(records), skipped=sum(reasons.values()), reasons=dict(reasons),
+                        images=sum(record.has_image for record in records))
     return records, report
+
+
+def find_data_files(path) -> tuple[Path, Optional[Path]]:
+    """(training file, held-out file or None) of a --data value: a .json/.jsonl file is the
+    training file; a directory holds train.json or train.jsonl and optionally eval.json or
+    eval.jsonl. FileNotFoundError / ValueError naming `path` otherwise."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise ValueError(f"data {str(path)!r}: expected a .json or .jsonl file")
+        return path, None
+    if not path.is_dir():
+        raise FileNotFoundError(f"data {str(path)!r}: no such file or directory")
+
+    def first(stem):
+        found = [path / (stem + suffix) for suffix in DATA_SUFFIXES if (path / (stem + suffix)).is_file()]
+        if len(found) > 1:
+            raise ValueError(f"data {str(path)!r}: both {found[0].name} and {found[1].name}; keep one")
+        return found[0] if found else None
+
+    train = first("train")
+    if train is None:
+        raise FileNotFoundError(f"data {str(path)!r}: the directory holds no train.json or "
+                                f"train.jsonl (pass the dataset file itself instead)")
+    return train, first("eval")
+
+
+def split_records(records: Sequence[Record], fraction: float, seed: int = 0
+                  ) -> tuple[list[Record], list[Record]]:
+    """(training records, held-out records): round(fraction * n) records drawn with `seed`
+    (at least one when fraction > 0), both lists in file order. fraction in [0, 1)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+    count = max(1, round(fraction * len(records))) if fraction > 0 else 0
+    if count >= len(records) and count:
+        raise ValueError(f"fraction {fraction} of {len(records)} records leaves no training record")
+    held = set(random.Random(seed).sample(range(len(records)), count))
+    return ([record for i, record in enumerate(records) if i not in held],
+            [record for i, record in enumerate(records) if i in held])
 
 
 def _short(value, limit: int = 80) -> str:

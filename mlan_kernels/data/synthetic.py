@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .checks import check_fraction, check_int
-from .dataset import PROMPT_TEMPLATE
+from .templates import PROMPT_TEMPLATE
 from .tokenizer import WordTokenizer
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

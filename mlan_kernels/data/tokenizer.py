@@ -26,6 +26,8 @@ def _pre_tokenizer():
 class WordTokenizer:
     """Wraps a `tokenizers.Tokenizer` whose vocabulary starts with SPECIAL_TOKENS at ids 0..3."""
     pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+    chat_template = None                # no chat template; no image processor
+    image_processor = None
 
     def __init__(self, tokenizer: Tokenizer):
         for expected_id, token in enumerate(SPECIAL_TOKENS):
@@ -86,3 +88,64 @@ class WordTokenizer:
 
     def __repr__(self) -> str:
         return f"WordTokenizer(vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """A HuggingFace tokenizer (PreTrainedTokenizerBase, fast or slow) behind WordTokenizer's
+    interface: encode(text) -> ids (no special tokens added), decode(ids), vocab_size, pad_id,
+    bos_id (None when the tokenizer has no BOS, e.g. Qwen), eos_id, unk_id (None for byte-level
+    vocabularies). pad_id falls back to 0 (LLaMA has none; padded positions are masked anyway).
+    A processor (anything with a `.tokenizer`) is unwrapped; its image processor is kept in
+    `image_processor`. transformers is not imported here: the object is duck-typed."""
+
+    def __init__(self, tokenizer):
+        self.image_processor = getattr(tokenizer, "image_processor", None)
+        inner = tokenizer if hasattr(tokenizer, "convert_tokens_to_ids") else getattr(tokenizer, "tokenizer", None)
+        if inner is None or not hasattr(inner, "convert_tokens_to_ids"):
+            raise TypeError(f"tokenizer must be a HuggingFace tokenizer or processor, got "
+                            f"{type(tokenizer).__name__}")
+        self.inner = inner
+        self.bos_id, self.eos_id, self.unk_id = inner.bos_token_id, inner.eos_token_id, inner.unk_token_id
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {type(inner).__name__} needs an eos token (answers end with it)")
+        self.pad_id = inner.pad_token_id if inner.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path) -> "HFTokenizer":
+        """AutoTokenizer of a local directory (never downloaded)."""
+        from transformers import AutoTokenizer
+        return cls(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+    @property
+    def chat_template(self):
+        """The tokenizer's chat template string, or None."""
+        return getattr(self.inner, "chat_template", None) or None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.inner)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.inner.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({type(self.inner).__name__}, vocab_size={self.vocab_size})"
+
+
+def as_tokenizer(tokenizer):
+    """A tokenizer with our interface: a WordTokenizer or HFTokenizer as is, a HuggingFace
+    tokenizer or processor wrapped in HFTokenizer; TypeError otherwise."""
+    if isinstance(tokenizer, (WordTokenizer, HFTokenizer)):
+        return tokenizer
+    if hasattr(tokenizer, "convert_tokens_to_ids") or hasattr(tokenizer, "tokenizer"):
+        return HFTokenizer(tokenizer)
+    if all(hasattr(tokenizer, name) for name in ("encode", "bos_id", "eos_id", "pad_id")):
+        return tokenizer
+    raise TypeError(f"tokenizer must be a WordTokenizer, a HuggingFace tokenizer or processor, "
+                    f"got {type(tokenizer).__name__}")

@@ -251,52 +251,105 @@ class LavinModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, has_image=None, max_new_tokens=16,
-                 use_cache=True, eos_token_id=None, temperature=0.0, top_p=1.0, generator=None):
-        """Decoding -> new tokens [B, max_new_tokens] (eos_token_id pads finished rows).
+                 use_cache=True, eos_token_id=None, temperature=0.0, top_p=1.0, generator=None,
+                 attention_mask=None):
+        """Decoding -> new tokens [B, n] with n <= max_new_tokens: it stops when every row has
+        produced eos_token_id (an int, or a list of ids), and a finished row is padded with
+        its first EOS id.
 
+        input_ids [B, T] right-padded with attention_mask [B, T] (as collate makes them; None =
+        no padding): prompts of different lengths (and modalities) batch together. The
+        assembled sequences are left-padded inside: the free positions in front of row b hold
+        copies of its modality token that attend only to themselves, so (with position ids
+        counted from the real modality token) every row computes exactly what it computes
+        alone — the hidden state at position 0, where the LLaMA adapters route, is the modality
+        token's. Rows of both modalities need per-sample routing (single_modality None or
+        False on the LLaMA adapters); mlan-train's models set True: batch those by modality.
         temperature 0 (default): greedy. temperature > 0: nucleus sampling with top_p, drawn
         with `generator` (integrations/sampling.py: the rule of LaVIN's lavin/generator.py,
-        whose defaults are temperature 0.8, top_p 0.95).
-        All samples must have the same assembled length (no padding): batch by modality and
-        prompt length. With use_cache the LLaMA adapters use routing weights cached at prefill;
-        without it every step recomputes the whole sequence (the same tokens).
+        whose defaults are temperature 0.8, top_p 0.95). With use_cache the LLaMA adapters use
+        routing weights cached at prefill; without it every step recomputes the whole sequence
+        (the same tokens).
         """
         check_sampling_args(temperature, top_p)
         if has_image is None:
             has_image = torch.full((input_ids.shape[0],), pixel_values is not None)
         has_image = torch.as_tensor(has_image, dtype=torch.bool, device=input_ids.device)
+        stop = _stop_ids(eos_token_id, input_ids.device)
         image_tokens = self._image_tokens_per_sample(has_image, pixel_values)
-        inputs = self.build_inputs(input_ids, has_image=has_image, image_tokens=image_tokens,
-                                   truncate=False)
-        if bool((inputs["lengths"] != inputs["lengths"][0]).any()):
-            raise ValueError("generate needs equal assembled lengths in the batch (group samples "
-                             "by modality and prompt length, or generate one at a time)")
+        inputs = self.build_inputs(input_ids, has_image=has_image, attention_mask=attention_mask,
+                                   image_tokens=image_tokens, truncate=False)
+        embeds, offsets = _left_pad(inputs["inputs_embeds"], inputs["lengths"])
         cache = new_dynamic_cache(self.llama.config) if use_cache else None
         cache_argument = {cache_keyword(self.llama): cache} if use_cache else {}
+        total = embeds.shape[1]
+        logits = self.llama(inputs_embeds=embeds, **cache_argument, use_cache=use_cache,
+                            attention_mask=left_padded_attention_mask(offsets, total, 0, embeds.dtype),
+                            position_ids=_positions(offsets, total, 0)).logits
         tokens, finished = [], torch.zeros_like(has_image)
-        logits = self.llama(inputs_embeds=inputs["inputs_embeds"], **cache_argument,
-                            attention_mask=inputs["attention_mask"], use_cache=use_cache).logits
         for step in range(max_new_tokens):
             next_token = next_tokens(logits[:, -1], temperature, top_p, generator)
-            if eos_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-                finished |= next_token == eos_token_id
+            if stop is not None:
+                next_token = torch.where(finished, stop[0], next_token)
+                finished |= torch.isin(next_token, stop)
             tokens.append(next_token)
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
+            total += 1
+            first = total - 1 if use_cache else 0
             if use_cache:
-                length = cache.get_seq_length() + 1
-                mask = lavin_attention_mask(torch.full_like(inputs["lengths"], length), length,
-                                            logits.dtype)[:, :, -1:]
-                logits = self.llama(input_ids=next_token[:, None], **cache_argument,
-                                    attention_mask=mask, use_cache=True).logits
+                step_inputs = {"input_ids": next_token[:, None]}
             else:
-                ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
-                full = self.build_inputs(ids, has_image=has_image, image_tokens=image_tokens,
-                                         truncate=False)
-                logits = self.llama(inputs_embeds=full["inputs_embeds"], use_cache=False,
-                                    attention_mask=full["attention_mask"]).logits
+                new_embeds = self.llama.get_input_embeddings()(torch.stack(tokens, 1))
+                step_inputs = {"inputs_embeds": torch.cat([embeds, new_embeds.to(embeds.dtype)], 1)}
+            logits = self.llama(**step_inputs, **cache_argument, use_cache=use_cache,
+                                attention_mask=left_padded_attention_mask(offsets, total, first, embeds.dtype),
+                                position_ids=_positions(offsets, total, first)).logits
         return torch.stack(tokens, 1)
+
+
+def _stop_ids(eos_token_id, device):
+    """eos_token_id (None, an int or a sequence of ints) as a 1-D long tensor, or None."""
+    if eos_token_id is None:
+        return None
+    ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                          dtype=torch.long, device=device)
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
+    return ids
+
+
+def _left_pad(inputs_embeds, lengths):
+    """Right-padded assembled sequences [B, S, D] (row b real for its first lengths[b]
+    positions) -> (left-padded [B, S, D] whose free front positions copy row b's modality
+    token, offsets [B] = S - lengths)."""
+    total = inputs_embeds.shape[1]
+    offsets = total - lengths
+    rows = []
+    for b in range(inputs_embeds.shape[0]):
+        n = int(lengths[b])
+        rows.append(torch.cat([inputs_embeds[b, :1].expand(total - n, -1), inputs_embeds[b, :n]]))
+    return torch.stack(rows), offsets
+
+
+def _positions(offsets, total, first):
+    """Position ids [B, total - first] of positions first..total-1: counted from each row's
+    modality token (position offsets[b]), 0 on the copies in front of it."""
+    positions = torch.arange(first, total, device=offsets.device)[None] - offsets[:, None]
+    return positions.clamp(min=0)
+
+
+def left_padded_attention_mask(offsets, total, first, dtype):
+    """Additive mask [B, 1, total - first, total] for queries first..total-1 of left-padded
+    sequences (row b's modality token at offsets[b]): query i sees key j iff j == i, or
+    offsets[b] < j <= i. So nothing but itself attends to the modality token or the copies in
+    front of it; with offsets 0 and no padding this is lavin_attention_mask."""
+    keys = torch.arange(total, device=offsets.device)
+    queries = torch.arange(first, total, device=offsets.device)[:, None]
+    allowed = (keys[None] == queries)[None] | ((keys[None] <= queries)[None]
+                                               & (keys[None, None] > offsets[:, None, None]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=offsets.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def lavin_attention_mask(lengths, total, dtype):

@@ -35,6 +35,7 @@ from ..integrations.checkpoint import WEIGHTS_NAME, adapter_state_dict, load_ada
 from ..data.collate import collate
 from ..data.dataset import split_by_modality
 from ..data.sampler import MixtureSampler, ModalityLengthBatchSampler
+from ..data.tokenizer import as_tokenizer
 from ..integrations.hf_compat import enable_gradient_checkpointing
 from .balance import FEATURE, LANGUAGE
 from .hf_balance import BalanceCallback
@@ -48,10 +49,11 @@ PEFT_FOLDER = "peft"
 class MlanCollator:
     """InstructionDataset samples -> LavinModel.forward kwargs (collate without "ids"):
     input_ids / attention_mask / labels [B, T], pixel_values [B_img, 3, H, W] or None,
-    has_image [B]. A class, not a lambda, so DataLoader workers can pickle it."""
+    has_image [B]. A class, not a lambda, so DataLoader workers can pickle it.
+    pad: the pad id, or a tokenizer (ours, a HuggingFace tokenizer or processor) to take it from."""
 
-    def __init__(self, pad_id: int = 0):
-        self.pad_id = pad_id
+    def __init__(self, pad=0):
+        self.pad_id = pad if isinstance(pad, int) and not isinstance(pad, bool) else as_tokenizer(pad).pad_id
 
     def __call__(self, samples: list) -> dict:
         batch = collate(samples, pad_id=self.pad_id)
@@ -143,7 +145,9 @@ class MlanTrainer(Trainer):
     mixture_seed: default args.seed; mega_batch_size / group_by_length: as in
     ModalityLengthBatchSampler; side_of: see side_param_groups; stop_on_signal: on SIGTERM or
     SIGINT save a checkpoint after the current step and stop (StopOnSignalCallback). Other
-    arguments are Trainer's.
+    arguments are Trainer's; without a data_collator, MlanCollator with the pad id of
+    `processing_class` (a tokenizer or processor, saved with each checkpoint) or of the
+    train_dataset's tokenizer.
     """
 
     def __init__(self, *args, language_share: Optional[float] = None,
@@ -151,6 +155,11 @@ class MlanTrainer(Trainer):
                  mega_batch_size: Optional[int] = None, group_by_length: bool = True,
                  side_of: Optional[Callable[[str], str]] = None, stop_on_signal: bool = True,
                  **kwargs):
+        if kwargs.get("data_collator") is None:
+            sources = (kwargs.get("processing_class"), kwargs.get("tokenizer"),
+                       getattr(kwargs.get("train_dataset"), "tokenizer", None))
+            source = next((item for item in sources if item is not None), None)
+            kwargs["data_collator"] = MlanCollator(0 if source is None else source)
         super().__init__(*args, **kwargs)
         self.stop_on_signal = StopOnSignalCallback() if stop_on_signal else None
         if self.stop_on_signal is not None:
