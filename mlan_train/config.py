@@ -340,7 +340,7 @@ def validate(config: TrainConfig):
         ("device", _device_ok(config.device), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("clip_layers", bool(config.clip) or config.clip_every < 1
          or config.clip_layers % config.clip_every == 0,
-         f"a multiple of --clip-every {config.clip_every} (the neck taps every N-th block)"),
+         f"a multiple of {config.clip_every} (--clip-every: the neck taps every N-th block)"),
         ("template", config.template in TEMPLATE_NAMES, " or ".join(map(repr, TEMPLATE_NAMES))),
         ("shares", all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in config.shares), "values in [0, 1]"),
         ("log_every", config.log_every >= 1, ">= 1"),

@@ -299,7 +299,8 @@ def test_mlan_trainer_takes_a_hf_tokenizer_and_a_llava_json_without_glue(tmp_pat
     tokenizer.pad_token = "</s>"                                  # pad id 2, not the default 0
     records, _ = load_records(data, image_root=images)
     dataset = InstructionDataset(records, tokenizer, image_size=28, max_length=32)
-    keyword = "processing_class" if "processing_class" in inspect.signature(Trainer.__init__).parameters else "tokenizer"
+    parameters = inspect.signature(Trainer.__init__).parameters
+    keyword = "processing_class" if "processing_class" in parameters else "tokenizer"
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, save_steps=2, report_to=[],
                              per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True,
                              remove_unused_columns=False)

@@ -68,6 +68,11 @@ def test_a_llava_json_with_an_image_folder_trains_and_answers(user, tmp_path, ca
     assert [a["id"] for a in answers] == ["q1", "q2", "q3"]
     assert isinstance(answers[0]["answer"], str) and isinstance(answers[1]["answer"], str)
     assert answers[2]["answer"] is None and "outside the image folder" in answers[2]["error"]
+    # a finished run answers again from its checkpoint: the same model, the same greedy answers
+    (tmp_path / "predictions.json").rename(tmp_path / "first.json")
+    assert run(user, tmp_path, "--eval-fraction", "0.25", "--predict", str(user["questions"]),
+               "--clip-every", "2", "--resume", str(tmp_path / "checkpoint")) == 0
+    assert json.loads((tmp_path / "predictions.json").read_text()) == answers
 
 
 def test_the_by_task_summary_keeps_both_modalities():
