@@ -220,20 +220,26 @@ def test_an_unsupported_side_is_an_error_naming_it_and_nothing_is_patched():
     assert adapters(model) == {} and modality_embedding(model) is None
 
 
+def projector(model):
+    """(qualified name, module) of LLaVA's projector (model.multi_modal_projector on transformers
+    5, multi_modal_projector on 4.x)."""
+    return next((name, module) for name, module in model.named_modules() if name.endswith("multi_modal_projector"))
+
+
 def test_modules_to_save_train_beside_the_adapters_and_travel_in_checkpoints(tmp_path):
     model = build("llava")
     mk.patch(model, modules_to_save=["multi_modal_projector"])
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_2.bias"} <= trainable
-    assert "lm_head.weight" not in trainable
+    name, module = projector(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {f"{name}.linear_1.weight", f"{name}.linear_2.bias"} <= trainable
+    assert not any(n.endswith("lm_head.weight") for n in trainable)
     with torch.no_grad():
-        model.model.multi_modal_projector.linear_1.weight.add_(1.0)
+        module.linear_1.weight.add_(1.0)
     mk.save_adapters(model, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["modules_to_save"] == ["model.multi_modal_projector"]
+    assert saved["modules_to_save"] == [name]
     fresh = mk.load_adapters(build("llava"), tmp_path)
-    assert torch.equal(fresh.model.multi_modal_projector.linear_1.weight,
-                       model.model.multi_modal_projector.linear_1.weight)
+    assert torch.equal(projector(fresh)[1].linear_1.weight, module.linear_1.weight)
     with pytest.raises(ValueError, match="modules_to_save: no module named 'projector_typo'"):
         mk.patch(build("llava"), modules_to_save=["projector_typo"])
 

@@ -143,13 +143,22 @@ TINY_VISION_LANGUAGE = {
 def tiny_vision_language_model(model_type, seed=0):
     """A tiny random HF vision-language model of `model_type` (a key of TINY_VISION_LANGUAGE),
     eval mode, eager attention. ValueError when the installed transformers lacks the type."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    import transformers
+    from transformers import AutoConfig
+    # AutoModelForImageTextToText from transformers 4.46 on; AutoModelForVision2Seq before
+    builder = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
     if model_type not in TINY_VISION_LANGUAGE:
         raise ValueError(f"model_type must be one of {sorted(TINY_VISION_LANGUAGE)}, got {model_type!r}")
     fields = TINY_VISION_LANGUAGE[model_type][0]
-    config = AutoConfig.for_model(model_type, image_token_id=IMAGE_TOKEN, **fields)
+    # image_seq_length: transformers 4.x expands a single placeholder per image inside the model
+    # unless the prompt holds at least that many (the processor's job since)
+    config = AutoConfig.for_model(model_type, image_token_id=IMAGE_TOKEN, image_token_index=IMAGE_TOKEN,
+                                  image_seq_length=TINY_VISION_LANGUAGE[model_type][1], **fields)
+    if not all(hasattr(getattr(config, name, None), "model_type") for name in ("text_config", "vision_config")):
+        raise ValueError(f"transformers {transformers.__version__}'s {model_type} config has no "
+                         f"text_config and vision_config (a later release's layout)")
     torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_config(config, attn_implementation="eager").eval()
+    return builder.from_config(config, attn_implementation="eager").eval()
 
 
 def tiny_image(model_type, generator=None):
