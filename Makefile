@@ -11,7 +11,7 @@ CONSTRAINTS := constraints.txt
 # The oldest transformers/peft we support (pyproject.toml's floors), checked by `make test-oldest`.
 CONSTRAINTS_OLDEST := constraints-oldest.txt
 # The tests that touch transformers or peft: what the floor check runs.
-HF_TESTS := tests/test_hf_compat.py tests/test_families.py tests/test_integration_llama.py tests/test_integration_lavin.py \
+HF_TESTS := tests/test_hf_compat.py tests/test_families.py tests/test_vision_language.py tests/test_integration_llama.py tests/test_integration_lavin.py \
 	tests/test_integration_checkpoint.py tests/test_sampling.py tests/test_balance_monitor.py \
 	tests/test_data_collate.py tests/test_train_mixed.py
 # Compiled sources are part of what the editable install builds, so they re-trigger it.

@@ -260,3 +260,20 @@ def test_routing_modality_overrides_what_the_inputs_say():
 
 def test_every_tiny_builder_has_a_vision_language_type_row():
     assert set(TINY_VISION_LANGUAGE) == set(VISION_LANGUAGE_TYPES)
+
+
+def test_first_real_positions_on_hand_built_masks():
+    from mlan_kernels.integrations.lavin import lavin_attention_mask
+    from mlan_kernels.integrations.routing import first_real_positions
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    assert first_real_positions(left, 4).tolist() == [0, 2, 1]
+    assert first_real_positions(left[:, 1:], 3).tolist() == [0, 1, 0]        # the last 3 columns
+    assert first_real_positions(torch.ones(2, 5, dtype=torch.long), 5) is None  # all start at 0
+    causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+    static = causal[None, None] & left.bool()[:, None, None, :]              # a static cache's 4-D mask
+    padded = torch.cat([static, torch.zeros(3, 1, 4, 2, dtype=torch.bool)], -1)  # unused cache slots
+    assert first_real_positions(padded, 4).tolist() == [0, 2, 1]
+    additive = torch.zeros(padded.shape).masked_fill(~padded, torch.finfo(torch.float32).min)
+    assert first_real_positions(additive, 4).tolist() == [0, 2, 1]
+    lavin = lavin_attention_mask(torch.tensor([5, 3]), 5, torch.float32)   # modality token seen by itself alone
+    assert first_real_positions(lavin, 5) is None

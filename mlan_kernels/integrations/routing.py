@@ -66,12 +66,21 @@ class RoutingContext:
 
 
 def first_real_positions(attention_mask, length: int):
-    """[B] position of each row's first unmasked token among the last `length` columns of a 2-D
-    `attention_mask` [B, T] (the current chunk), or None when every row starts at 0, the mask is
-    not 2-D, or there is none. A row with no real token gets 0."""
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or length < 1:
+    """[B] position of each row's first unmasked token in the current chunk of `length` tokens, or
+    None when every row starts at 0 or there is no mask. attention_mask: 2-D [B, T] (1 = real;
+    the chunk is its last `length` columns), or the 4-D [B, 1, Q, K] mask some releases build for
+    static caches at prefill (bool, or additive with 0 = attend): a key among the first `length`
+    is real when some query may attend to it (pads are masked for every query; the LaVIN
+    assembly's modality token is seen by itself alone). A row with no real token gets 0."""
+    if not isinstance(attention_mask, torch.Tensor) or length < 1:
         return None
-    real = attention_mask[:, -length:] != 0
+    if attention_mask.dim() == 2:
+        real = attention_mask[:, -length:] != 0
+    elif attention_mask.dim() == 4 and attention_mask.shape[-1] >= length:
+        keys = attention_mask[:, 0, :, :length]
+        real = (keys if keys.dtype == torch.bool else keys == 0).any(dim=1)
+    else:
+        return None
     index = real.int().argmax(dim=1)
     return index if bool(index.any()) else None
 
