@@ -2,9 +2,10 @@
 //   dot_rows      several dot products sharing one operand        (x W_Aᵀ, G · UP slots)
 //   combine_rows  a row plus a weighted sum of rows               (y, ∂x, partial gradients)
 // Vectors are GCC/Clang vector extensions (one AVX register, or two SSE registers): the code
-// says which loop is the SIMD one instead of hoping the auto-vectorizer picks it. Both
-// functions are compiled for the x86-64 baseline and for x86-64-v3 (AVX2 + FMA) and the loader
-// picks the clone the CPU supports (target_clones, glibc ifunc); no -march flags, so one build
+// says which loop is the SIMD one instead of hoping the auto-vectorizer picks it. These and the
+// tile micro-kernels (tile_kernels.h) are compiled for the x86-64 baseline, x86-64-v3 (AVX2 +
+// FMA) and x86-64-v4 (AVX-512) and the loader picks the best clone the CPU supports
+// (target_clones, glibc ifunc); no -march flags, so one build
 // runs on every x86-64 machine. Sums run in a fixed order: results depend only on the inputs
 // (and on which clone runs), never on threads or call history.
 #pragma once
@@ -18,7 +19,7 @@
 
 #if !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(MLAN_NO_TARGET_CLONES)
-#define MLAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MLAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MLAN_CPU_CLONES
 #endif
