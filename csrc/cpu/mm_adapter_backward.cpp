@@ -55,6 +55,7 @@ struct BackwardKernel {
   const PaddedColumns& columns;
   const PaddedWeights<acc_t> weights;
   const int64_t slots, per_group, expert_size;  // expert_size = S * row_stride
+  const bool in_place;                           // rows_in_place: no gather/scatter buffers
   const uint64_t seed;                           // the dropout key, read once (host memory)
   acc_t* const workspace;
 
@@ -63,7 +64,8 @@ struct BackwardKernel {
         weights(a.shape, layout.columns, static_cast<const acc_t*>(a.down_weight),
                 static_cast<const acc_t*>(a.up_weight), static_cast<const acc_t*>(a.up_bias)),
         slots(a.shape.slots()), per_group(a.shape.rank_per_group()),
-        expert_size(a.shape.slots() * layout.columns.row_stride), seed(a.dropout.key()),
+        expert_size(a.shape.slots() * layout.columns.row_stride),
+        in_place(rows_in_place<scalar_t, acc_t>(layout.columns)), seed(a.dropout.key()),
         workspace(static_cast<acc_t*>(a.workspace)) {}
 
   // Per-task scratch: the tile's padded rows of x, grad_y and grad_x [T, row_stride], its ∂H_pre
@@ -72,7 +74,8 @@ struct BackwardKernel {
     std::vector<acc_t> x, g, gx, grad_hidden, h_aug, q, combined, terms;
     int64_t sample = -1;  // whose U_b `combined` holds
     explicit Tile(const BackwardKernel& k)
-        : x(kTileTokens * k.columns.row_stride, acc_t(0)), g(x.size(), acc_t(0)), gx(x.size()),
+        : x(k.in_place ? 0 : kTileTokens * k.columns.row_stride, acc_t(0)), g(x.size(), acc_t(0)),
+          gx(x.size()),
           grad_hidden(kTileTokens * k.shape.rank), h_aug(kTileTokens * k.shape.groups * k.slots),
           q(k.expert_size, acc_t(0)), combined(k.expert_size), terms(k.shape.experts) {}
   };
@@ -84,12 +87,24 @@ struct BackwardKernel {
     const int64_t stride = columns.row_stride, group_stride = columns.group_stride;
     const int64_t width = columns.width, sample = n0 / shape.length;
     const acc_t* coef = static_cast<const acc_t*>(args.coef) + sample * experts;
-    const auto* x = static_cast<const scalar_t*>(args.x);
-    const auto* grad_y = static_cast<const scalar_t*>(args.grad_y);
-    for (int64_t t = 0; t < count; ++t) {
-      gather_row(x + args.x_strides.offset(n0 + t, shape.length), columns, tile.x.data() + t * stride);
-      gather_row(grad_y + args.grad_y_strides.offset(n0 + t, shape.length), columns,
-                 tile.g.data() + t * stride);
+    const auto* x = static_cast<const scalar_t*>(args.x) + args.x_strides.offset(n0, shape.length);
+    const auto* grad_y =
+        static_cast<const scalar_t*>(args.grad_y) + args.grad_y_strides.offset(n0, shape.length);
+    auto* grad_x = static_cast<scalar_t*>(args.grad_x) + n0 * shape.dim;
+    const acc_t *x_rows = tile.x.data(), *g_rows = tile.g.data();
+    acc_t* gx_rows = tile.gx.data();
+    int64_t x_stride = stride, g_stride = stride, gx_stride = stride;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (in_place) {
+        x_rows = x, x_stride = args.x_strides.token, g_rows = grad_y, g_stride = args.grad_y_strides.token;
+        gx_rows = grad_x, gx_stride = shape.dim;
+      }
+    }
+    if (!in_place) {
+      for (int64_t t = 0; t < count; ++t) {
+        gather_row(x + t * args.x_strides.token, columns, tile.x.data() + t * stride);
+        gather_row(grad_y + t * args.grad_y_strides.token, columns, tile.g.data() + t * stride);
+      }
     }
     if (sample != tile.sample) {
       combine_rows<acc_t>(nullptr, coef, 1, weights.up.data(), expert_size, experts, expert_size,
@@ -98,7 +113,7 @@ struct BackwardKernel {
     }
     acc_t* grad_hidden = tile.grad_hidden.data();
     for (int64_t k = 0; k < groups; ++k)  // ∂H[t, k r/g + j] = G_k[t] · U_b[j]_k
-      tile_dots(tile.g.data() + k * group_stride, stride, count, tile.combined.data() + k * group_stride,
+      tile_dots(g_rows + k * group_stride, g_stride, count, tile.combined.data() + k * group_stride,
                 stride, per_group, group_stride, grad_hidden + k * per_group, rank);
     acc_t* partial_bias = partial + layout.gradient_rows * stride;
     const acc_t keep_scale = static_cast<acc_t>(args.dropout.keep_scale);
@@ -118,17 +133,17 @@ struct BackwardKernel {
       }
     }
     // ∂x = G + ∂H_pre W_A
-    tile_combine(tile.g.data(), grad_hidden, rank, count, weights.down.data(), stride, rank, width,
-                 tile.gx.data(), stride);
-    auto* grad_x = static_cast<scalar_t*>(args.grad_x);
-    for (int64_t t = 0; t < count; ++t)
-      scatter_row(tile.gx.data() + t * stride, columns, grad_x + (n0 + t) * shape.dim);
+    tile_combine(g_rows, g_stride, grad_hidden, rank, count, weights.down.data(), stride, rank, width,
+                 gx_rows, gx_stride);
+    if (!in_place)
+      for (int64_t t = 0; t < count; ++t)
+        scatter_row(tile.gx.data() + t * stride, columns, grad_x + t * shape.dim);
     // ∂W_A += ∂H_preᵀ X;  Q_k[j] = Σ_t H_aug[t, k, j] G_k[t]
-    tile_accumulate(partial, stride, rank, grad_hidden, rank, tile.x.data(), stride, count, width);
+    tile_accumulate(partial, stride, rank, grad_hidden, rank, x_rows, x_stride, count, width);
     std::fill(tile.q.begin(), tile.q.end(), acc_t(0));
     for (int64_t k = 0; k < groups; ++k)
       tile_accumulate(tile.q.data() + k * group_stride, stride, slots, tile.h_aug.data() + k * slots,
-                      groups * slots, tile.g.data() + k * group_stride, stride, count, group_stride);
+                      groups * slots, g_rows + k * group_stride, g_stride, count, group_stride);
     acc_t* partial_up = partial + rank * stride;
     for (int64_t e = 0; e < experts; ++e)
       combine_rows(partial_up + e * expert_size, coef + e, 1, tile.q.data(), expert_size, 1,
@@ -198,6 +213,8 @@ struct BackwardKernel {
   }
 
   void run() const {
+    advise_huge_pages(args.grad_x, shape.tokens() * shape.dim * static_cast<int64_t>(sizeof(scalar_t)));
+    advise_huge_pages(workspace, layout.total * static_cast<int64_t>(sizeof(acc_t)));
     at::parallel_for(0, layout.chunks, 1, [&](int64_t begin, int64_t end) {
       Tile tile(*this);
       for (int64_t chunk = begin; chunk < end; ++chunk) run_chunk(chunk, tile);

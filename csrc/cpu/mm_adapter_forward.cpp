@@ -2,7 +2,8 @@
 // y written once, and each weight chunk is loaded once per tile (tile_kernels.h).
 //
 // Per tile of up to kTileTokens tokens of one sample b (rows of D columns, padded per group,
-// see cpu_kernel_utils.h; the tile's rows are gathered into one buffer):
+// see cpu_kernel_utils.h: fp32/fp64 rows of chunk-aligned groups are used in place, others are
+// gathered into one acc_t buffer and y scattered back from it):
 //   H      = dropout(X W_Aᵀ + b_A)                       [T, r]   tile_dots
 //   U_b    = Σ_e coef[b, e] UP_e                         [S, row_stride], once per sample per task
 //   Y[t,d] = X[t,d] + Σ_j h_aug[t, k(d), j] U_b[j, d]    tile_combine, in place in the buffer,
@@ -39,18 +40,28 @@ void forward_kernel(const ForwardArgs& args) {
   const uint64_t seed = args.dropout.key();  // host memory: the glue passes CPU seeds only
   const acc_t keep_scale = static_cast<acc_t>(args.dropout.keep_scale);
 
+  const bool in_place = rows_in_place<scalar_t, acc_t>(columns);
+  advise_huge_pages(y, shape.tokens() * shape.dim * static_cast<int64_t>(sizeof(scalar_t)));
+
   at::parallel_for(0, shape.tokens(), kForwardGrainTokens, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows(kTileTokens * stride, acc_t(0)), combined(slots * stride);
+    std::vector<acc_t> rows(in_place ? 0 : kTileTokens * stride, acc_t(0)), combined(slots * stride);
     std::vector<acc_t> h_aug(kTileTokens * slots);
     int64_t cached_sample = -1;
-    for (int64_t n0 = begin; n0 < end;) {
+    for (int64_t n0 = begin; n0 < end;) {  // tiles of one sample (its rows are token-strided)
+      const int64_t count = std::min({kTileTokens, end - n0, (n0 / shape.length + 1) * shape.length - n0});
       const int64_t sample = args.single_modality ? 0 : n0 / shape.length;
-      const int64_t sample_end = args.single_modality ? end : (n0 / shape.length + 1) * shape.length;
-      const int64_t count = std::min({kTileTokens, end - n0, sample_end - n0});
-      for (int64_t t = 0; t < count; ++t)
-        gather_row(x + args.x_strides.offset(n0 + t, shape.length), columns, rows.data() + t * stride);
+      const scalar_t* x_rows = x + args.x_strides.offset(n0, shape.length);
+      const acc_t* in = rows.data();
+      acc_t* out = rows.data();
+      int64_t in_stride = stride, out_stride = stride;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (in_place) in = x_rows, in_stride = args.x_strides.token, out = y + n0 * shape.dim, out_stride = shape.dim;
+      }
+      if (!in_place)
+        for (int64_t t = 0; t < count; ++t)
+          gather_row(x_rows + t * args.x_strides.token, columns, rows.data() + t * stride);
       acc_t* h = hidden + n0 * rank;
-      tile_dots(rows.data(), stride, count, weights.down.data(), stride, rank, columns.width, h, rank);
+      tile_dots(in, in_stride, count, weights.down.data(), stride, rank, columns.width, h, rank);
       for (int64_t t = 0; t < count; ++t) {
         for (int64_t i = 0; i < rank; ++i) {
           acc_t value = h[t * rank + i] + down_bias[i];
@@ -71,12 +82,13 @@ void forward_kernel(const ForwardArgs& args) {
                     h_aug.begin() + t * slots);
           h_aug[t * slots + per_group] = acc_t(1);
         }
-        acc_t* block = rows.data() + k * group_stride;
-        tile_combine(block, h_aug.data(), slots, count, combined.data() + k * group_stride, stride,
-                     slots, group_stride, block, stride);
+        const int64_t column = k * group_stride;
+        tile_combine(in + column, in_stride, h_aug.data(), slots, count, combined.data() + column,
+                     stride, slots, group_stride, out + column, out_stride);
       }
-      for (int64_t t = 0; t < count; ++t)
-        scatter_row(rows.data() + t * stride, columns, y + (n0 + t) * shape.dim);
+      if (!in_place)
+        for (int64_t t = 0; t < count; ++t)
+          scatter_row(rows.data() + t * stride, columns, y + (n0 + t) * shape.dim);
       n0 += count;
     }
   });

@@ -96,12 +96,12 @@ MLAN_CPU_CLONES void tile_dots(const acc_t* a, int64_t a_stride, int64_t tokens,
 }
 
 template <int kTokens, typename acc_t>
-MLAN_ALWAYS_INLINE void combine_block(const acc_t* base, const acc_t* coeffs, int64_t coeff_stride,
-                                      const acc_t* rows, int64_t row_stride, int64_t num_rows,
-                                      int64_t count, acc_t* out, int64_t stride) {
+MLAN_ALWAYS_INLINE void combine_block(const acc_t* base, int64_t base_stride, const acc_t* coeffs,
+                                      int64_t coeff_stride, const acc_t* rows, int64_t row_stride,
+                                      int64_t num_rows, int64_t count, acc_t* out, int64_t stride) {
   for (int64_t c = 0; c < count; c += kLanes<acc_t>) {
     Wide<acc_t> sums[kTokens];
-    for (int t = 0; t < kTokens; ++t) sums[t] = load_wide(base + t * stride + c);
+    for (int t = 0; t < kTokens; ++t) sums[t] = load_wide(base + t * base_stride + c);
     for (int64_t q = 0; q < num_rows; ++q) {
       const Wide<acc_t> row = load_wide(rows + q * row_stride + c);
       for (int t = 0; t < kTokens; ++t) sums[t] += coeffs[t * coeff_stride + q] * row;
@@ -110,19 +110,20 @@ MLAN_ALWAYS_INLINE void combine_block(const acc_t* base, const acc_t* coeffs, in
   }
 }
 
-// out[t * stride + c] = base[t * stride + c] + Σ_{q < num_rows} coeffs[t * coeff_stride + q] *
-// rows[q * row_stride + c], q in order, for t < tokens, c < count; out may alias base.
+// out[t * stride + c] = base[t * base_stride + c] + Σ_{q < num_rows} coeffs[t * coeff_stride + q]
+// * rows[q * row_stride + c], q in order, for t < tokens, c < count; out may alias base.
 template <typename acc_t>
-MLAN_CPU_CLONES void tile_combine(const acc_t* base, const acc_t* coeffs, int64_t coeff_stride,
-                                  int64_t tokens, const acc_t* rows, int64_t row_stride,
-                                  int64_t num_rows, int64_t count, acc_t* out, int64_t stride) {
+MLAN_CPU_CLONES void tile_combine(const acc_t* base, int64_t base_stride, const acc_t* coeffs,
+                                  int64_t coeff_stride, int64_t tokens, const acc_t* rows,
+                                  int64_t row_stride, int64_t num_rows, int64_t count, acc_t* out,
+                                  int64_t stride) {
   int64_t t = 0;
   for (; t + 8 <= tokens; t += 8)
-    combine_block<8>(base + t * stride, coeffs + t * coeff_stride, coeff_stride, rows, row_stride,
-                     num_rows, count, out + t * stride, stride);
+    combine_block<8>(base + t * base_stride, base_stride, coeffs + t * coeff_stride, coeff_stride,
+                     rows, row_stride, num_rows, count, out + t * stride, stride);
   for (; t < tokens; ++t)
-    combine_block<1>(base + t * stride, coeffs + t * coeff_stride, coeff_stride, rows, row_stride,
-                     num_rows, count, out + t * stride, stride);
+    combine_block<1>(base + t * base_stride, base_stride, coeffs + t * coeff_stride, coeff_stride,
+                     rows, row_stride, num_rows, count, out + t * stride, stride);
 }
 
 // kRows rows of tile_accumulate; even and odd tokens in separate sums (2·kRows FMA chains).
