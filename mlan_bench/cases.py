@@ -21,6 +21,10 @@ OPS = {"mm_adapter_fwd": ("mm_adapter", ("fwd",)), "mm_adapter_bwd": ("mm_adapte
        "mm_adapter_fwdbwd": ("mm_adapter", ("fwd+bwd",)), "kl_div": ("kl_div", PHASES),
        "fused_linear_kl": ("fused_linear_kl", PHASES), "scale_grads": ("scale_grads", ("step",))}
 BASELINES = ("eager", "compile", "lora", "unfused", "loop", "copy")
+# Op families whose torch.compile baseline runs without --compile on CPU: the MM-Adapter's, the
+# one a user would reach for instead of the fused kernel (inductor's C++ backend, ~7 s per graph
+# and shape on 2 cores). On CUDA every family's runs by default.
+CPU_COMPILE_DEFAULT = ("mm_adapter",)
 
 _ADAPTER_MAIN = [dict(tokens=n, dim=d, groups=2, routing="mixed")
                  for d in (1024, 4096, 5120) for n in (2048, 16384, 65536)]
@@ -167,6 +171,14 @@ def compiled(function):
     import torch._functorch.config
     torch._functorch.config.donated_buffer = False
     return torch.compile(function, dynamic=False)
+
+
+def case_baselines(baselines, device_type: str, op: str, compile_flag) -> list:
+    """The baselines of one case: "compile" stays when --compile, or without the flag
+    (compile_flag None) on cuda and for the CPU_COMPILE_DEFAULT families on CPU."""
+    if compile_flag is None:
+        compile_flag = device_type == "cuda" or op in CPU_COMPILE_DEFAULT
+    return [name for name in baselines if name != "compile" or compile_flag]
 
 
 def wanted(name, role, backends, baselines) -> bool:

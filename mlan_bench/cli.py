@@ -18,7 +18,7 @@ import torch
 
 from . import report
 from mlan_kernels.help_format import DefaultsHelpFormatter
-from .cases import BASELINES, OPS, build_case, grid
+from .cases import BASELINES, OPS, build_case, case_baselines, grid
 from .runner import run_case
 
 E2E_OP = "e2e_step"
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile(reference) baseline; compiling takes ~7 s per graph and "
                              "shape on 2 cores, longer than the CPU grid's measurements "
-                             "(default: on for cuda, off for cpu)")
+                             "(default: on for cuda; on cpu for the MM-Adapter ops only)")
     result.add_argument("--iters", type=int, default=20, help="timed calls per row")
     result.add_argument("--warmup", type=int, help="untimed calls first (default: 5 on cuda, 3 on cpu)")
     result.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: torch's default)")
@@ -108,8 +108,7 @@ def resolve(args):
     _subset("backends", _names(args.backends) or [], OUR_BACKENDS)
     baselines = _names(args.baselines) or []
     _subset("baselines", baselines, BASELINES)
-    compile_on = args.compile if args.compile is not None else device.type == "cuda"
-    baselines = [name for name in baselines if name != "compile" or compile_on]
+    baselines = [name for name in baselines if name != "compile" or args.compile is not False]
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 3)
     if args.iters < 1:
         raise UsageError(f"--iters must be >= 1, got {args.iters}")
@@ -146,7 +145,8 @@ def run_grid(specs, device, dtype, args, baselines, warmup) -> list:
     from tqdm import tqdm
     rows = []
     for spec in tqdm(specs, desc="mlan-bench", unit="case", file=sys.stderr):
-        case = build_case(spec, device, dtype, _names(args.backends), baselines)
+        case = build_case(spec, device, dtype, _names(args.backends),
+                          case_baselines(baselines, device.type, spec.op, args.compile))
         rows += run_case(case, iters=args.iters, warmup=warmup, phases=spec.phases,
                          memory=not args.no_memory, check=not args.no_check)
         del case
