@@ -47,9 +47,11 @@ SHAPES = {
                   "kl_div": [dict(tokens=32, vocab=32000)],
                   "fused_linear_kl": [dict(tokens=32, hidden=128, vocab=4096)],
                   "scale_grads": [dict(model="lavin-7b")]},
-        # kept small enough that the whole default CPU grid runs in < 3 min on 2 cores
+        # kept small enough that the whole default CPU grid runs in < 3 min on 2 cores; D = 128
+        # and 512 at N = 2048 are the demo's and small models' sizes
         "paper": {"mm_adapter": [dict(tokens=n, dim=d, groups=2, routing="mixed")
-                                 for d in (1024, 4096) for n in (512, 2048)],
+                                 for d in (1024, 4096) for n in (512, 2048)]
+                                + [dict(tokens=2048, dim=d, groups=2, routing="mixed") for d in (128, 512)],
                   "kl_div": [dict(tokens=t, vocab=32000) for t in (32, 128)],
                   "fused_linear_kl": [dict(tokens=512, hidden=256, vocab=8192)],
                   "scale_grads": [dict(model="lavin-7b")]},

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                         help="activation dtype (default: bfloat16 on cuda, float32 on cpu)")
     result.add_argument("--shapes", default="paper", choices=["small", "paper", "all"],
                         help="shape preset of mlan_bench/cases.py (CPU 'paper' = D∈{1024,4096} x "
-                             "N∈{512,2048}, GPU: docs/performance.md grid)")
+                             "N∈{512,2048} and D∈{128,512} at N=2048, GPU: docs/performance.md grid)")
     result.add_argument("--ops", help=f"comma list of {','.join(list(OPS) + [E2E_OP])} (default: all "
                                       f"of them; {E2E_OP} uses --e2e-preset)")
     result.add_argument("--backends", help="comma list of our backends to run (default: every one "

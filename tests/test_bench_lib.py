@@ -57,7 +57,7 @@ def test_peak_memory_cpu_sees_a_large_temporary():
 def test_grid_phases_and_presets():
     specs = grid(["mm_adapter_fwd", "mm_adapter_fwdbwd", "scale_grads"], "cpu", "paper")
     adapter = [spec for spec in specs if spec.op == "mm_adapter"]
-    assert {spec.params["dim"] for spec in adapter} == {1024, 4096}
+    assert {spec.params["dim"] for spec in adapter} == {128, 512, 1024, 4096}
     assert {spec.params["tokens"] for spec in adapter} == {512, 2048}
     assert all(spec.phases == ("fwd", "fwd+bwd") for spec in adapter)
     gpu = grid(["mm_adapter_fwd"], "cuda", "paper")
