@@ -1,17 +1,16 @@
-// Fused MM-Adapter backward on CPU: one pass over (grad_y, x, H) per token tile.
+// Fused MM-Adapter backward on CPU: one pass over (grad_y, x, H), a tile of token rows at a time.
 //
 // Tokens are cut into a fixed number of chunks (a function of N only) that run in parallel;
 // each chunk owns a partial-gradient buffer in the workspace, and the partials are summed in
 // chunk order at the end, so results are bitwise independent of the thread count.
-// Within a chunk, tiles of kTileTokens tokens:
-//   rows pass (per token n, sample b):   P_e = G M_e (+ bias slot G·b_U[e])   [E, r+1]
-//       ∂H = Σ_e coef[b,e] P_e,  ∂H_pre = ∂H ⊙ keep / (1-p)                   [r]
-//       row term of ∂w: Σ_i P_e[i] H[i] + P_e[bias]                           [E]
-//   columns pass (per block of kBlockColumns columns of all tile tokens, copied into packed
-//   buffers so the tile's rows are read sequentially):
-//       ∂x = G + ∂H_pre W_A,  partial ∂W_A += ∂H_preᵀ x,
-//       partial ∂UP_e[slot] += (coef[b,e] H_aug)ᵀ G      (∂M_e and ∂b_U in one product)
-// Then: ∂W_A, ∂M, ∂b_U, ∂b_A = Σ chunks; ∂w[b, e] = s Σ_l row term.
+// Within a chunk, tiles of up to kTileTokens tokens of one sample b (micro-kernels of
+// tile_kernels.h; U_b = Σ_e coef[b,e] UP_e formed once per sample and task):
+//   ∂H[t, k r/g + j] = G_k[t] · U_b[j]_k,  ∂H_pre = ∂H ⊙ keep / (1-p)     tile_dots      [T, r]
+//   ∂x = G + ∂H_pre W_A                                                    tile_combine
+//   partial ∂W_A += ∂H_preᵀ X,  partial ∂b_A += Σ_t ∂H_pre                 tile_accumulate
+//   Q_k[j] = Σ_t H_aug[t, k, j] G_k[t]   (H_aug: H with a constant-1 slot)  tile_accumulate [S, D]
+//   partial ∂UP_e += coef[b,e] Q  (∂M_e and ∂b_U),  tile term of ∂w: UP_e · Q (E·S rows per tile)
+// Then: ∂W_A, ∂M, ∂b_U, ∂b_A = Σ chunks; ∂w[b, e] = s Σ tile terms of sample b.
 #include <ATen/Parallel.h>
 
 #include "cpu/cpu_kernel_utils.h"
@@ -31,7 +30,7 @@ int64_t chunk_count(int64_t tokens) {
 }
 
 // Workspace (acc_t): per chunk [(r + E*S) partial gradient rows, row_stride apart | r for ∂b_A],
-// then the per-token ∂w row terms [N, E].
+// then the ∂w terms [N, E] (a tile's term at its first token, zeros at the others).
 struct WorkspaceLayout {
   PaddedColumns columns;
   int64_t gradient_rows, partial_size, chunks, row_terms_offset, total;
