@@ -22,7 +22,7 @@ import torch
 
 from . import report
 from mlan_kernels.help_format import DefaultsHelpFormatter
-from .cases import BASELINES, OPS, build_case, grid
+from .cases import BASELINES, OPS, build_case, case_baselines, grid
 from .runner import run_case
 
 E2E_OP = "e2e_step"
@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
                         help="activation dtype (default: bfloat16 on cuda, float32 on cpu)")
     result.add_argument("--shapes", default="paper", choices=["small", "paper", "all"],
                         help="shape preset of mlan_bench/cases.py (CPU 'paper' = D∈{1024,4096} x "
-                             "N∈{512,2048}, GPU: docs/performance.md grid)")
+                             "N∈{512,2048} and D∈{128,512} at N=2048, GPU: docs/performance.md grid)")
     result.add_argument("--ops", help=f"comma list of {','.join(list(OPS) + [E2E_OP])} (default: all "
                                       f"of them; {E2E_OP} uses --e2e-preset)")
     result.add_argument("--backends", help="comma list of our backends to run (default: every one "
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile(reference) baseline; compiling takes ~7 s per graph and "
                              "shape on 2 cores, longer than the CPU grid's measurements "
-                             "(default: on for cuda, off for cpu)")
+                             "(default: on for cuda; on cpu for the MM-Adapter ops only)")
     result.add_argument("--iters", type=int, default=20, help="timed calls per row")
     result.add_argument("--warmup", type=int, help="untimed calls first (default: 5 on cuda, 3 on cpu)")
     result.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: torch's default)")
@@ -135,8 +135,7 @@ def resolve(args):
     _subset("backends", _names(args.backends) or [], OUR_BACKENDS)
     baselines = _names(args.baselines) or []
     _subset("baselines", baselines, BASELINES)
-    compile_on = args.compile if args.compile is not None else device.type == "cuda"
-    baselines = [name for name in baselines if name != "compile" or compile_on]
+    baselines = [name for name in baselines if name != "compile" or args.compile is not False]
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 3)
     if args.iters < 1:
         raise UsageError(f"--iters must be >= 1, got {args.iters}")
@@ -174,7 +173,8 @@ def run_grid(specs, device, dtype, args, baselines, warmup) -> list:
     from tqdm import tqdm
     rows = []
     for spec in tqdm(specs, desc="mlan-bench", unit="case", file=sys.stderr):
-        case = build_case(spec, device, dtype, _names(args.backends), baselines)
+        case = build_case(spec, device, dtype, _names(args.backends),
+                          case_baselines(baselines, device.type, spec.op, args.compile))
         rows += run_case(case, iters=args.iters, warmup=warmup, phases=spec.phases,
                          memory=not args.no_memory, check=not args.no_check)
         del case

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlan_bench import cli, render, report, timing, traffic
-from mlan_bench.cases import OPS, Spec, grid
+from mlan_bench.cases import OPS, Spec, case_baselines, grid
 from mlan_kernels.testing import measure, summarize_times
 
 OLD_RESULTS = "benchmarks/results/h100-bf16-single-2026-11-23.json"
@@ -57,7 +57,7 @@ def test_peak_memory_cpu_sees_a_large_temporary():
 def test_grid_phases_and_presets():
     specs = grid(["mm_adapter_fwd", "mm_adapter_fwdbwd", "scale_grads"], "cpu", "paper")
     adapter = [spec for spec in specs if spec.op == "mm_adapter"]
-    assert {spec.params["dim"] for spec in adapter} == {1024, 4096}
+    assert {spec.params["dim"] for spec in adapter} == {128, 512, 1024, 4096}
     assert {spec.params["tokens"] for spec in adapter} == {512, 2048}
     assert all(spec.phases == ("fwd", "fwd+bwd") for spec in adapter)
     gpu = grid(["mm_adapter_fwd"], "cuda", "paper")
@@ -105,14 +105,15 @@ def test_render_reads_the_old_format():
 def test_cli_tiny_grid_writes_json_csv_and_plots(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     status = cli.main(["--device", "cpu", "--shapes", "small", "--ops", "mm_adapter_fwdbwd,kl_div",
-                       "--iters", "2", "--warmup", "0", "--json", str(out), "--plot", str(tmp_path / "png")])
+                       "--iters", "2", "--warmup", "0", "--json", str(out), "--plot", str(tmp_path / "png"),
+                       "--no-compile"])
     assert status == 0
     data = json.loads(out.read_text())
     assert data["environment"]["device_type"] == "cpu" and data["environment"]["threads"] >= 1
     impls = {(row["op"], row["impl"]) for row in data["rows"]}
     assert {("mm_adapter", "cpu"), ("mm_adapter", "eager"), ("mm_adapter", "lora"), ("mm_adapter", "copy"),
             ("kl_div", "chunked"), ("kl_div", "unfused")} <= impls
-    assert ("mm_adapter", "compile") not in impls                     # off by default on CPU
+    assert ("mm_adapter", "compile") not in impls                     # --no-compile
     ours = next(row for row in data["rows"] if row["impl"] == "cpu")
     assert ours["phase"] == "fwd+bwd" and ours["ok"] is True and ours["saved_bytes"] > 0
     assert ours["pct_copy"] > 0 and ours["speedup_vs_eager"] > 0
@@ -125,6 +126,16 @@ def test_cli_tiny_grid_writes_json_csv_and_plots(tmp_path, capsys):
     cases = {(row["op"], row["shape"]) for row in data["rows"]}
     assert len(warned) == len(cases) and all("2 iters < 10" in line for line in warned)   # --iters 2
     assert all(row["warning"].startswith("2 iters < 10") for row in data["rows"])
+
+
+def test_compile_baseline_defaults():
+    """Without --compile: torch.compile runs for every family on cuda, only the MM-Adapter on CPU."""
+    every = ["eager", "compile", "copy"]
+    assert case_baselines(every, "cpu", "mm_adapter", None) == every
+    assert case_baselines(every, "cpu", "kl_div", None) == ["eager", "copy"]
+    assert case_baselines(every, "cuda", "kl_div", None) == every
+    assert case_baselines(every, "cpu", "kl_div", True) == every
+    assert case_baselines(every, "cuda", "mm_adapter", False) == ["eager", "copy"]
 
 
 def test_cli_e2e_step_rows(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -51,6 +56,29 @@ struct PaddedColumns {
     return offset < dim_per_group ? column / group_stride * dim_per_group + offset : -1;
   }
 };
+
+// The rows of a tile of tokens as the micro-kernels read them: in place when the activations
+// are acc_t and every group is a whole number of chunks (the padded layout is then the plain
+// one), else gathered into (or scattered from) a padded acc_t buffer.
+template <typename scalar_t, typename acc_t>
+constexpr bool rows_in_place(const PaddedColumns& columns) {
+  return std::is_same_v<scalar_t, acc_t> && columns.group_stride == columns.dim_per_group;
+}
+
+// Ask Linux for transparent huge pages on a large output the kernel is about to write for the
+// first time (torch's CPU allocator maps big tensors fresh for each call, and on a 4 KiB-page
+// first touch the page faults cost more than the kernel's arithmetic). Advice only: no-op where
+// unsupported or where the pages already exist.
+inline void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data, (void)bytes;
+#endif
+}
 
 // Element conversions: static_cast, except bfloat16, done on the bits without branches (same
 // result as c10: round to nearest even, NaN -> quiet NaN) so that the row loops vectorize.

@@ -1,14 +1,19 @@
-// Fused MM-Adapter forward on CPU: each token row of x is read once, y written once.
+// Fused MM-Adapter forward on CPU, a tile of token rows at a time: each row of x is read once,
+// y written once, and each weight chunk is loaded once per tile (tile_kernels.h).
 //
-// Per token n of sample b (rows of D columns, padded per group, see cpu_kernel_utils.h):
-//   h      = dropout(x W_Aᵀ + b_A)                       [r]   r dot products over the row
+// Per tile of up to kTileTokens tokens of one sample b (rows of D columns, padded per group,
+// see cpu_kernel_utils.h: fp32/fp64 rows of chunk-aligned groups are used in place, others are
+// gathered into one acc_t buffer and y scattered back from it):
+//   H      = dropout(X W_Aᵀ + b_A)                       [T, r]   tile_dots
 //   U_b    = Σ_e coef[b, e] UP_e                         [S, row_stride], once per sample per task
-//   y[d]   = x[d] + Σ_j h_aug[k(d), j] U_b[j, d]         h_aug = (h[k r/g ... k r/g + r/g-1], 1)
-// Token ranges run in parallel (at::parallel_for); nothing is reduced across tokens, so the
-// output is independent of the thread count.
+//   Y[t,d] = X[t,d] + Σ_j h_aug[t, k(d), j] U_b[j, d]    tile_combine, in place in the buffer,
+//            h_aug = (h[k r/g ... k r/g + r/g-1], 1)
+// Token ranges run in parallel (at::parallel_for); nothing is reduced across tokens and a
+// token's arithmetic does not depend on its tile, so the output is independent of the thread count.
 #include <ATen/Parallel.h>
 
 #include "cpu/cpu_kernel_utils.h"
+#include "cpu/tile_kernels.h"
 #include "philox.h"
 
 namespace mlan {
@@ -16,22 +21,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kForwardGrainTokens = 16;  // smallest token range worth a parallel task
-
-// hidden[0, r) = dropout(x_row · W_Aᵀ + b_A) of token `token`; x_row is padded; seed: the
-// dropout key (dropout.key(), read once per call).
-template <typename acc_t>
-void hidden_units(const acc_t* x_row, const acc_t* down, const acc_t* down_bias,
-                  const AdapterShape& shape, const PaddedColumns& columns,
-                  const DropoutConfig& dropout, uint64_t seed, int64_t token, acc_t* hidden) {
-  dot_rows(x_row, down, columns.row_stride, shape.rank, columns.width, hidden);
-  const acc_t keep_scale = static_cast<acc_t>(dropout.keep_scale);
-  for (int64_t i = 0; i < shape.rank; ++i) {
-    hidden[i] += down_bias[i];
-    if (dropout.enabled)
-      hidden[i] = dropout_keep(seed, dropout.threshold, token, shape.rank, i)
-                      ? hidden[i] * keep_scale : acc_t(0);
-  }
-}
+constexpr int64_t kTileTokens = 8;           // token rows sharing each weight load
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const ForwardArgs& args) {
@@ -45,33 +35,61 @@ void forward_kernel(const ForwardArgs& args) {
   const auto* coef = static_cast<const acc_t*>(args.coef);
   auto* y = static_cast<scalar_t*>(args.y);
   auto* hidden = static_cast<acc_t*>(args.hidden);
-  const int64_t width = columns.width, stride = columns.row_stride, slots = shape.slots();
-  const int64_t per_group = shape.rank_per_group();
+  const int64_t stride = columns.row_stride, slots = shape.slots(), rank = shape.rank;
+  const int64_t per_group = shape.rank_per_group(), group_stride = columns.group_stride;
   const uint64_t seed = args.dropout.key();  // host memory: the glue passes CPU seeds only
+  const acc_t keep_scale = static_cast<acc_t>(args.dropout.keep_scale);
+
+  const bool in_place = rows_in_place<scalar_t, acc_t>(columns);
+  advise_huge_pages(y, shape.tokens() * shape.dim * static_cast<int64_t>(sizeof(scalar_t)));
 
   at::parallel_for(0, shape.tokens(), kForwardGrainTokens, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> x_row(width), y_row(width), combined(slots * stride), h_aug(slots);
+    std::vector<acc_t> rows(in_place ? 0 : kTileTokens * stride, acc_t(0)), combined(slots * stride);
+    std::vector<acc_t> h_aug(kTileTokens * slots);
     int64_t cached_sample = -1;
-    for (int64_t n = begin; n < end; ++n) {
-      gather_row(x + args.x_strides.offset(n, shape.length), columns, x_row.data());
-      acc_t* h = hidden + n * shape.rank;
-      hidden_units(x_row.data(), weights.down.data(), down_bias, shape, columns, args.dropout,
-                   seed, n, h);
-
-      const int64_t sample = args.single_modality ? 0 : n / shape.length;
+    for (int64_t n0 = begin; n0 < end;) {  // tiles of one sample (its rows are token-strided)
+      const int64_t count = std::min({kTileTokens, end - n0, (n0 / shape.length + 1) * shape.length - n0});
+      const int64_t sample = args.single_modality ? 0 : n0 / shape.length;
+      const scalar_t* x_rows = x + args.x_strides.offset(n0, shape.length);
+      const acc_t* in = rows.data();
+      acc_t* out = rows.data();
+      int64_t in_stride = stride, out_stride = stride;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (in_place) in = x_rows, in_stride = args.x_strides.token, out = y + n0 * shape.dim, out_stride = shape.dim;
+      }
+      if (!in_place)
+        for (int64_t t = 0; t < count; ++t)
+          gather_row(x_rows + t * args.x_strides.token, columns, rows.data() + t * stride);
+      acc_t* h = hidden + n0 * rank;
+      tile_dots(in, in_stride, count, weights.down.data(), stride, rank, columns.width, h, rank);
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t i = 0; i < rank; ++i) {
+          acc_t value = h[t * rank + i] + down_bias[i];
+          if (args.dropout.enabled)
+            value = dropout_keep(seed, args.dropout.threshold, n0 + t, rank, i) ? value * keep_scale
+                                                                                : acc_t(0);
+          h[t * rank + i] = value;
+        }
+      }
       if (sample != cached_sample) {  // U_b: the experts' slots mixed with this sample's coef
         combine_rows<acc_t>(nullptr, coef + sample * shape.experts, 1, weights.up.data(),
                             slots * stride, shape.experts, slots * stride, combined.data());
         cached_sample = sample;
       }
       for (int64_t k = 0; k < shape.groups; ++k) {
-        std::copy(h + k * per_group, h + (k + 1) * per_group, h_aug.begin());
-        h_aug[per_group] = acc_t(1);
-        const int64_t base = k * columns.group_stride;
-        combine_rows(x_row.data() + base, h_aug.data(), 1, combined.data() + base, stride, slots,
-                     columns.group_stride, y_row.data() + base);
+        for (int64_t t = 0; t < count; ++t) {
+          std::copy(h + t * rank + k * per_group, h + t * rank + (k + 1) * per_group,
+                    h_aug.begin() + t * slots);
+          h_aug[t * slots + per_group] = acc_t(1);
+        }
+        const int64_t column = k * group_stride;
+        tile_combine(in + column, in_stride, h_aug.data(), slots, count, combined.data() + column,
+                     stride, slots, group_stride, out + column, out_stride);
       }
-      scatter_row(y_row.data(), columns, y + n * shape.dim);
+      if (!in_place)
+        for (int64_t t = 0; t < count; ++t)
+          scatter_row(rows.data() + t * stride, columns, y + (n0 + t) * shape.dim);
+      n0 += count;
     }
   });
 }

@@ -1,10 +1,11 @@
-// The two loops the CPU kernels are built from, on 32-byte SIMD vectors:
-//   dot_rows      several dot products sharing one operand        (x W_Aᵀ, G · UP slots)
-//   combine_rows  a row plus a weighted sum of rows               (y, ∂x, partial gradients)
+// 32-byte SIMD vectors and the one row loop the CPU kernels use outside the tile micro-kernels
+// (tile_kernels.h, built on these vectors):
+//   combine_rows  a row plus a weighted sum of rows         (U_b = Σ_e coef UP_e, ∂UP_e += coef Q)
 // Vectors are GCC/Clang vector extensions (one AVX register, or two SSE registers): the code
-// says which loop is the SIMD one instead of hoping the auto-vectorizer picks it. Both
-// functions are compiled for the x86-64 baseline and for x86-64-v3 (AVX2 + FMA) and the loader
-// picks the clone the CPU supports (target_clones, glibc ifunc); no -march flags, so one build
+// says which loop is the SIMD one instead of hoping the auto-vectorizer picks it. This and the
+// tile micro-kernels (tile_kernels.h) are compiled for the x86-64 baseline, x86-64-v3 (AVX2 +
+// FMA) and x86-64-v4 (AVX-512) and the loader picks the best clone the CPU supports
+// (target_clones, glibc ifunc); no -march flags, so one build
 // runs on every x86-64 machine. Sums run in a fixed order: results depend only on the inputs
 // (and on which clone runs), never on threads or call history.
 #pragma once
@@ -18,7 +19,7 @@
 
 #if !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(MLAN_NO_TARGET_CLONES)
-#define MLAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MLAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MLAN_CPU_CLONES
 #endif
@@ -61,31 +62,6 @@ MLAN_ALWAYS_INLINE acc_t horizontal_sum(Vec<acc_t> value) {
   acc_t total = 0;
   for (int64_t v = 0; v < kVecLanes<acc_t>; ++v) total += value[v];
   return total;
-}
-
-// out[q] = Σ_{c < count} a[c] * rows[q * row_stride + c] for q < kRows; count % kLanes == 0.
-template <int kRows, typename acc_t>
-MLAN_ALWAYS_INLINE void dot_block(const acc_t* a, const acc_t* rows, int64_t row_stride,
-                                  int64_t count, acc_t* out) {
-  constexpr int64_t half = kVecLanes<acc_t>;
-  Vec<acc_t> low[kRows] = {}, high[kRows] = {};
-  for (int64_t c = 0; c < count; c += 2 * half) {
-    const Vec<acc_t> a_low = load_vec(a + c), a_high = load_vec(a + c + half);
-    for (int q = 0; q < kRows; ++q) {
-      low[q] += a_low * load_vec(rows + q * row_stride + c);
-      high[q] += a_high * load_vec(rows + q * row_stride + c + half);
-    }
-  }
-  for (int q = 0; q < kRows; ++q) out[q] = horizontal_sum<acc_t>(low[q] + high[q]);
-}
-
-// dot_block over num_rows rows, four at a time (a is read once per four rows).
-template <typename acc_t>
-MLAN_CPU_CLONES void dot_rows(const acc_t* a, const acc_t* rows, int64_t row_stride,
-                              int64_t num_rows, int64_t count, acc_t* out) {
-  int64_t q = 0;
-  for (; q + 4 <= num_rows; q += 4) dot_block<4>(a, rows + q * row_stride, row_stride, count, out + q);
-  for (; q < num_rows; ++q) dot_block<1>(a, rows + q * row_stride, row_stride, count, out + q);
 }
 
 // out[c] = base[c] + Σ_{q < num_rows} coeffs[q * coeff_stride] * rows[q * row_stride + c] for
