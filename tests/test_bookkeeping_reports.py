@@ -21,7 +21,7 @@ class StubTrainer:
         self.module.bias.requires_grad_(False)
         self.history = {"step_seconds": [1.0, 2.0, 5.0], "kappa": [{"probe_seconds": 0.25}],
                         "lr": [], "eval": []}
-        self.device, self.world_size = torch.device("cpu"), 1
+        self.device, self.world_size, self.config = torch.device("cpu"), 1, None
         self.train_set = type("Samples", (), {"image_errors": 2, "__len__": lambda self: 7})()
         self.eval_set = [None] * 3
         self.load_reports = {}
@@ -31,7 +31,9 @@ class StubTrainer:
         return {"steps": 3}
 
 
-def test_run_summary_reports_hand_counted_padding_throughput_and_parameters():
+def test_run_summary_reports_hand_counted_padding_throughput_and_parameters(monkeypatch):
+    import mlan_train.model
+    monkeypatch.setattr(mlan_train.model, "model_record", lambda module, config: {})   # no LavinModel here
     trainer = StubTrainer()
     tokens = {"text_tokens": 300, "image_tokens": 100, "padded_tokens": 100, "samples_text": 6,
               "samples_image": 2}
