@@ -67,6 +67,55 @@ def render_study(data: dict, label=None) -> str:
     return "\n".join(lines)
 
 
+TASK_ORDER = ("colour", "shape", "side", "add", "bigger", "repeat")
+
+
+def _tasks(entries) -> list:
+    names = {task for entry in entries for task in entry["by_task"]}
+    return sorted(names, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
+
+
+def demo_header(data: dict, label) -> str:
+    """One line: where and how the demo ran (CPU, torch, seeds, steps, threads, minutes)."""
+    env, settings = data["environment"], data["settings"]
+    steps = "/".join(f"{s:,}" for s in sorted({run["steps"] for run in data["runs"]}))
+    return (f"{env['device']} ({env['cpus']} cores); torch {env['torch']}; {env['date']}; stage 2: "
+            f"{steps} steps, seeds {', '.join(map(str, settings['seeds']))}, "
+            f"{settings['jobs']} runs at a time, {env.get('threads') or 'default'} thread(s) each; "
+            f"{data['total_seconds'] / 60:.0f} min in all (`{label}`)")
+
+
+def render_demo(data: dict, label=None) -> str:
+    """The demo's tables (mlan_train/study.py --kind demo): per language share, held-out
+    accuracy mean ± std over seeds (image, each task, text), then every seed's numbers; with a
+    label, demo_header's line first."""
+    tasks = _tasks(data["groups"])
+    lines = [demo_header(data, label), ""] if label else []
+    lines += ["| share | seeds | image % | " + " | ".join(f"{t} %" for t in tasks)
+             + " | text % | image samples |", "|" + "---|" * (5 + len(tasks))]
+    for g in data["groups"]:
+        samples = [r["image_samples"] for r in data["runs"] if r["share"] == g["share"]]
+        lines.append(f"| {g['share']:g} | {len(g['seeds'])} | {_pm(g['image_accuracy'], 100)} | "
+                     + " | ".join(_pm(g["by_task"].get(t), 100, ".0f") for t in tasks)
+                     + f" | {_pm(g['text_accuracy'], 100)} | {min(samples):,}–{max(samples):,} |")
+    lines += ["", "| share | seed | image % | " + " | ".join(f"{t} %" for t in tasks)
+              + " | text % | loss, last 20 steps | loss trace SHA-256 |", "|" + "---|" * (6 + len(tasks))]
+    for r in sorted(data["runs"], key=lambda r: (r["share"], r["seed"])):
+        lines.append(f"| {r['share']:g} | {r['seed']} | {100 * r['image_accuracy']:.1f} | "
+                     + " | ".join("" if r["by_task"].get(t) is None else f"{100 * r['by_task'][t]:.0f}"
+                                  for t in tasks)
+                     + f" | {100 * r['text_accuracy']:.1f} | {r['final_loss']:.4f} | "
+                     f"`{r.get('loss_digest', '')[:12]}` |")
+    return "\n".join(lines)
+
+
+def render_study_json(data: dict, label) -> str:
+    """What mlan_train/study.py prints: the demo's tables, or the κ study's with its header."""
+    if data.get("kind") == "demo":
+        return render_demo(data, label)
+    return study_header(data, label) + "\n\n" + render_study(data)
+
+
 def render(path, ops=None, phases=None, label=None) -> str:
     """Header line + Markdown table of the JSON at `path`, filtered by op and phase; the header
     names the file as `label` (default: path). A κ-scheduling study's JSON (kind
@@ -74,6 +123,8 @@ def render(path, ops=None, phases=None, label=None) -> str:
     data = load_json(path)
     if data.get("kind") == "balance-study":
         return render_study(data, label or path)
+    if data.get("kind") == "demo":
+        return render_demo(data, label or path)
     titles = list(KEYS) + [title for title, *_ in COLUMNS] + ["check"]
     lines = [header(data["environment"], label or path), "", "| " + " | ".join(titles) + " |",
              "|" + "---|" * len(titles)]
