@@ -86,4 +86,5 @@ def test_the_demo_table_is_mean_and_sample_std_over_seeds():
     lines = render_demo(data).splitlines()
     assert lines[0] == "| share | seeds | image % | colour % | add % | text % | image samples |"
     assert lines[2] == "| 0.875 | 2 | 75.0 ± 35.4 | 50 ± 71 | 100 ± 0 | 100.0 ± 0.0 | 5,700–5,701 |"
-    assert lines[6] == "| 0.875 | 1 | 50.0 | 0 | 100 | 100.0 | 0.5000 | `0123456789ab` |"
+    assert lines[6] == "| 0.875 | 0 | 100.0 | 100 | 100 | 100.0 | 0.5000 | `0123456789ab` |"
+    assert lines[7] == "| 0.875 | 1 | 50.0 | 0 | 100 | 100.0 | 0.5000 | `0123456789ab` |"
