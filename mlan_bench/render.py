@@ -76,13 +76,16 @@ def _tasks(entries) -> list:
 
 
 def demo_header(data: dict, label) -> str:
-    """One line: where and how the demo ran (CPU, torch, seeds, steps, threads, minutes)."""
+    """One line: where and how the demo ran (CPU, torch, seeds, steps, threads) and the CPU
+    seconds of a stage-2 run per share (a machine's load changes wall time, not these)."""
     env, settings = data["environment"], data["settings"]
     steps = "/".join(f"{s:,}" for s in sorted({run["steps"] for run in data["runs"]}))
+    cpu = ", ".join(f"{g['share']:g}: {g['cpu_seconds'][0]:.0f} s" for g in data["groups"]
+                    if g.get("cpu_seconds"))
     return (f"{env['device']} ({env['cpus']} cores); torch {env['torch']}; {env['date']}; stage 2: "
             f"{steps} steps, seeds {', '.join(map(str, settings['seeds']))}, "
-            f"{settings['jobs']} runs at a time, {env.get('threads') or 'default'} thread(s) each; "
-            f"{data['total_seconds'] / 60:.0f} min in all (`{label}`)")
+            f"{env.get('threads') or 'default'} thread(s) per run"
+            + (f"; CPU time per run at share {cpu}" if cpu else "") + f" (`{label}`)")
 
 
 def render_demo(data: dict, label=None) -> str:

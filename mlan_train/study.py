@@ -242,11 +242,29 @@ def summarize(runs) -> list:
     return result
 
 
+def cpu_id() -> dict:
+    """Vendor, family and model of the CPU (/proc/cpuinfo; {} elsewhere): the numerics of
+    MKL/oneDNN kernels, and so the demo's results, differ between CPU types."""
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model"}
+    found = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in fields and fields[key.strip()] not in found:
+                    found[fields[key.strip()]] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return found
+
+
 def environment() -> dict:
     """CPU, versions, date, OMP threads and the 1/5/15-min load average when the study started
     (other work on the machine)."""
     from mlan_bench.report import cpu_model
-    return {"device": cpu_model(), "cpus": os.cpu_count(),
+    return {"device": cpu_model(), "cpu_id": cpu_id(), "cpus": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(),
