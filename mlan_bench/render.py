@@ -100,7 +100,8 @@ def render_demo(data: dict, label=None) -> str:
         samples = [r["image_samples"] for r in data["runs"] if r["share"] == g["share"]]
         lines.append(f"| {g['share']:g} | {len(g['seeds'])} | {_pm(g['image_accuracy'], 100)} | "
                      + " | ".join(_pm(g["by_task"].get(t), 100, ".0f") for t in tasks)
-                     + f" | {_pm(g['text_accuracy'], 100)} | {min(samples):,}–{max(samples):,} |")
+                     + f" | {_pm(g['text_accuracy'], 100)} | {min(samples):,}"
+                     + (f"–{max(samples):,}" if max(samples) > min(samples) else "") + " |")
     lines += ["", "| share | seed | image % | " + " | ".join(f"{t} %" for t in tasks)
               + " | text % | loss, last 20 steps | loss trace SHA-256 |", "|" + "---|" * (6 + len(tasks))]
     for r in sorted(data["runs"], key=lambda r: (r["share"], r["seed"])):

@@ -96,10 +96,10 @@ def prepare_base(train_args) -> tuple:
     if config.base:
         index = args.index("--base")
         del args[index:index + 2]
-        cpu = time.process_time()
+        cpu, reused = time.process_time(), bool(load_base_record(config.base))
         made = with_pretrained_base(config)
         record = load_base_record(config.base)
-        stage1 = {"directory": config.base, "cpu_seconds": time.process_time() - cpu,
+        stage1 = {"directory": config.base, "reused": reused, "cpu_seconds": time.process_time() - cpu,
                   **{part: record.get(part) for part in ("llama", "clip")}}
         config = made
         args += ["--llama", config.llama, "--clip", config.clip, "--max-length",

@@ -50,7 +50,7 @@ def test_two_demos_from_scratch_give_bit_identical_bases_and_losses(data, tmp_pa
     seeds = list(first_runs.values())
     assert seeds[0]["loss"] != seeds[1]["loss"]                 # the seed does change the run
     assert [r["loss_digest"] for r in first["runs"]] == [r["loss_digest"] for r in second["runs"]]
-    assert first["kind"] == "demo" and first["stage1"]["cpu_seconds"] > 0
+    assert first["kind"] == "demo" and first["stage1"]["cpu_seconds"] > 0 and not first["stage1"]["reused"]
     assert all(r["cpu_seconds"] > 0 for r in first["runs"])    # measured per process
     printed = capsys.readouterr().out
     assert "| share | seeds | image % | colour % |" in printed and "| 0.5 | 1 |" in printed
