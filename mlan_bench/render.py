@@ -38,9 +38,9 @@ def render(path, ops=None, phases=None, label=None) -> str:
     names the file as `label` (default: path). A κ-scheduling study's JSON (kind
     "balance-study") renders as its own table (render_study)."""
     data = load_json(path)
-    if data.get("kind") == "balance-study":
-        from mlan_kernels.training.study_table import render_study
-        return render_study(data, label or path)
+    if data.get("kind") in ("balance-study", "demo"):
+        from mlan_kernels.training.study_table import render_demo, render_study
+        return (render_demo if data["kind"] == "demo" else render_study)(data, label or path)
     titles = list(KEYS) + [title for title, *_ in COLUMNS] + ["check"]
     lines = [header(data["environment"], label or path), "", "| " + " | ".join(titles) + " |",
              "|" + "---|" * len(titles)]

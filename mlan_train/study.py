@@ -10,17 +10,21 @@ here passed through, e.g. `--steps 400`. With --base the base is made (or reused
 any run, and every run reads it as --llama/--clip (so that parallel runs never race to make
 it; its seed is --base-seed, the runs' --seed is stage 2's). --jobs N > 1 runs N `mlan-train` processes at a
 time (OMP_NUM_THREADS=1 each); --jobs 1 runs them in this process. The JSON holds every run
-and the groups' means and standard deviations; `python -m mlan_bench.render` renders it
-(the README's study table).
+(with a digest of its loss trace, so that two machines can be compared bit for bit) and the
+groups' means and standard deviations; `python -m mlan_bench.render` renders it (the README's
+study table). `make demo` is this program with --kind demo: α = λ = 0, seeds in parallel, and
+the demo's table (per-task mean ± std over seeds, then every seed).
 """
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -34,7 +38,7 @@ from mlan_kernels.help_format import DefaultsHelpFormatter
 # study of record; 24 runs of 3,000 would take ~45 min), without plots or progress bars.
 STUDY_DEFAULTS = ["--steps", "1500", "--warmup-steps", "40", "--lr", "1e-2", "--no-plots",
                   "--no-progress", "--threads", "1"]
-KIND = "balance-study"
+KINDS = ("balance-study", "demo")
 TASKS = ("colour", "shape", "side", "add", "bigger", "repeat")
 
 
@@ -56,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
                         help="mlan-train processes at a time (1 = in this process)")
     result.add_argument("--json", default=None, help="results JSON (default: OUT/study.json)")
     result.add_argument("--png", default=None, help="plot (default: next to the JSON, .png)")
+    result.add_argument("--kind", choices=KINDS, default=KINDS[0],
+                        help="what the JSON and the printed table are: the κ-scheduling study's "
+                             "table, or the demo's (per-task mean ± std, then every seed)")
     result.add_argument("--from-json", default=None,
                         help="train nothing: plot and print the table of this finished study")
     return result
@@ -71,10 +78,11 @@ def grid(own):
             for alpha in own.alphas for aux in own.aux_weights]
 
 
-def prepare_base(train_args) -> list:
-    """Make (or reuse) --base once and return the pass-through arguments with --base replaced
-    by --llama/--clip (+ --max-length, as --base sets it) and --make-data done once."""
-    from .base import with_pretrained_base
+def prepare_base(train_args) -> tuple:
+    """Make (or reuse) --base once; returns (the pass-through arguments with --base replaced
+    by --llama/--clip (+ --max-length, as --base sets it) and --make-data done once, stage 1's
+    record: base.json's accuracies and seconds, and the CPU seconds spent here ({} without --base))."""
+    from .base import load_base_record, with_pretrained_base
     from .cli import ensure_data, prepare
     from .config import max_length
     import tempfile
@@ -84,13 +92,19 @@ def prepare_base(train_args) -> list:
     if config.make_data:
         ensure_data(config.data, 0, 1)
         args = [a for a in args if a not in ("--make-data",)]
+    stage1 = {}
     if config.base:
         index = args.index("--base")
         del args[index:index + 2]
-        config = with_pretrained_base(config)
+        cpu, reused = time.process_time(), bool(load_base_record(config.base))
+        made = with_pretrained_base(config)
+        record = load_base_record(config.base)
+        stage1 = {"directory": config.base, "reused": reused, "cpu_seconds": time.process_time() - cpu,
+                  **{part: record.get(part) for part in ("llama", "clip")}}
+        config = made
         args += ["--llama", config.llama, "--clip", config.clip, "--max-length",
                  str(max_length(dataclasses.replace(config, llama=None)))]
-    return args
+    return args, stage1
 
 
 def run_argv(args, out, seed, alpha, aux, share) -> list:
@@ -98,40 +112,47 @@ def run_argv(args, out, seed, alpha, aux, share) -> list:
                    "--aux-weight", f"{aux:g}", "--language-share", f"{share:g}"]
 
 
-def finished(out):
-    """Wall seconds of a run that finished in an earlier invocation (OUT/<run>/wall.json), or None."""
+def finished(out, argv):
+    """{"wall_seconds", "cpu_seconds"} of a run that finished in an earlier invocation with the
+    same mlan-train arguments (OUT/<run>/wall.json), or None."""
     path = os.path.join(out, "wall.json")
     if not (os.path.exists(path) and os.path.exists(os.path.join(out, "run.json"))):
         return None
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["wall_seconds"]
+        record = json.load(handle)
+    return record if record.get("argv") == argv else None
 
 
-def record_wall(out, seconds):
+def record_wall(out, argv, wall, cpu):
+    """OUT/<run>/wall.json: the run's arguments, wall seconds and CPU seconds (None when not
+    measured: --jobs 1 runs in this process)."""
+    record = {"argv": argv, "wall_seconds": wall, "cpu_seconds": cpu}
     with open(os.path.join(out, "wall.json"), "w", encoding="utf-8") as handle:
-        json.dump({"wall_seconds": seconds}, handle)
+        json.dump(record, handle)
+    return record
 
 
 def run_all(own, args) -> list:
-    """Train every run of the grid that OUT does not already hold finished (an interrupted study
-    continues where it stopped: same options, same --out); returns [(key, out, wall seconds)]."""
+    """Train every run of the grid that OUT does not already hold finished with the same
+    arguments (an interrupted study continues where it stopped: same options, same --out);
+    returns [(key, out, wall.json's record)]."""
     pending, done = [], []
     for key in grid(own):
         out = os.path.join(own.out, run_name(*key))
-        wall = finished(out)
-        if wall is None:
-            shutil.rmtree(out, ignore_errors=True)          # an interrupted run starts over
+        record = finished(out, run_argv(args, out, *key))
+        if record is None:
+            shutil.rmtree(out, ignore_errors=True)          # an interrupted or other run starts over
             pending.append((key, out))
         else:
-            done.append((key, out, wall))
-            print(f"reusing {run_name(*key)} ({wall:.0f} s)", flush=True)
+            done.append((key, out, record))
+            print(f"reusing {run_name(*key)} ({record['wall_seconds']:.0f} s)", flush=True)
     if own.jobs <= 1:
         from .cli import prepare, run
         for key, out in pending:
             start = time.perf_counter()
             run(prepare(run_argv(args, out, *key)))
-            done.append((key, out, time.perf_counter() - start))
-            record_wall(out, done[-1][2])
+            done.append((key, out, record_wall(out, run_argv(args, out, *key),
+                                               time.perf_counter() - start, None)))
         return done
     environment = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     running = []
@@ -148,20 +169,28 @@ def run_all(own, args) -> list:
         time.sleep(1.0)
         for entry in list(running):
             process, log, key, out, start = entry
-            if process.poll() is None:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)   # poll() + the child's CPU time
+            if pid == 0:
                 continue
+            process.returncode = os.waitstatus_to_exitcode(status)
             running.remove(entry)
             log.close()
             if process.returncode != 0:
                 raise RuntimeError(f"{run_name(*key)} failed ({process.returncode}); see {out}/train.log")
-            done.append((key, out, time.perf_counter() - start))
-            record_wall(out, done[-1][2])
-            print(f"finished {run_name(*key)} in {done[-1][2]:.0f} s", flush=True)
+            done.append((key, out, record_wall(out, run_argv(args, out, *key), time.perf_counter() - start,
+                                               usage.ru_utime + usage.ru_stime)))
+            print(f"finished {run_name(*key)} in {done[-1][2]['wall_seconds']:.0f} s "
+                  f"({done[-1][2]['cpu_seconds']:.0f} CPU s)", flush=True)
     return done
 
 
-def run_record(key, out, wall) -> dict:
-    """One run's numbers from its run.json."""
+def loss_digest(losses) -> str:
+    """SHA-256 of the loss trace as float64 bytes: equal exactly when every logged loss is."""
+    return hashlib.sha256(struct.pack(f"<{len(losses)}d", *losses)).hexdigest()
+
+
+def run_record(key, out, timing) -> dict:
+    """One run's numbers from its run.json (timing: its wall.json record)."""
     seed, alpha, aux, share = key
     with open(os.path.join(out, "run.json"), encoding="utf-8") as handle:
         run = json.load(handle)
@@ -174,7 +203,9 @@ def run_record(key, out, wall) -> dict:
     return {"seed": seed, "alpha": alpha, "aux_weight": aux, "share": share,
             "text_accuracy": final["text"]["accuracy"], "image_accuracy": final["image"]["accuracy"],
             "by_task": by_task, "image_tokens": run["tokens"]["image_tokens"],
-            "text_tokens": run["tokens"]["text_tokens"], "wall_seconds": wall,
+            "text_tokens": run["tokens"]["text_tokens"], "wall_seconds": timing["wall_seconds"],
+            "cpu_seconds": timing.get("cpu_seconds"), "steps": run["config"]["steps"],
+            "image_samples": run["tokens"]["samples_image"], "loss_digest": loss_digest(run["loss"]),
             "train_seconds": train_seconds, "probe_seconds": probe_seconds,
             "probe_overhead": probe_seconds / train_seconds if train_seconds else None,
             "probes": len(probes), "skipped_probes": len(probes) - len(kept),
@@ -184,7 +215,7 @@ def run_record(key, out, wall) -> dict:
 
 
 METRICS = ("image_accuracy", "text_accuracy", "image_tokens", "text_tokens", "wall_seconds",
-           "train_seconds", "probe_overhead", "final_kappa_hat", "aux_steps", "final_loss")
+           "cpu_seconds", "train_seconds", "probe_overhead", "final_kappa_hat", "aux_steps", "final_loss")
 
 
 def mean_std(values):
@@ -211,11 +242,29 @@ def summarize(runs) -> list:
     return result
 
 
+def cpu_id() -> dict:
+    """Vendor, family and model of the CPU (/proc/cpuinfo; {} elsewhere): the numerics of
+    MKL/oneDNN kernels, and so the demo's results, differ between CPU types."""
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model"}
+    found = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in fields and fields[key.strip()] not in found:
+                    found[fields[key.strip()]] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return found
+
+
 def environment() -> dict:
     """CPU, versions, date, OMP threads and the 1/5/15-min load average when the study started
     (other work on the machine)."""
     from mlan_kernels.testing import cpu_model
-    return {"device": cpu_model(), "cpus": os.cpu_count(),
+    return {"device": cpu_model(), "cpu_id": cpu_id(), "cpus": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(),
@@ -252,29 +301,30 @@ def plot(data, path):
 
 
 def main(argv=None) -> int:
+    from mlan_kernels.training.study_table import render_study_json
     own, train_args = parser().parse_known_args(argv)
     if own.from_json:                   # re-plot and re-print a finished study
         with open(own.from_json, encoding="utf-8") as handle:
             data = json.load(handle)
         plot(data, own.png or os.path.splitext(own.from_json)[0] + ".png")
-        from mlan_kernels.training.study_table import render_study, study_header
-        print(study_header(data, own.from_json) + "\n\n" + render_study(data))
+        print(render_study_json(data, own.from_json))
         return 0
     command = "python python/study_balance.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args = prepare_base(STUDY_DEFAULTS + train_args)
     start, started = time.perf_counter(), environment()
+    args, stage1 = prepare_base(STUDY_DEFAULTS + train_args)
+    stage1 = stage1 and {**stage1, "wall_seconds": time.perf_counter() - start}
     done = run_all(own, args)
-    runs = [run_record(key, out, wall) for key, out, wall in done]
-    data = {"kind": KIND, "command": command, "environment": started,
+    runs = [run_record(key, out, timing) for key, out, timing in done]
+    data = {"kind": own.kind, "command": command, "environment": started,
             "settings": {"seeds": own.seeds, "alphas": own.alphas, "aux_weights": own.aux_weights,
                          "shares": own.shares, "jobs": own.jobs, "mlan_train": STUDY_DEFAULTS + train_args},
-            "total_seconds": time.perf_counter() - start, "runs": runs, "groups": summarize(runs)}
+            "stage1": stage1, "total_seconds": time.perf_counter() - start, "runs": runs,
+            "groups": summarize(runs)}
     path = own.json or os.path.join(own.out, "study.json")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1)
         handle.write("\n")
     plot(data, own.png or os.path.splitext(path)[0] + ".png")
-    from mlan_kernels.training.study_table import render_study, study_header
-    print(study_header(data, path) + "\n\n" + render_study(data))
+    print(render_study_json(data, path))
     return 0

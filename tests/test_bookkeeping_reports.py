@@ -22,7 +22,9 @@ class StubTrainer:
         self.history = {"step_seconds": [1.0, 2.0, 5.0], "kappa": [{"probe_seconds": 0.25}],
                         "lr": [], "eval": []}
         self.device, self.world_size, self.config = torch.device("cpu"), 1, None
-        self.train_set = type("Samples", (), {"image_errors": 2, "__len__": lambda self: 7})()
+        self.tokenizer, self.image_processor = "tokenizer", None
+        self.train_set = type("Samples", (), {"image_errors": 2, "__len__": lambda self: 7,
+                                              "template": types.SimpleNamespace(name="mlan")})()
         self.eval_set = [None] * 3
         self.load_reports = {}
         self.batches = types.SimpleNamespace(padding_ratio=lambda: 0.125)
