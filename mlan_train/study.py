@@ -314,6 +314,8 @@ def main(argv=None) -> int:
     args, stage1 = prepare_base(STUDY_DEFAULTS + train_args)
     stage1 = stage1 and {**stage1, "wall_seconds": time.perf_counter() - start}
     done = run_all(own, args)
+    # in (share, α, λ, seed) order, whichever parallel run finished first
+    done = sorted(done, key=lambda item: (item[0][3], item[0][1], item[0][2], item[0][0]))
     runs = [run_record(key, out, timing) for key, out, timing in done]
     data = {"kind": own.kind, "command": command, "environment": started,
             "settings": {"seeds": own.seeds, "alphas": own.alphas, "aux_weights": own.aux_weights,
