@@ -101,6 +101,19 @@ def make_trainer(args) -> MlanTrainer:
                        language_share=args.language_share, callbacks=[callback])
 
 
+def end_distributed():
+    """With every rank past its last collective, destroy the process group. Call it after the
+    trainer is gone (its DDP model holds the group's gloo threads): a process group torn down at
+    interpreter exit with a live DDP model has aborted a rank ("terminate called without an
+    active exception"), mostly on a loaded machine."""
+    import gc
+    import torch.distributed as dist
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     trainer = make_trainer(args)
@@ -111,6 +124,8 @@ def main(argv=None) -> int:
         print(f"steps {trainer.state.global_step}  train_loss {result.training_loss:.4f}  "
               f"logged losses {[round(loss, 3) for loss in losses]}")
         print(f"adapters: {os.path.join(args.out, 'final')}")
+    del trainer
+    end_distributed()
     return 0
 
 

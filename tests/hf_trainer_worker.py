@@ -40,6 +40,8 @@ def main(argv):
         json.dump({"seen": seen, "world_size": trainer.args.world_size,
                    "kappa": [r["kappa_ema"] for r in callback.monitor.records],
                    "lr": callback.lr_history}, handle)
+    del trainer, callback, recording, step          # the DDP model goes before the process group
+    example.end_distributed()
 
 
 if __name__ == "__main__":
